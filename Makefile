@@ -1,0 +1,30 @@
+# make test / make train work on a fresh clone: the first run creates .venv and installs the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test train test-slurm lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -x -n 2 -q
+
+train: $(STAMP)
+	@if $(PY) -c "import clip_train.__main__" 2>/dev/null; then \
+		$(PY) -m clip_train +experiment=demo; \
+	else \
+		echo "make train: the training loop (python -m clip_train) is not built yet; it runs the CPU demo once it exists." >&2; \
+		exit 2; \
+	fi
+
+lint: $(STAMP)
+	$(PY) -m ruff check clip_train tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs multirun

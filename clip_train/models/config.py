@@ -1,0 +1,73 @@
+"""Typed descriptions of a CLIP architecture.
+
+These dataclasses are both the Python API (``create_model`` builds from them) and the schema of the
+Hydra ``model`` config group, so every field carries a docstring-style comment users see in the configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class VisionConfig:
+    """The image tower. ``patch_size`` set: CLIP ViT; ``layers`` as four stage depths: ModifiedResNet;
+    ``timm_model_name`` set: any timm model with a linear projection."""
+
+    image_size: int = 224
+    """Input resolution (pixels on a side)."""
+    layers: List[int] = field(default_factory=lambda: [12])
+    """ViT: one entry, the number of blocks. ResNet: four entries, blocks per stage (RN50: [3, 4, 6, 3])."""
+    width: int = 768
+    """ViT: token width. ResNet: width of the stem (64 for RN50)."""
+    patch_size: Optional[int] = 16
+    """ViT patch size; null for a ResNet or timm tower."""
+    head_width: int = 64
+    """Channels per attention head (ViT heads = width / head_width; ResNet attnpool: width*32 / head_width)."""
+    mlp_ratio: float = 4.0
+    """Hidden width of each ViT MLP relative to the token width."""
+    timm_model_name: Optional[str] = None
+    """Name of a timm model to use as the image tower instead of a CLIP tower (e.g. ``convnext_tiny``)."""
+    timm_pretrained: bool = False
+    """Load timm's pretrained weights for ``timm_model_name`` (downloads them; off by default)."""
+
+
+@dataclass
+class TextConfig:
+    """The causal text transformer."""
+
+    context_length: int = 77
+    """Tokens per caption, start and end tokens included."""
+    vocab_size: int = 49408
+    """Token vocabulary (CLIP's BPE: 49,408)."""
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    """A whole CLIP model: both towers, the shared embedding width and the activation."""
+
+    name: str = "ViT-B-16"
+    """Architecture name (``RN50``, ``ViT-B-16``, ``tiny``, ...); informative once the fields below are set."""
+    embed_dim: int = 512
+    """Width of the shared image-text embedding space."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False
+    """Use QuickGELU (OpenAI's trained models) instead of exact GELU (OpenCLIP's own models)."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature; ``logit_scale`` starts at ln(1 / init_temperature)."""
+    pretrained: Optional[str] = None
+    """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
+
+    @property
+    def is_vit(self) -> bool:
+        return self.vision.timm_model_name is None and self.vision.patch_size is not None
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.vision.timm_model_name is None and self.vision.patch_size is None

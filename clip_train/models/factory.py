@@ -1,0 +1,62 @@
+"""``create_model``: a CLIP model by architecture name and/or from a weights file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from clip_train.models.clip import CLIP
+from clip_train.models.config import ModelConfig
+from clip_train.models.pretrained import config_from_state_dict, load_weights_into, read_weights
+from clip_train.models.registry import get_model_config
+
+
+def _as_model_config(stored: dict) -> ModelConfig:
+    """A ModelConfig from the plain dict a clip_train checkpoint stores (unknown keys are an error)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), stored))  # type: ignore[return-value]
+
+
+def create_model(
+    name: str | None = None,
+    pretrained: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> CLIP:
+    """Build a CLIP model.
+
+    Args:
+        name: an architecture from ``list_models()`` (``RN50``, ``ViT-B-16``, ``tiny``, ...; a
+            ``-quickgelu`` suffix selects QuickGELU). ``None`` infers it from ``pretrained``.
+        pretrained: a local weights file: an OpenAI release, an OpenCLIP state dict or training
+            checkpoint, or a clip_train checkpoint. Files in OpenAI's layout select QuickGELU.
+        device: where to put the model.
+    """
+    weights = read_weights(pretrained) if pretrained is not None else None
+    if name is not None:
+        cfg = get_model_config(name)
+    elif weights is not None:
+        cfg = _as_model_config(weights.model_config) if weights.model_config else config_from_state_dict(weights.state_dict)
+    else:
+        raise ValueError("create_model needs an architecture name, or pretrained weights to infer it from")
+    if weights is not None and weights.openai_layout:
+        cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
+    model = CLIP(cfg)
+    if weights is not None:
+        load_weights_into(model, weights, source=str(pretrained))
+    return model.to(device)
+
+
+def create_model_from_config(cfg: ModelConfig) -> CLIP:
+    """Build the model a (Hydra) ``ModelConfig`` describes, loading ``cfg.pretrained`` when set."""
+    if not isinstance(cfg, ModelConfig):
+        cfg = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    cfg = dataclasses.replace(cfg)
+    model = CLIP(cfg)
+    if cfg.pretrained:
+        weights = read_weights(cfg.pretrained)
+        if weights.openai_layout and not cfg.quick_gelu:
+            model = CLIP(dataclasses.replace(cfg, quick_gelu=True))
+        load_weights_into(model, weights, source=cfg.pretrained)
+    return model

@@ -1,0 +1,179 @@
+"""Reading weights files safely and fitting them to a model.
+
+Accepted without conversion: OpenAI releases (TorchScript archives or plain state dicts, fp16, carrying
+``input_resolution``/``context_length``/``vocab_size``), OpenCLIP state dicts (.pt/.bin/.safetensors),
+OpenCLIP training checkpoints (``{"epoch", "name", "state_dict": {"module.…"}, "optimizer", …}``) and
+clip_train checkpoints. Nothing is ever unpickled beyond tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile add these to every key
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be read safely or does not fit the model."""
+
+
+@dataclass
+class LoadedWeights:
+    """A state dict read from disk, cleaned of wrappers, and what its layout says about the model."""
+
+    state_dict: dict[str, torch.Tensor]
+    openai_layout: bool
+    """True for OpenAI's release layout, which implies QuickGELU activations."""
+    model_config: dict | None = None
+    """The architecture stored alongside the weights (clip_train checkpoints), if any."""
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _load_container(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if _is_torchscript_archive(path):
+        # TorchScript archives hold compiled graphs, read by TorchScript's own loader, not by Python's pickle.
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects other than tensors and plain containers, which "
+            f"could run code ({reason[:200]}); re-save just the weights, e.g. torch.save(model.state_dict(), PATH)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot read {path}: the file is truncated or not a weights file ({first_line[:200]})") from None
+
+
+def read_weights(path: str | os.PathLike) -> LoadedWeights:
+    """Read a weights file of any supported layout into a plain, prefix-free state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"pretrained weights not found: {path} (give a local file path)")
+    obj = _load_container(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+
+    model_config = None
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # OpenCLIP training checkpoint
+        obj = obj["state_dict"]
+    elif "model" in obj and isinstance(obj["model"], dict):  # clip_train checkpoint
+        model_config = obj.get("model_config")
+        obj = obj["model"]
+
+    openai_layout = all(k in obj for k in OPENAI_EXTRA_KEYS)
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if key in OPENAI_EXTRA_KEYS:
+            continue
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        state_dict[key] = value
+    return LoadedWeights(state_dict=state_dict, openai_layout=openai_layout, model_config=model_config)
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
+    """Infer a CLIP architecture from the shapes in a state dict (ViT or ModifiedResNet image tower)."""
+    try:
+        text_width = state_dict["ln_final.weight"].shape[0]
+        text = TextConfig(
+            context_length=state_dict["positional_embedding"].shape[0],
+            vocab_size=state_dict["token_embedding.weight"].shape[0],
+            width=text_width,
+            heads=text_width // 64,
+            layers=_count_blocks(state_dict, "transformer.resblocks."),
+        )
+        embed_dim = state_dict["text_projection"].shape[1]
+        if "visual.proj" in state_dict:
+            width, _, patch, _ = state_dict["visual.conv1.weight"].shape
+            grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(
+                image_size=grid * patch,
+                layers=[_count_blocks(state_dict, "visual.transformer.resblocks.")],
+                width=width,
+                patch_size=patch,
+            )
+        elif "visual.attnpool.c_proj.weight" in state_dict:
+            grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+            vision = VisionConfig(
+                image_size=grid * 32,
+                layers=[_count_blocks(state_dict, f"visual.layer{i}.") for i in range(1, 5)],
+                width=state_dict["visual.layer1.0.conv1.weight"].shape[0],
+                patch_size=None,
+            )
+        else:
+            raise KeyError("visual.proj or visual.attnpool.c_proj.weight")
+    except KeyError as err:
+        raise CheckpointError(
+            f"cannot infer the architecture: the state dict has no {err.args[0]} entry; pass the model name explicitly"
+        ) from None
+    return ModelConfig(name="inferred", embed_dim=embed_dim, vision=vision, text=text)
+
+
+def _summarise(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "state dict") -> None:
+    """Copy ``weights`` into ``model`` strictly, casting to the model's dtypes.
+
+    Raises ``CheckpointError`` naming every missing or unexpected key and every shape mismatch.
+    """
+    expected = model.state_dict()
+    state_dict = dict(weights.state_dict)
+    # BatchNorm's counter is bookkeeping, not a weight; some exports drop it.
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = value
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_summarise(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_summarise(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {_summarise(mismatched)}")
+        raise CheckpointError(
+            f"{source} does not fit model {getattr(model, 'config', None) and model.config.name!s}: "
+            + "; ".join(problems)
+            + " — pick the architecture the weights were trained with, or pass name=None to infer it"
+        )
+    cast = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=True)

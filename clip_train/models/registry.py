@@ -1,0 +1,67 @@
+"""Named CLIP architectures with their published hyperparameters (Radford et al. 2021, table 19-20).
+
+``configs/model/*.yaml`` mirror these entries for Hydra; ``tests/test_model_configs.py`` keeps them equal.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def _resnet(embed_dim: int, layers: list[int], width: int, image_size: int, text: TextConfig) -> ModelConfig:
+    vision = VisionConfig(image_size=image_size, layers=layers, width=width, patch_size=None)
+    return ModelConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+def _vit(embed_dim: int, width: int, layers: int, patch: int, image_size: int, text: TextConfig) -> ModelConfig:
+    vision = VisionConfig(image_size=image_size, layers=[layers], width=width, patch_size=patch)
+    return ModelConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+def _text(width: int, heads: int, layers: int = 12) -> TextConfig:
+    return TextConfig(width=width, heads=heads, layers=layers)
+
+
+_ARCHITECTURES: dict[str, ModelConfig] = {
+    "RN50": _resnet(1024, [3, 4, 6, 3], 64, 224, _text(512, 8)),
+    "RN101": _resnet(512, [3, 4, 23, 3], 64, 224, _text(512, 8)),
+    "RN50x4": _resnet(640, [4, 6, 10, 6], 80, 288, _text(640, 10)),
+    "RN50x16": _resnet(768, [6, 8, 18, 8], 96, 384, _text(768, 12)),
+    "RN50x64": _resnet(1024, [3, 15, 36, 10], 128, 448, _text(1024, 16)),
+    "ViT-B-32": _vit(512, 768, 12, 32, 224, _text(512, 8)),
+    "ViT-B-16": _vit(512, 768, 12, 16, 224, _text(512, 8)),
+    "ViT-L-14": _vit(768, 1024, 24, 14, 224, _text(768, 12)),
+    "ViT-L-14-336": _vit(768, 1024, 24, 14, 336, _text(768, 12)),
+    # A few-million-parameter model for CPU demos and tests: 32 px images in 8x8 patches, 32-token captions.
+    "tiny": ModelConfig(
+        embed_dim=128,
+        vision=VisionConfig(image_size=32, layers=[4], width=128, patch_size=8),
+        text=TextConfig(context_length=32, width=128, heads=2, layers=4),
+    ),
+}
+for _name, _cfg in _ARCHITECTURES.items():
+    _cfg.name = _name
+
+
+def list_models() -> list[str]:
+    """Names ``create_model`` accepts (each also with a ``-quickgelu`` suffix)."""
+    return list(_ARCHITECTURES)
+
+
+def get_model_config(name: str) -> ModelConfig:
+    """A fresh copy of the named architecture; a ``-quickgelu`` suffix selects QuickGELU."""
+    base, quick_gelu = name, False
+    if name.endswith(QUICKGELU_SUFFIX):
+        base, quick_gelu = name[: -len(QUICKGELU_SUFFIX)], True
+    # OpenCLIP writes ViT-B/16 as ViT-B-16; accept the paper's slash form too.
+    base = base.replace("/", "-")
+    if base not in _ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())} (optionally with -quickgelu)")
+    cfg = copy.deepcopy(_ARCHITECTURES[base])
+    cfg.quick_gelu = quick_gelu
+    cfg.name = name
+    return cfg

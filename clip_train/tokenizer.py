@@ -1,0 +1,166 @@
+"""CLIP's byte-level BPE tokenizer (Radford et al. 2021), giving the same ids as OpenAI's and OpenCLIP's.
+
+Text is cleaned (ftfy, HTML entities unescaped twice, whitespace collapsed, lower-cased), split by CLIP's
+regex, mapped byte by byte onto printable unicode symbols, merged with the vendored BPE merges, and
+wrapped in start/end tokens inside a fixed context.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+from functools import lru_cache
+from importlib import resources
+
+import ftfy
+import regex
+import torch
+
+DEFAULT_CONTEXT_LENGTH = 77
+START_OF_TEXT = "<start_of_text>"
+END_OF_TEXT = "<end_of_text>"
+NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary keeps the first 48,894 merges of the file
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+@lru_cache(maxsize=1)
+def byte_symbols() -> dict[int, str]:
+    """A reversible map from the 256 byte values to printable unicode characters.
+
+    Printable latin-1 bytes map to themselves; the others (controls, space, ...) are shifted to code points
+    from 256 upwards, so every BPE symbol is a visible character and no byte is lost.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping  # insertion order (printable first) is the order of the vocabulary's first 256 entries
+
+
+def clean_text(text: str) -> str:
+    """Fix mojibake, unescape HTML entities (twice: captions are often double-escaped), collapse whitespace, lower-case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+class ClipTokenizer:
+    """Callable tokenizer: ``str | list[str] -> LongTensor[N, context_length]``, zero-padded.
+
+    Rows longer than the context are truncated so that the end-of-text token stays last.
+    """
+
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, bpe_path: str | None = None) -> None:
+        if context_length < 2:
+            raise ValueError(f"context_length must leave room for the start and end tokens, got {context_length}")
+        self.context_length = context_length
+        merges = self._read_merges(bpe_path)
+        symbols = list(byte_symbols().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START_OF_TEXT, END_OF_TEXT]
+        self.encoder: dict[str, int] = {token: i for i, token in enumerate(vocab)}
+        self.decoder: dict[int, str] = {i: token for token, i in self.encoder.items()}
+        self.merge_ranks: dict[tuple[str, str], int] = {pair: rank for rank, pair in enumerate(merges)}
+        self.byte_encoder = byte_symbols()
+        self.byte_decoder = {s: b for b, s in self.byte_encoder.items()}
+        self.sot_token_id = self.encoder[START_OF_TEXT]
+        self.eot_token_id = self.encoder[END_OF_TEXT]
+        self.vocab_size = len(vocab)
+        # The special tokens come first so they are matched whole; the rest is CLIP's word splitter.
+        self.pattern = regex.compile(
+            rf"{START_OF_TEXT}|{END_OF_TEXT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
+            regex.IGNORECASE,
+        )
+        self._word_cache: dict[str, list[int]] = {
+            START_OF_TEXT: [self.sot_token_id],
+            END_OF_TEXT: [self.eot_token_id],
+        }
+
+    @staticmethod
+    def _read_merges(bpe_path: str | None) -> list[tuple[str, str]]:
+        if bpe_path is None:
+            raw = resources.files("clip_train.assets").joinpath(_BPE_FILE).read_bytes()
+        else:
+            with open(bpe_path, "rb") as f:
+                raw = f.read()
+        lines = gzip.decompress(raw).decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
+        if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+            raise ValueError(f"{bpe_path or _BPE_FILE} is not CLIP's BPE merges file (expected {NUM_MERGES} merges)")
+        return merges  # type: ignore[return-value]
+
+    def _bpe(self, word: str) -> list[str]:
+        """Merge the symbols of one word, lowest-ranked pair first, until no known pair remains."""
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            best = min(pairs, key=lambda p: self.merge_ranks.get(p, float("inf")))
+            if best not in self.merge_ranks:
+                break
+            merged: list[str] = []
+            i = 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def _encode_word(self, word: str) -> list[int]:
+        ids = self._word_cache.get(word)
+        if ids is None:
+            symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids = [self.encoder[p] for p in self._bpe(symbols)]
+            if len(self._word_cache) < 500_000:  # bounded: caption streams have a long tail of words
+                self._word_cache[word] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text`` without start/end tokens."""
+        ids: list[int] = []
+        for word in self.pattern.findall(clean_text(text)):
+            ids.extend(self._encode_word(word))
+        return ids
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        """Text from ids; special tokens and padding are dropped, word ends become spaces."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        specials = {0, self.sot_token_id, self.eot_token_id}
+        symbols = "".join(self.decoder[i] for i in ids if i not in specials)
+        data = bytearray(self.byte_decoder[c] for c in symbols.replace("</w>", " "))
+        return data.decode("utf-8", errors="replace").strip()
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        context_length = context_length or self.context_length
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot_token_id, *self.encode(text)][: context_length - 1] + [self.eot_token_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+@lru_cache(maxsize=8)
+def _cached_tokenizer(context_length: int) -> ClipTokenizer:
+    return ClipTokenizer(context_length)
+
+
+def get_tokenizer(name: str | None = None, context_length: int | None = None) -> ClipTokenizer:
+    """The tokenizer for model ``name`` (its context length), or CLIP's default 77-token one.
+
+    Tokenizers are cached per context length: building one reads 48,894 merges.
+    """
+    if context_length is None:
+        if name is None:
+            context_length = DEFAULT_CONTEXT_LENGTH
+        else:
+            from clip_train.models.registry import get_model_config
+
+            context_length = get_model_config(name).text.context_length
+    return _cached_tokenizer(context_length)
