@@ -132,8 +132,8 @@ class ClipTokenizer:
             ids = ids.tolist()
         specials = {0, self.sot_token_id, self.eot_token_id}
         symbols = "".join(self.decoder[i] for i in ids if i not in specials)
-        data = bytearray(self.byte_decoder[c] for c in symbols.replace("</w>", " "))
-        return data.decode("utf-8", errors="replace").strip()
+        words = [bytes(self.byte_decoder[c] for c in word) for word in symbols.split("</w>")]
+        return b" ".join(words).decode("utf-8", errors="replace").strip()
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         if isinstance(texts, str):

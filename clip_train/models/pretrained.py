@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,9 @@ def _load_container(path: Path) -> object:
         return load_file(str(path), device="cpu")
     if _is_torchscript_archive(path):
         # TorchScript archives hold compiled graphs, read by TorchScript's own loader, not by Python's pickle.
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated; OpenAI's releases still use it
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1,0 +1,181 @@
+"""Loading OpenAI and OpenCLIP weights without conversion, checked against OpenCLIP's own implementation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import clip_train
+from clip_train.models import CheckpointError
+
+TOLERANCE = 1e-4
+
+
+def reference_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return open_clip.create_model(name, pretrained=None).eval()
+
+
+def batch_for(model: torch.nn.Module, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, size, size, generator=generator)
+    tokens = clip_train.get_tokenizer()(["a diagram of a cat", "two dogs playing in the snow at dusk"][:n])
+    return images, tokens
+
+
+def assert_same_features(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
+    images, tokens = batch_for(reference)
+    with torch.no_grad():
+        for method in ("encode_image", "encode_text"):
+            ours_out = getattr(ours.eval(), method)(images if method == "encode_image" else tokens)
+            ref_out = getattr(reference, method)(images if method == "encode_image" else tokens)
+            assert ours_out.shape == ref_out.shape
+            diff = (ours_out - ref_out).abs().max().item()
+            assert diff < TOLERANCE, f"{method}: max abs difference {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32", "ViT-B-16"])
+def test_openclip_state_dict_gives_identical_features(name: str, tmp_path: Path) -> None:
+    reference = reference_model(name)
+    path = tmp_path / f"{name}.pt"
+    torch.save(reference.state_dict(), path)
+    assert_same_features(clip_train.create_model(name, pretrained=path), reference)
+
+
+def test_openclip_safetensors_and_bin_files_load(tmp_path: Path) -> None:
+    reference = reference_model("ViT-B-32")
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(state, str(tmp_path / "open_clip_model.safetensors"))
+    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
+    for file in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        assert_same_features(clip_train.create_model("ViT-B-32", pretrained=tmp_path / file), reference)
+
+
+def test_openclip_training_checkpoint_loads(tmp_path: Path) -> None:
+    reference = reference_model("RN50")
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    checkpoint = {
+        "epoch": 3,
+        "name": "rn50-run",
+        "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    torch.save(checkpoint, tmp_path / "epoch_3.pt")
+    assert_same_features(clip_train.create_model("RN50", pretrained=tmp_path / "epoch_3.pt"), reference)
+
+
+def openai_release_state_dict(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What OpenAI's release holds: fp16 weights plus three integer entries."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    size = reference.visual.image_size
+    state["input_resolution"] = torch.tensor(size[0] if isinstance(size, (tuple, list)) else size)
+    state["context_length"] = torch.tensor(reference.context_length)
+    state["vocab_size"] = torch.tensor(reference.vocab_size)
+    return state
+
+
+def reference_with_fp16_weights(name: str) -> torch.nn.Module:
+    reference = reference_model(name)
+    with torch.no_grad():
+        for tensor in reference.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    return reference
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_openai_fp16_state_dict_selects_quickgelu_and_matches(name: str, tmp_path: Path) -> None:
+    reference = reference_with_fp16_weights(f"{name}-quickgelu")
+    torch.save(openai_release_state_dict(reference), tmp_path / f"{name}.pt")
+    # The plain name asks for GELU, but OpenAI's layout says QuickGELU; the file wins, as OpenCLIP does.
+    model = clip_train.create_model(name, pretrained=tmp_path / f"{name}.pt")
+    assert model.config.quick_gelu
+    assert model.logit_scale.dtype == torch.float32
+    assert_same_features(model, reference)
+
+
+class _Holder(torch.nn.Module):
+    pass
+
+
+def torchscript_archive(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A real TorchScript archive whose state dict is ``state``, as OpenAI's JIT release files are."""
+    root = _Holder()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, _Holder())
+            module = getattr(module, part)
+        module.register_buffer(leaf, value)
+    scripted = torch.jit.script(root)
+    torch.jit.save(scripted, str(path))
+
+
+def test_openai_torchscript_archive_loads_and_infers_the_architecture(tmp_path: Path) -> None:
+    reference = reference_with_fp16_weights("ViT-B-32-quickgelu")
+    torchscript_archive(openai_release_state_dict(reference), tmp_path / "ViT-B-32.pt")
+    model = clip_train.create_model(None, pretrained=tmp_path / "ViT-B-32.pt")
+    assert model.config.quick_gelu
+    assert model.config.vision.patch_size == 32
+    assert_same_features(model, reference)
+
+
+def test_missing_and_mismatched_keys_are_named(tmp_path: Path) -> None:
+    state = clip_train.create_model("tiny").state_dict()
+    del state["ln_final.bias"]
+    state["visual.proj"] = torch.zeros(3, 3)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as err:
+        clip_train.create_model("tiny", pretrained=tmp_path / "bad.pt")
+    message = str(err.value)
+    assert "ln_final.bias" in message and "extra.weight" in message and "visual.proj" in message
+    assert "\n" not in message
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
+    torch.save(clip_train.create_model("tiny").state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        clip_train.create_model("ViT-B-32", pretrained=tmp_path / "tiny.pt")
+
+
+def test_truncated_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    torch.save(clip_train.create_model("tiny").state_dict(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a weights file"):
+        clip_train.create_model("tiny", pretrained=tmp_path / "cut.pt")
+
+
+class _Payload:
+    """Unpickling this object would create a file: the proof that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    state = clip_train.create_model("tiny").state_dict()
+    state["payload"] = _Payload(str(marker))
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        clip_train.create_model("tiny", pretrained=tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found: .*nope.pt"):
+        clip_train.create_model("tiny", pretrained=tmp_path / "nope.pt")
