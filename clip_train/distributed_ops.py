@@ -24,6 +24,12 @@ import torch.distributed as dist
 
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
 
+# torch 2.14 renamed the tensor-in/tensor-out collectives (the old names warn); older releases lack the new.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(
+    dist, "reduce_scatter_tensor", None
+)
+
 
 def world_info(group: ProcessGroup | None = None) -> tuple[int, int]:
     """``(world_size, rank)`` of ``group`` (default: the world), or ``(1, 0)`` without a process group."""
@@ -48,7 +54,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         ctx.group, ctx.world, ctx.rank, ctx.rows = group, world, rank, tensor.shape[0]
         tensor = tensor.contiguous()
         out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor, group=group)
+        _all_gather_single(out, tensor, group=group)
         return out
 
     @staticmethod
@@ -59,7 +65,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl":
             out = grad.new_empty((ctx.rows, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            _reduce_scatter_single(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
             return out, None
         summed = grad.clone()  # autograd may still reference ``grad``: never reduce it in place
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
@@ -87,7 +93,7 @@ def all_gather_no_grad(tensor: torch.Tensor, group: ProcessGroup | None = None) 
         return tensor
     tensor = tensor.contiguous()
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor, group=group)
+    _all_gather_single(out, tensor, group=group)
     return out
 
 
