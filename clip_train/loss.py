@@ -252,7 +252,7 @@ def _exact_clip_loss(
     image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, group: ProcessGroup | None
 ) -> torch.Tensor:
     """Reference InfoNCE: gather both modalities with gradients, materialise ``b x N`` logits twice."""
-    world, rank = world_info(group)
+    _, rank = world_info(group)
     dtype = _compute_dtype(image.dtype)
     local = image.shape[0]
     with _no_autocast(image.device):
@@ -283,7 +283,10 @@ class ClipLoss(nn.Module):
     """
 
     def __init__(
-        self, tile_size: int = DEFAULT_TILE_SIZE, implementation: str = "tiled", group: ProcessGroup | None = None
+        self,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        implementation: str = "tiled",
+        group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if implementation not in IMPLEMENTATIONS:
@@ -302,7 +305,7 @@ class ClipLoss(nn.Module):
         scale = _as_tensor(logit_scale, image_features)
         if self.implementation == "exact":
             return _exact_clip_loss(image_features, text_features, scale, self.group)
-        world, rank = world_info(self.group)
+        _, rank = world_info(self.group)
         all_texts = all_gather_with_grad(text_features, self.group)
         offset = rank * image_features.shape[0]
         return _TiledInfoNCE.apply(image_features, all_texts, scale, offset, self.tile_size, self.group)
@@ -468,7 +471,7 @@ def _exact_siglip_loss(
     group: ProcessGroup | None,
 ) -> torch.Tensor:
     """Reference SigLIP: gather the texts with gradients and materialise the ``b x N`` logits."""
-    world, rank = world_info(group)
+    _, rank = world_info(group)
     dtype = _compute_dtype(image.dtype)
     local = image.shape[0]
     with _no_autocast(image.device):
@@ -506,7 +509,10 @@ class SigLipLoss(nn.Module):
     """Initial value of the model's ``logit_bias`` parameter."""
 
     def __init__(
-        self, tile_size: int = DEFAULT_TILE_SIZE, implementation: str = "tiled", group: ProcessGroup | None = None
+        self,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        implementation: str = "tiled",
+        group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if implementation not in IMPLEMENTATIONS:

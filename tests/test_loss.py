@@ -102,7 +102,9 @@ def test_reference_has_the_textbook_value_for_perfect_alignment() -> None:
     n, s = 4, 5.0
     eye = torch.eye(n, dtype=torch.float64)
     expected = math.log(1 + (n - 1) * math.exp(-s))
-    assert reference_clip_loss(eye, eye, torch.tensor(s, dtype=torch.float64)).item() == pytest.approx(expected)
+    assert reference_clip_loss(eye, eye, torch.tensor(s, dtype=torch.float64)).item() == pytest.approx(
+        expected
+    )
     assert ClipLoss(tile_size=3)(eye, eye, s).item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -284,7 +286,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
     )
     local = GLOBAL_BATCH // world
     global_batch = local * world
@@ -320,7 +326,15 @@ def test_ddp_gradients_equal_one_process_on_the_global_batch(world: int, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(rank), str(world), str(port), str(tmp_path / f"{rank}.pt")],
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(rank),
+                str(world),
+                str(port),
+                str(tmp_path / f"{rank}.pt"),
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -350,7 +364,9 @@ def test_ddp_gradients_equal_one_process_on_the_global_batch(world: int, tmp_pat
         # ... and DDP-averaged gradients (identical on every rank) equal one process on the whole batch.
         for rank_result in per_rank:
             for name, want in expected_grads.items():
-                torch.testing.assert_close(rank_result["grads"][name], want, rtol=1e-9, atol=1e-12, msg=case + name)
+                torch.testing.assert_close(
+                    rank_result["grads"][name], want, rtol=1e-9, atol=1e-12, msg=case + name
+                )
 
 
 if __name__ == "__main__":
