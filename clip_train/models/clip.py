@@ -53,7 +53,13 @@ class CLIP(nn.Module):
     checkpoint, names them at the top level.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, init_temperature: float = 0.07, init_logit_bias: float | None = None) -> None:
+        """Build both towers from ``cfg``.
+
+        Args:
+            init_temperature: initial softmax temperature; ``logit_scale`` starts at ln(1 / init_temperature).
+            init_logit_bias: when set, the model also learns a ``logit_bias`` (SigLIP's pairwise sigmoid loss).
+        """
         super().__init__()
         self.config = cfg
         act_layer = QuickGELU if cfg.quick_gelu else nn.GELU
@@ -67,7 +73,8 @@ class CLIP(nn.Module):
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, act_layer=act_layer)
         self.ln_final = LayerNorm(text.width)
         self.text_projection = nn.Parameter(torch.empty(text.width, cfg.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
         self.init_text_weights()
 
     def init_text_weights(self) -> None:
@@ -110,7 +117,7 @@ class CLIP(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that AdamW should not decay besides gains and biases (all 1-D tensors)."""
-        names = {"logit_scale", "positional_embedding", "token_embedding.weight"}
+        names = {"logit_scale", "logit_bias", "positional_embedding", "token_embedding.weight"}
         names |= {f"visual.{n}" for n in ("class_embedding", "positional_embedding", "attnpool.positional_embedding")}
         return {n for n, _ in self.named_parameters() if n in names}
 

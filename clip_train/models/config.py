@@ -59,8 +59,6 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = False
     """Use QuickGELU (OpenAI's trained models) instead of exact GELU (OpenCLIP's own models)."""
-    init_temperature: float = 0.07
-    """Initial softmax temperature; ``logit_scale`` starts at ln(1 / init_temperature)."""
     pretrained: Optional[str] = None
     """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
 

@@ -48,15 +48,14 @@ def create_model(
     return model.to(device)
 
 
-def create_model_from_config(cfg: ModelConfig) -> CLIP:
+def create_model_from_config(
+    cfg: ModelConfig, init_temperature: float = 0.07, init_logit_bias: float | None = None
+) -> CLIP:
     """Build the model a (Hydra) ``ModelConfig`` describes, loading ``cfg.pretrained`` when set."""
-    if not isinstance(cfg, ModelConfig):
-        cfg = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
-    cfg = dataclasses.replace(cfg)
-    model = CLIP(cfg)
-    if cfg.pretrained:
-        weights = read_weights(cfg.pretrained)
-        if weights.openai_layout and not cfg.quick_gelu:
-            model = CLIP(dataclasses.replace(cfg, quick_gelu=True))
-        load_weights_into(model, weights, source=cfg.pretrained)
+    weights = read_weights(cfg.pretrained) if cfg.pretrained else None
+    if weights is not None and weights.openai_layout and not cfg.quick_gelu:
+        cfg = dataclasses.replace(cfg, quick_gelu=True)
+    model = CLIP(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
+    if weights is not None:
+        load_weights_into(model, weights, source=str(cfg.pretrained))
     return model

@@ -154,9 +154,10 @@ def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "s
     """
     expected = model.state_dict()
     state_dict = dict(weights.state_dict)
-    # BatchNorm's counter is bookkeeping, not a weight; some exports drop it.
+    # BatchNorm's counter is bookkeeping, not a weight; some exports drop it. A SigLIP model started from
+    # CLIP weights keeps its freshly initialised logit_bias.
     for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in state_dict:
+        if (key.endswith("num_batches_tracked") or key == "logit_bias") and key not in state_dict:
             state_dict[key] = value
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

@@ -1,0 +1,85 @@
+"""``python -m clip_train [overrides]``: the Hydra training app (also under ``torchrun``).
+
+Only rank 0 lets Hydra write its run directory (``.hydra/``, the job log); the other ranks are told
+before Hydra starts to write nothing, and learn the run directory from rank 0 once the group is up, so
+a timestamped ``hydra.run.dir`` cannot differ between ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from clip_train.config import ConfigError, TrainConfig, register_configs, validate
+from clip_train.models.pretrained import CheckpointError
+
+log = logging.getLogger("clip_train")
+
+# Exit code for configuration and input errors (a clear one-line message, no traceback).
+EXIT_BAD_INPUT = 2
+
+register_configs()
+
+
+def _is_multirun(argv: list[str]) -> bool:
+    return any(arg in ("-m", "--multirun") for arg in argv)
+
+
+def _quiet_non_zero_ranks(argv: list[str]) -> list[str]:
+    """Overrides that keep a non-zero rank from writing into (or creating) the run directory."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging="))]
+    return kept + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Set up the process group, validate, build the Trainer and run it. Returns the final eval metrics."""
+    from clip_train.train.distributed import broadcast_object, init_distributed, pick_device, shutdown
+
+    typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(typed, world_size, pick_device(typed.train.device, int(os.environ.get("LOCAL_RANK", "0"))).type)
+    ctx = init_distributed(typed.train.device)
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir if ctx.is_main else None, ctx))
+        from clip_train.train.trainer import Trainer  # heavy imports after the cheap checks
+
+        trainer = Trainer(typed, run_dir, ctx, resolved_config=OmegaConf.to_container(cfg, resolve=True))
+        return trainer.train()
+    finally:
+        shutdown()
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+        log.error("clip_train: error: %s", err)
+        sys.exit(EXIT_BAD_INPUT)
+    # Hydra's sweepers (e.g. Optuna) optimise the returned value.
+    return next((v for k, v in results.items() if k.endswith("_top1")), None)
+
+
+def main() -> None:
+    if _is_multirun(sys.argv) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stderr.write(
+            "clip_train: error: run Hydra sweeps (-m) outside torchrun; every rank would run the whole sweep. "
+            "Use `python -m clip_train -m ...` (each job starts its own ranks) or -m hydra/launcher=slurm\n"
+        )
+        sys.exit(EXIT_BAD_INPUT)
+    sys.argv = sys.argv[:1] + _quiet_non_zero_ranks(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

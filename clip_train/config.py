@@ -1,0 +1,185 @@
+"""The typed schema of ``python -m clip_train``: dataclasses registered with Hydra's ConfigStore.
+
+Every YAML file under ``configs/`` is merged onto these dataclasses in struct mode, so a misspelt or
+unknown key fails at start-up with Hydra's error naming it, and every value is type-checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from clip_train.data.config import DataConfig
+from clip_train.models.config import ModelConfig
+
+
+@dataclass
+class LossConfig:
+    """The contrastive objective."""
+
+    name: str = "clip"
+    """``clip`` (symmetric InfoNCE, softmax) or ``siglip`` (pairwise sigmoid)."""
+    temperature: float = 0.07
+    """Initial temperature; the model's ``logit_scale`` starts at ln(1 / temperature)."""
+    learn_temperature: bool = True
+    """Learn the temperature (``logit_scale``) with the model; false freezes it at its initial value."""
+    implementation: str = "tiled"
+    """``tiled``: blockwise, never holding the global B x B logits (memory O(B)); ``exact``: plain logits matrix."""
+    tile_size: int = 4096
+    """Rows/columns per tile of the tiled loss."""
+    init_bias: float = -10.0
+    """SigLIP only: initial ``logit_bias``."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (or StableAdamW) with linear warmup and cosine decay."""
+
+    name: str = "adamw"
+    """``adamw`` or ``stable_adamw`` (AdamW with AdaFactor-style update clipping, Wortsman et al. 2023)."""
+    lr: float = 5e-4
+    """Peak learning rate, reached after ``warmup_steps``."""
+    weight_decay: float = 0.2
+    """Decoupled weight decay, applied to weight matrices only (not gains, biases, embeddings, logit_scale)."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 2000
+    """Linear warmup from 0 to ``lr``."""
+    min_lr_ratio: float = 0.0
+    """The cosine schedule ends at ``lr * min_lr_ratio``."""
+    grad_clip_norm: Optional[float] = None
+    """Clip the global gradient norm to this value; null disables clipping."""
+
+
+@dataclass
+class TrainLoopConfig:
+    """The loop itself: length, precision, devices, seeds."""
+
+    max_steps: int = 10_000
+    """Optimizer steps to train for."""
+    seed: int = 0
+    """Base seed; each rank seeds itself with ``seed + rank``."""
+    precision: str = "bf16"
+    """``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + GradScaler; CUDA only)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cuda`` or ``cpu``."""
+    accum_steps: int = 1
+    """Split each batch into this many sub-batches, caching features so the loss still sees the whole batch."""
+    log_every_n_steps: int = 10
+    """Write a ``metrics.jsonl`` line (and a console line) every N steps."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on GPUs that have them."""
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and where to resume from."""
+
+    every_n_steps: int = 1000
+    """Save every N steps; 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints (0 keeps all)."""
+    resume: str = "auto"
+    """``auto``: newest complete checkpoint in the run dir, if any; ``none``: start fresh; or a checkpoint path."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases, from rank 0 only."""
+
+    mode: str = "disabled"
+    """``online``, ``offline`` (a local run under the run dir that ``wandb sync`` uploads) or ``disabled``."""
+    project: str = "clip_train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    """Run name; defaults to the run directory's name."""
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    console_every_n_steps: Optional[int] = None
+    """Console progress line every N steps; defaults to ``train.log_every_n_steps``."""
+
+
+@dataclass
+class ZeroShotSetConfig:
+    """One zero-shot classification set."""
+
+    name: str = "zeroshot"
+    data: str = "???"
+    """An ImageFolder directory, or shards (brace pattern) whose samples carry a class index."""
+    classnames: str = "???"
+    """A file with one class name per line (line i names class i)."""
+    templates: str = "openai"
+    """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}."""
+    class_key: str = "cls"
+    """Shards only: the sample field holding the class index."""
+    batch_size: int = 256
+    max_samples: Optional[int] = None
+    """Evaluate on at most this many samples (all by default)."""
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = 0
+    """Run the zero-shot sets every N steps (0: only at the end of training)."""
+    zeroshot: List[ZeroShotSetConfig] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``python -m clip_train`` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so ``configs/train.yaml`` can start its defaults list with ``train_schema``."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, found before any expensive work starts."""
+
+
+def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
+    """Reject combinations the schema's types cannot express, each in one line that says how to fix it."""
+    choices = {
+        "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "loss.name": (cfg.loss.name, ("clip", "siglip")),
+        "loss.implementation": (cfg.loss.implementation, ("tiled", "exact")),
+        "optim.name": (cfg.optim.name, ("adamw", "stable_adamw")),
+        "logger.wandb.mode": (cfg.logger.wandb.mode, ("online", "offline", "disabled")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.train.precision == "fp16" and device_type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); on CPU use bf16 or fp32")
+    if cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be at least 1, got {cfg.train.max_steps}")
+    if cfg.train.accum_steps < 1 or cfg.data.batch_size % cfg.train.accum_steps != 0:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be a multiple of train.accum_steps={cfg.train.accum_steps}"
+        )
+    if cfg.data.batch_size * world_size < 2:
+        raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; raise data.batch_size")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size is per rank and must be at least 1, got {cfg.data.batch_size}")
+    if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
+        raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")

@@ -1,0 +1,35 @@
+"""Prompt templates for zero-shot classification."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+BUILTIN_TEMPLATES = ("openai", "simple")
+
+
+def load_templates(spec: str) -> list[str]:
+    """``openai`` (OpenAI's 80 ImageNet prompts), ``simple`` (7 of them), or a file of templates with ``{}``."""
+    if spec in BUILTIN_TEMPLATES:
+        text = resources.files("clip_train.assets").joinpath(f"templates_{spec}.txt").read_text()
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ValueError(f"templates {spec!r} is neither {' nor '.join(BUILTIN_TEMPLATES)} nor a file")
+        text = path.read_text()
+    templates = [line.strip() for line in text.splitlines() if line.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"templates {spec!r}: every line must contain {{}} for the class name (e.g. 'a photo of a {{}}.')")
+    return templates
+
+
+def load_classnames(path: str) -> list[str]:
+    """Class names, one per line; line i names class i."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"class names file not found: {path} (one class name per line)")
+    names = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class names file {path} is empty")
+    return names

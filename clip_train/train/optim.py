@@ -1,0 +1,97 @@
+"""Optimizers and the learning-rate schedule.
+
+AdamW decays weight matrices only: gains, biases, embeddings and the temperature are excluded, as in CLIP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from clip_train.config import OptimConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices, and everything 1-D or named by ``no_weight_decay()``."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # locked towers and frozen temperatures get no optimizer state at all
+        clean_name = name.removeprefix("module.").removeprefix("_orig_mod.")
+        (no_decay if param.ndim < 2 or clean_name in skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with AdaFactor-style update clipping (Wortsman et al. 2023, "Stable and low-precision training").
+
+    Each tensor's step size is divided by ``max(1, RMS(g**2 / v_hat))``: when the current gradient is much
+    larger than the second-moment estimate predicts (the cause of CLIP's loss spikes), the update shrinks.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state["step"] += 1
+                step = state["step"]
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                v_hat = exp_avg_sq / (1 - beta2**step)
+                # Tensor arithmetic throughout: no .item(), so the step never waits on the device.
+                rms = (grad.square() / v_hat.clamp(min=group["eps"] ** 2)).mean().sqrt()
+                lr = group["lr"] / rms.clamp(min=1.0)
+                param.mul_(1 - lr * group["weight_decay"])
+                param.sub_(lr * (exp_avg / (1 - beta1**step)) / (v_hat.sqrt() + group["eps"]))
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.name == "stable_adamw":
+        return StableAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    # The fused kernel does the whole update in one launch per group (CUDA, and CPU since torch 2.4).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over the warmup, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    warmup = min(cfg.warmup_steps, total_steps)
+    return LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup, total_steps, cfg.min_lr_ratio))

@@ -1,0 +1,352 @@
+"""The Trainer: owns the model, optimizer, schedule, data, checkpointer and metrics, and runs the loop.
+
+Each concern lives in its own module (distributed, precision, optim, checkpoint, metrics); this file only
+wires them together and keeps the training state that a checkpoint must carry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from clip_train.config import TrainConfig
+from clip_train.data import build_train_loader, normalize_on_device
+from clip_train.loss import ClipLoss, SigLipLoss
+from clip_train.models import CLIP, create_model_from_config
+from clip_train.models.clip import MAX_LOGIT_SCALE
+from clip_train.tokenizer import get_tokenizer
+from clip_train.train import checkpoint as ckpt_io
+from clip_train.train.distributed import DistributedContext, barrier, broadcast_object
+from clip_train.train.metrics import (
+    METRICS_FILE,
+    ConsoleBackend,
+    JsonlBackend,
+    MetricsProcessor,
+    WandbBackend,
+    truncate_metrics_after,
+)
+from clip_train.train.optim import build_optimizer, build_scheduler
+from clip_train.train.precision import autocast, enable_tf32, grad_scaler
+from clip_train.train.rng import rng_state, seed_everything, set_rng_state
+from clip_train.train.zeroshot_hook import ZeroShotHook
+
+log = logging.getLogger("clip_train")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters a resumed run must continue from."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_bad_steps: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def build_model(cfg: TrainConfig) -> CLIP:
+    """The model with its temperature (and SigLIP bias) initialised from the loss config."""
+    siglip = cfg.loss.name == "siglip"
+    model = create_model_from_config(
+        cfg.model, init_temperature=cfg.loss.temperature, init_logit_bias=cfg.loss.init_bias if siglip else None
+    )
+    model.logit_scale.requires_grad_(cfg.loss.learn_temperature)
+    return model
+
+
+def build_loss(cfg: TrainConfig) -> nn.Module:
+    if cfg.loss.name == "siglip":
+        return SigLipLoss(tile_size=cfg.loss.tile_size, implementation=cfg.loss.implementation)
+    return ClipLoss(tile_size=cfg.loss.tile_size, implementation=cfg.loss.implementation)
+
+
+class Trainer:
+    """Trains one run in ``run_dir`` (shared by all ranks; only rank 0 writes to it)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: DistributedContext, resolved_config: dict) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.ctx = ctx
+        self.device = ctx.device
+        self.resolved_config = resolved_config
+        self.checkpoint_dir = run_dir / "checkpoints"
+
+        seed_everything(cfg.train.seed + ctx.rank)
+        enable_tf32(cfg.train.tf32)
+        # The model is built from the same seed on every rank; DDP also broadcasts rank 0's weights.
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg).to(self.device)
+        torch.manual_seed(cfg.train.seed + ctx.rank)
+        self.ddp_model: nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if ctx.enabled
+            else self.model
+        )
+        self.loss_fn = build_loss(cfg)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.scaler = grad_scaler(cfg.train.precision, self.device)
+        self.state = TrainState()
+
+        self.tokenizer = get_tokenizer(context_length=cfg.model.text.context_length)
+        self.loader = build_train_loader(
+            cfg.data, image_size=self.model.image_size, tokenizer=self.tokenizer,
+            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
+        )
+        self.zeroshot = ZeroShotHook(cfg, self.tokenizer, ctx)
+        self.metrics = MetricsProcessor()
+        self.wandb_run_id: str | None = None
+        self.global_batch_size = cfg.data.batch_size * ctx.world_size
+
+    # ------------------------------------------------------------------ checkpoint state (Stateful parts)
+
+    def _stateful_parts(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "train_state": self.state,
+        }
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if not self.ctx.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save_checkpoint(self) -> None:
+        """Every rank contributes its RNG and data position; rank 0 writes; all wait for the write."""
+        per_rank = self._gather({"rng": rng_state(), "dataloader": self.loader.state_dict()})
+        if self.ctx.is_main:
+            state = {name: part.state_dict() for name, part in self._stateful_parts().items()}
+            state["per_rank"] = per_rank
+            state["world_size"] = self.ctx.world_size
+            state["wandb_run_id"] = self.wandb_run_id
+            state["config"] = self.resolved_config
+            state["model_config"] = dataclasses.asdict(self.cfg.model)
+            path = ckpt_io.write_checkpoint(self.checkpoint_dir, self.state.step, state)
+            ckpt_io.prune_checkpoints(self.checkpoint_dir, self.cfg.ckpt.keep_last)
+            log.info("saved checkpoint %s", path)
+        barrier(self.ctx)
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        resume = self.cfg.ckpt.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return ckpt_io.find_resumable(self.checkpoint_dir)
+        return ckpt_io.resolve_checkpoint_path(Path(resume))
+
+    def maybe_resume(self) -> None:
+        path = broadcast_object(self._checkpoint_to_resume() if self.ctx.is_main else None, self.ctx)
+        if path is None:
+            return
+        state = ckpt_io.load_checkpoint(Path(path))
+        for name, part in self._stateful_parts().items():
+            part.load_state_dict(state[name])
+        self.wandb_run_id = state.get("wandb_run_id")
+        per_rank = state["per_rank"]
+        if state["world_size"] == self.ctx.world_size:
+            set_rng_state(per_rank[self.ctx.rank]["rng"])
+            self.loader.load_state_dict(per_rank[self.ctx.rank]["dataloader"])
+        else:
+            log.warning(
+                "checkpoint was written by %d ranks, this run has %d: model and optimizer resume, "
+                "data order and random streams restart from the seed", state["world_size"], self.ctx.world_size,
+            )
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # ------------------------------------------------------------------ logging
+
+    def _open_metrics(self) -> None:
+        if not self.ctx.is_main:
+            return
+        metrics_path = self.run_dir / METRICS_FILE
+        truncate_metrics_after(metrics_path, self.state.step)
+        backends: list = [
+            JsonlBackend(metrics_path),
+            ConsoleBackend(self.cfg.train.max_steps, self.cfg.logger.console_every_n_steps or self.cfg.train.log_every_n_steps),
+        ]
+        wandb_cfg = self.cfg.logger.wandb
+        if wandb_cfg.mode != "disabled":
+            wandb = WandbBackend(
+                self.run_dir, wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity, wandb_cfg.name,
+                list(wandb_cfg.tags), self.resolved_config, self.wandb_run_id,
+            )
+            self.wandb_run_id = wandb.run_id
+            backends.append(wandb)
+        self.metrics = MetricsProcessor(backends)
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.ctx.enabled:
+            dist.all_reduce(values)
+            values /= self.ctx.world_size
+        return values
+
+    # ------------------------------------------------------------------ one step
+
+    def _features(self, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+        with autocast(self.cfg.train.precision, self.device):
+            return model(images, tokens)
+
+    def _loss(self, image_features, text_features, logit_scale) -> torch.Tensor:
+        if self.cfg.loss.name == "siglip":
+            return self.loss_fn(image_features, text_features, logit_scale, self.model.logit_bias)
+        return self.loss_fn(image_features, text_features, logit_scale)
+
+    def _forward_backward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Loss over the whole batch and its gradients, in ``accum_steps`` sub-batches if asked.
+
+        With accumulation, features of every sub-batch are first computed without gradients; then each
+        sub-batch is recomputed with gradients and the loss is taken over the whole batch with the other
+        sub-batches' cached features, so the contrastive batch is the full batch, not the sub-batch.
+        """
+        chunks = self.cfg.train.accum_steps
+        if chunks == 1:
+            image_features, text_features, logit_scale = self._features(self.ddp_model, images, tokens)
+            loss = self._loss(image_features, text_features, logit_scale)
+            self.scaler.scale(loss).backward()
+            return loss.detach()
+
+        image_chunks, token_chunks = images.chunk(chunks), tokens.chunk(chunks)
+        with torch.no_grad():
+            cached = [self._features(self.model, i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
+        cached_images = [c[0] for c in cached]
+        cached_texts = [c[1] for c in cached]
+        loss_value = torch.zeros((), device=self.device)
+        for k in range(chunks):
+            last = k == chunks - 1
+            sync = self.ddp_model.no_sync() if (self.ctx.enabled and not last) else contextlib.nullcontext()
+            with sync:
+                image_k, text_k, logit_scale = self._features(self.ddp_model, image_chunks[k], token_chunks[k])
+                all_images = torch.cat(cached_images[:k] + [image_k] + cached_images[k + 1 :])
+                all_texts = torch.cat(cached_texts[:k] + [text_k] + cached_texts[k + 1 :])
+                # The temperature's gradient comes from the loss itself, not through the features:
+                # take it in one sub-batch only, or it would be counted accum_steps times.
+                loss = self._loss(all_images, all_texts, logit_scale if k == 0 else logit_scale.detach())
+                self.scaler.scale(loss).backward()
+            if k == 0:
+                loss_value = loss.detach()
+        return loss_value
+
+    def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = normalize_on_device(images.to(self.device, non_blocking=True), torch.float32)
+        tokens = tokens.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._forward_backward(images, tokens)
+
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.grad_clip_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None], max_norm
+        )
+        # One host sync per step: every rank sees the same all-reduced gradients, so all agree to skip.
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips non-finite steps and lowers its scale; early overflows are routine.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = True
+        else:
+            # One host sync per step: every rank sees the same all-reduced gradients, so all agree to skip.
+            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+            if finite:
+                self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.state.step += 1
+        if finite:
+            self.state.consecutive_bad_steps = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_bad_steps += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped", self.state.step)
+            if self.state.consecutive_bad_steps >= self.cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.state.consecutive_bad_steps} consecutive steps had a non-finite loss or gradient; "
+                    "stopping. Resume from the last checkpoint with a lower optim.lr, or optim=stable_adamw"
+                )
+        return {"loss": loss, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, float]:
+        self.maybe_resume()
+        self._open_metrics()
+        cfg = self.cfg
+        self.ddp_model.train()
+        batches = iter(self.loader)
+        window_start = time.perf_counter()
+        window_steps, data_wait = 0, 0.0
+        last_eval: dict[str, float] = {}
+        while self.state.step < cfg.train.max_steps:
+            wait_start = time.perf_counter()
+            try:
+                images, tokens = next(batches)
+            except StopIteration:  # epoch mode: every rank ends its epoch on the same batch count
+                batches = iter(self.loader)
+                images, tokens = next(batches)
+            data_wait += time.perf_counter() - wait_start
+            out = self.train_step(images, tokens)
+            window_steps += 1
+            step = self.state.step
+
+            if step % cfg.train.log_every_n_steps == 0 or step == cfg.train.max_steps:
+                loss = self._mean_over_ranks(out["loss"].float().reshape(1)).item()
+                skipped = torch.tensor([float(self.loader.skipped_samples)], device=self.device)
+                if self.ctx.enabled:
+                    dist.all_reduce(skipped)
+                elapsed = time.perf_counter() - window_start
+                self.metrics.log(step, {
+                    "loss": loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "temperature": 1.0 / self.model.logit_scale.exp().item(),
+                    "grad_norm": out["grad_norm"].item(),
+                    "samples_per_s": window_steps * self.global_batch_size / elapsed,
+                    "data_wait_s": data_wait,
+                    "compute_s": elapsed - data_wait,
+                    "data_wait_fraction": data_wait / elapsed,
+                    "skipped_samples": int(skipped.item()),
+                    "skipped_steps": self.state.skipped_steps,
+                    "world_size": self.ctx.world_size,
+                    "global_batch_size": self.global_batch_size,
+                })
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+
+            every_eval = cfg.eval.every_n_steps
+            if self.zeroshot.enabled and ((every_eval and step % every_eval == 0) or step == cfg.train.max_steps):
+                last_eval = self.evaluate()
+            every_ckpt = cfg.ckpt.every_n_steps
+            if (every_ckpt and step % every_ckpt == 0) or step == cfg.train.max_steps:
+                self.save_checkpoint()
+        self.metrics.close()
+        return last_eval
+
+    def evaluate(self) -> dict[str, float]:
+        self.ddp_model.eval()
+        with autocast(self.cfg.train.precision, self.device):
+            results = self.zeroshot.run(self.model, self.device)
+        self.ddp_model.train()
+        self.metrics.log(self.state.step, results)
+        return results

@@ -1,0 +1,81 @@
+"""Parameter groups, the LR schedule and StableAdamW."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import clip_train
+from clip_train.config import OptimConfig
+from clip_train.train.optim import StableAdamW, build_optimizer, build_scheduler, cosine_with_warmup, parameter_groups
+
+
+def test_no_weight_decay_on_gains_biases_embeddings_and_temperature() -> None:
+    model = clip_train.create_model("tiny")
+    decay, no_decay = parameter_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in decayed
+    assert "text_projection" in decayed and "visual.proj" in decayed
+    for skipped in ("logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
+                    "visual.positional_embedding", "ln_final.weight", "ln_final.bias", "visual.conv1.weight"):
+        if skipped == "visual.conv1.weight":
+            assert skipped in decayed  # conv kernels are weight matrices
+        else:
+            assert skipped not in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_frozen_parameters_get_no_optimizer_state() -> None:
+    model = clip_train.create_model("tiny")
+    model.logit_scale.requires_grad_(False)
+    groups = parameter_groups(model, 0.2)
+    assert all(p is not model.logit_scale for g in groups for p in g["params"])
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine() -> None:
+    assert cosine_with_warmup(0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, 10, 100, 0.0) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, 10, 100, 0.0) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, 10, 100, 0.1) == pytest.approx(0.1)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, OptimConfig(lr=1.0, warmup_steps=2), torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, OptimConfig(lr=1.0, warmup_steps=2), total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+def test_stable_adamw_matches_adamw_when_updates_are_unclipped() -> None:
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3).double(), torch.nn.Linear(4, 3).double()
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    opt_b = StableAdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    # The first step is the largest relative to v_hat (RMS = 1 exactly), so nothing is clipped.
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        model(x).square().sum().backward()
+        opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-10)
+
+
+def test_stable_adamw_shrinks_the_step_after_a_gradient_spike() -> None:
+    param = torch.nn.Parameter(torch.zeros(100))
+    opt = StableAdamW([param], lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(20):
+        param.grad = torch.full((100,), 1e-3)
+        opt.step()
+    before = param.detach().clone()
+    param.grad = torch.full((100,), 10.0)  # 10,000x the usual gradient
+    opt.step()
+    plain_adam_step = 0.1 * 1.0  # Adam's update saturates at ~lr per coordinate
+    assert (before - param.detach()).abs().max() < 0.5 * plain_adam_step
+    assert not math.isnan(param.sum().item())
