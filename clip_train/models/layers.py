@@ -21,9 +21,10 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        out = F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
         return out.to(x.dtype)
 
 

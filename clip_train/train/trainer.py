@@ -6,7 +6,6 @@ wires them together and keeps the training state that a checkpoint must carry.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -37,6 +36,7 @@ from clip_train.train.metrics import (
 )
 from clip_train.train.optim import build_optimizer, build_scheduler
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
+from clip_train.train.step import forward_backward
 from clip_train.train.rng import rng_state, seed_everything, set_rng_state
 from clip_train.train.zeroshot_hook import ZeroShotHook
 
@@ -206,55 +206,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _features(self, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
-        with autocast(self.cfg.train.precision, self.device):
-            return model(images, tokens)
-
-    def _loss(self, image_features, text_features, logit_scale) -> torch.Tensor:
+    def _loss(self, image_features, text_features, logit_scale, direct_grads: bool = True) -> torch.Tensor:
+        if not direct_grads:
+            logit_scale = logit_scale.detach()
         if self.cfg.loss.name == "siglip":
-            return self.loss_fn(image_features, text_features, logit_scale, self.model.logit_bias)
+            bias = self.model.logit_bias if direct_grads else self.model.logit_bias.detach()
+            return self.loss_fn(image_features, text_features, logit_scale, bias)
         return self.loss_fn(image_features, text_features, logit_scale)
-
-    def _forward_backward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Loss over the whole batch and its gradients, in ``accum_steps`` sub-batches if asked.
-
-        With accumulation, features of every sub-batch are first computed without gradients; then each
-        sub-batch is recomputed with gradients and the loss is taken over the whole batch with the other
-        sub-batches' cached features, so the contrastive batch is the full batch, not the sub-batch.
-        """
-        chunks = self.cfg.train.accum_steps
-        if chunks == 1:
-            image_features, text_features, logit_scale = self._features(self.ddp_model, images, tokens)
-            loss = self._loss(image_features, text_features, logit_scale)
-            self.scaler.scale(loss).backward()
-            return loss.detach()
-
-        image_chunks, token_chunks = images.chunk(chunks), tokens.chunk(chunks)
-        with torch.no_grad():
-            cached = [self._features(self.model, i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
-        cached_images = [c[0] for c in cached]
-        cached_texts = [c[1] for c in cached]
-        loss_value = torch.zeros((), device=self.device)
-        for k in range(chunks):
-            last = k == chunks - 1
-            sync = self.ddp_model.no_sync() if (self.ctx.enabled and not last) else contextlib.nullcontext()
-            with sync:
-                image_k, text_k, logit_scale = self._features(self.ddp_model, image_chunks[k], token_chunks[k])
-                all_images = torch.cat(cached_images[:k] + [image_k] + cached_images[k + 1 :])
-                all_texts = torch.cat(cached_texts[:k] + [text_k] + cached_texts[k + 1 :])
-                # The temperature's gradient comes from the loss itself, not through the features:
-                # take it in one sub-batch only, or it would be counted accum_steps times.
-                loss = self._loss(all_images, all_texts, logit_scale if k == 0 else logit_scale.detach())
-                self.scaler.scale(loss).backward()
-            if k == 0:
-                loss_value = loss.detach()
-        return loss_value
 
     def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         images = normalize_on_device(images.to(self.device, non_blocking=True), torch.float32)
         tokens = tokens.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(images, tokens)
+        loss = forward_backward(
+            self.ddp_model, self._loss, images, tokens,
+            accum_steps=self.cfg.train.accum_steps, precision=self.cfg.train.precision,
+            scale_loss=self.scaler.scale, plain_model=self.model,
+        )
 
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip_norm or math.inf
