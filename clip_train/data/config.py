@@ -1,0 +1,78 @@
+"""The typed schema of the ``data`` config group (a dataclass, so Hydra/OmegaConf can validate overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+# PIL's own default; an image with more pixels than this is treated as a decompression bomb and skipped.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+@dataclass
+class DataConfig:
+    """Where the training and evaluation samples come from and how they are read.
+
+    OmegaConf 2.3 reads these annotations, so they use ``Optional``/``List`` from ``typing``.
+    """
+
+    train_shards: Any = None
+    """WebDataset shards to train on: a brace pattern (``/data/laion/{00000..41407}.tar``), a glob, a list of
+    patterns, a ``.txt`` file listing one shard per line, ``pipe:``/http(s) URLs, or a list of
+    ``{shards: ..., weight: w}`` sources mixed by weight (resampled mode). ``demo`` = the built-in digits."""
+
+    val_shards: Optional[str] = None
+    """Shards for evaluation (same forms as ``train_shards``; ``demo`` = the built-in digits' validation split)."""
+
+    batch_size: int = 256
+    """Samples per batch on each rank (the global batch is this times the world size)."""
+
+    num_workers: int = 4
+    """DataLoader worker processes per rank; 0 reads in the training process."""
+
+    image_key: str = "jpg;png;jpeg;webp"
+    """Tar member extensions that hold the image, tried in order (``;``-separated)."""
+
+    text_key: str = "txt"
+    """Tar member extension that holds the caption (UTF-8)."""
+
+    label_key: str = "cls"
+    """Tar member extension holding an integer class label, read by the eval loader only (-1 when absent)."""
+
+    resampled: bool = True
+    """True: each worker draws shards with replacement, endlessly (the usual choice at scale).
+    False: epoch mode, every shard read once per epoch and every rank given the same number of batches."""
+
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer (0 disables sample shuffling)."""
+
+    shards_per_block: int = 4
+    """Shards a worker reads interleaved at once. More mixes better; resuming re-reads up to this many
+    shards' bytes (without decoding) to reach the saved position."""
+
+    train_crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])
+    """Random resized crop: range of the crop's area as a fraction of the image's."""
+
+    train_crop_ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    """Random resized crop: range of the crop's aspect ratio (width / height)."""
+
+    epoch_samples: Optional[int] = None
+    """Samples per epoch in epoch mode when the shards have no ``shards.json`` manifest."""
+
+    manifest: Optional[str] = None
+    """Path or URL of a ``shards.json`` manifest, when it does not sit next to the shards (e.g. ``pipe:`` URLs)."""
+
+    seed: int = 0
+    """Data-order seed, combined with the training seed: changing either changes shard and sample order."""
+
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead."""
+
+    pin_memory: Optional[bool] = None
+    """Pin batches in page-locked memory for fast non-blocking copies; None = when CUDA is available."""
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images with more pixels (width x height) are skipped as decompression bombs."""
+
+    eval_batch_size: Optional[int] = None
+    """Batch size of the eval loader; None = ``batch_size``."""

@@ -1,0 +1,147 @@
+"""Safe decoding of one raw WebDataset sample, and the counter of samples skipped as bad.
+
+A bad sample (unreadable or truncated image, decompression bomb, missing or non-UTF-8 caption, broken tar)
+raises ``BadSample``; the stream counts it, warns at most once a minute, and moves on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import time
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
+from clip_train.data.transforms import Box, center_crop_box, crop_resize, random_resized_crop_box
+
+log = logging.getLogger(__name__)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; the message says why."""
+
+
+class SkipCounter:
+    """Cumulative count of skipped samples in one worker, with a rate-limited warning.
+
+    While ``muted`` (a resumed worker re-reading samples it had already passed), errors are not counted
+    again: the count restored from the checkpoint already includes them.
+    """
+
+    def __init__(self, count: int = 0, interval_s: float = 60.0, where: str = "data") -> None:
+        self.count = count
+        self.muted = False
+        self.interval_s = interval_s
+        self.where = where
+        self._since_warning = 0
+        self._last_warning = -float("inf")
+
+    def skip(self, reason: str) -> None:
+        """Count one skipped sample and warn if the last warning is older than the interval."""
+        if self.muted:
+            return
+        self.count += 1
+        self._since_warning += 1
+        now = time.monotonic()
+        if now - self._last_warning >= self.interval_s:
+            log.warning("%s: skipped %d bad sample(s) since the last warning, %d in all; latest: %s",
+                        self.where, self._since_warning, self.count, reason)
+            self._since_warning = 0
+            self._last_warning = now
+
+    def tar_error_handler(self, url: str) -> Callable[[Exception], bool]:
+        """A webdataset exception handler for one shard: the first error counts as one skipped sample
+        (a broken tar usually raises twice, for the member and for the next header), and reading goes on."""
+        seen = []
+
+        def handler(exn: Exception) -> bool:
+            if not seen:
+                seen.append(exn)
+                self.skip(f"{url}: {type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:300])
+            return True
+
+        return handler
+
+
+class SampleDecoder:
+    """Raw sample (dict of bytes by extension) -> ``(uint8 image [S, S, 3], caption, label)``, or ``BadSample``.
+
+    ``train=True`` uses a random resized crop (randomness from the ``rng`` passed per sample, so a resumed
+    stream crops identically); ``train=False`` resizes the shorter side and center-crops.
+    """
+
+    def __init__(self, image_size: int, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt",
+                 *, train: bool = True, crop_scale: Sequence[float] = (0.9, 1.0),
+                 crop_ratio: Sequence[float] = (3 / 4, 4 / 3), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 label_key: Optional[str] = None) -> None:
+        self.image_size = int(image_size)
+        self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
+        self.text_key = text_key.lower()
+        self.train = train
+        self.crop_scale = tuple(crop_scale)
+        self.crop_ratio = tuple(crop_ratio)
+        self.max_pixels = int(max_pixels)
+        self.label_key = label_key.lower() if label_key else None
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"data.train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {crop_scale}")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"data.train_crop_ratio must be [min, max] with 0 < min <= max, got {crop_ratio}")
+
+    def caption(self, sample: Dict[str, object]) -> str:
+        raw = sample.get(self.text_key)
+        if raw is None:
+            raise BadSample(f"no caption (.{self.text_key})")
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as exn:
+            raise BadSample(f"caption is not UTF-8 ({exn.reason} at byte {exn.start})") from None
+        text = text.strip()
+        if not text:
+            raise BadSample("empty caption")
+        return text
+
+    def label(self, sample: Dict[str, object]) -> int:
+        raw = sample.get(self.label_key) if self.label_key else None
+        try:
+            return int(raw.decode("ascii").strip()) if isinstance(raw, bytes) else -1
+        except (UnicodeDecodeError, ValueError):
+            return -1
+
+    def image(self, sample: Dict[str, object], rng: Optional[random.Random]) -> np.ndarray:
+        data = next((sample[k] for k in self.image_keys if k in sample), None)
+        if data is None:
+            raise BadSample(f"no image (looked for .{', .'.join(self.image_keys)})")
+        with warnings.catch_warnings():
+            # PIL warns, rather than fails, between its pixel limit and twice that: treat both as a bomb.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(io.BytesIO(data))  # reads the header only
+                width, height = image.size
+                if width * height > self.max_pixels:
+                    raise BadSample(f"image of {width}x{height} px exceeds data.max_image_pixels="
+                                    f"{self.max_pixels} (decompression bomb?)")
+                if width < 1 or height < 1:
+                    raise BadSample(f"image of {width}x{height} px")
+                box: Box
+                if self.train:
+                    box = random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio,
+                                                  rng or random.Random())
+                else:
+                    box = center_crop_box(width, height)
+                return crop_resize(image, box, self.image_size)
+            except BadSample:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+                raise BadSample(f"decompression bomb: {exn}") from None
+            except Exception as exn:  # PIL raises many types for corrupt data; all mean "unusable"
+                raise BadSample(f"unreadable image: {type(exn).__name__}: {exn}") from None
+
+    def __call__(self, sample: Dict[str, object], rng: Optional[random.Random] = None
+                 ) -> Tuple[np.ndarray, str, int]:
+        text = self.caption(sample)  # cheap checks first: no image decode for a sample that will be dropped
+        return self.image(sample, rng), text, self.label(sample)

@@ -1,0 +1,322 @@
+"""The loaders the trainer uses: ``build_train_loader`` (resumable, endless or by epoch) and ``build_eval_loader``.
+
+Train batches are ``(images uint8 [B, 3, S, S], tokens long [B, L])``; normalise them on the device with
+``normalize_on_device``. The train loader's position is its state: ``state_dict()`` / ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from clip_train.data.config import DataConfig
+from clip_train.data.decode import SampleDecoder
+from clip_train.data.manifest import sample_counts
+from clip_train.data.plan import StreamPlan, mix_seed
+from clip_train.data.sources import ShardSource, check_first_shard, resolve_sources
+from clip_train.data.stream import ShardStream, WorkerPosition
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# A resumed position is only exact if these match the run that saved it.
+_TOPOLOGY_KEYS = ("world_size", "num_workers", "batch_size", "mode", "seed", "num_shards")
+
+
+class EvalBatch(NamedTuple):
+    """One eval batch: uint8 images, tokens, and class labels (-1 where a sample has none)."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    labels: torch.Tensor
+
+
+def as_data_config(cfg: Any) -> DataConfig:
+    """A ``DataConfig`` from itself, an OmegaConf node (structured or plain) or a dict; unknown keys fail."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_object(cfg)
+            if isinstance(cfg, DataConfig):
+                return cfg
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(cfg, dict):
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown data option(s) {unknown}; known: {sorted(known)}")
+        return DataConfig(**cfg)
+    return cfg  # duck-typed: any object with DataConfig's attributes
+
+
+def _shard_spec(spec: Any, split: str) -> Any:
+    """``demo`` names the built-in digits dataset (built into the cache on first use)."""
+    if isinstance(spec, str) and spec.strip() == "demo":
+        from clip_train.data.demo import ensure_demo_data
+
+        demo = ensure_demo_data()
+        return demo.train_shards if split == "train" else demo.val_shards
+    return spec
+
+
+def _default_tokenizer(tokenizer: Optional[Callable]) -> Callable:
+    if tokenizer is not None:
+        return tokenizer
+    from clip_train.tokenizer import get_tokenizer
+
+    return get_tokenizer()
+
+
+def _pin(cfg: DataConfig) -> bool:
+    return torch.cuda.is_available() if cfg.pin_memory is None else bool(cfg.pin_memory)
+
+
+def _dataloader(dataset: ShardStream, cfg: DataConfig, persistent: bool = False) -> DataLoader:
+    workers = max(0, cfg.num_workers)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=_pin(cfg),
+                      prefetch_factor=cfg.prefetch_factor if workers else None,
+                      persistent_workers=persistent and workers > 0)
+
+
+class TrainLoader:
+    """Resumable training loader of one rank. Iterate it for ``(images, tokens)`` batches.
+
+    Resampled mode is endless. In epoch mode one ``for`` loop is one epoch of ``len(loader)`` batches
+    (the same on every rank); the next loop starts the next epoch. Worker processes live for a whole epoch
+    (in resampled mode: for the whole run), and breaking out of a loop keeps them: the next loop continues
+    with the next batch.
+    """
+
+    def __init__(self, dataset: ShardStream, cfg: DataConfig, batches_per_epoch: Optional[int]) -> None:
+        self._dataset = dataset
+        self._cfg = cfg
+        self._plan: StreamPlan = dataset.plan
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+        self._batches_in_epoch = 0
+        self._samples_seen = 0
+        self._positions = [WorkerPosition() for _ in range(self._plan.num_workers)]
+        self._it: Optional[Iterator] = None
+
+    # ---- what the trainer reads -----------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self._dataset.batch_size
+
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples skipped by this rank's workers since the run began (restored by ``load_state_dict``)."""
+        return sum(p.skipped for p in self._positions)
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples this rank has handed to the training loop since the run began."""
+        return self._samples_seen
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("a resampled train loader is endless and has no length (data.resampled=true)")
+        return self.batches_per_epoch
+
+    # ---- iteration --------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self._epoch_complete():  # a new loop after a finished epoch (or a resume at its very end)
+            self._start_epoch(self.epoch + 1)
+        while not self._epoch_complete():
+            try:
+                images, tokens, meta = next(self._iterator())
+            except StopIteration:
+                self._it = None
+                raise RuntimeError(f"data: the workers' streams ended after {self._batches_in_epoch} batches of "
+                                   f"epoch {self.epoch}, expected {self.batches_per_epoch}") from None
+            self._record(meta.tolist())
+            yield images, tokens
+        self._it = None  # every worker has met its quota; the next epoch starts fresh workers
+
+    def _epoch_complete(self) -> bool:
+        return self.batches_per_epoch is not None and self._batches_in_epoch >= self.batches_per_epoch
+
+    def _iterator(self) -> Iterator:
+        if self._it is None:
+            ds = self._dataset
+            ds.epoch = self.epoch
+            ds.rotation = self._batches_in_epoch % self._plan.num_workers
+            ds.positions = [WorkerPosition(*p.as_list()) for p in self._positions]
+            if self.batches_per_epoch is not None:
+                ds.quotas = [self._plan.worker_quota(self.batches_per_epoch, w) for w in range(self._plan.num_workers)]
+            self._it = iter(_dataloader(ds, self._cfg))
+        return self._it
+
+    def _record(self, meta: List[int]) -> None:
+        worker, epoch, block, within, batches, skipped = meta
+        if epoch != self.epoch:
+            raise RuntimeError(f"data: got a batch of epoch {epoch} while in epoch {self.epoch}")
+        self._positions[worker] = WorkerPosition(block, within, batches, skipped)
+        self._batches_in_epoch += 1
+        self._samples_seen += self.batch_size
+
+    def _start_epoch(self, epoch: int) -> None:
+        self._it = None
+        self.epoch = epoch
+        self._batches_in_epoch = 0
+        self._positions = [WorkerPosition(skipped=p.skipped) for p in self._positions]
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is garbage collected)."""
+        self._it = None
+
+    # ---- resumable state -------------------------------------------------------------------------------------
+    def _local_state(self) -> Dict[str, Any]:
+        plan = self._plan
+        return {
+            "version": STATE_VERSION,
+            "rank": plan.rank,
+            "world_size": plan.world_size,
+            "num_workers": plan.num_workers,
+            "batch_size": self.batch_size,
+            "mode": plan.mode,
+            "seed": plan.seed,
+            "num_shards": len(plan.urls),
+            "salt": plan.salt,
+            "epoch": self.epoch,
+            "batches_in_epoch": self._batches_in_epoch,
+            "samples_seen": self._samples_seen,
+            "skipped_samples": self.skipped_samples,
+            "workers": [p.as_list() for p in self._positions],
+        }
+
+    def state_dict(self, gather: Optional[bool] = None) -> Dict[str, Any]:
+        """This rank's position as plain Python values; with ``gather`` also every rank's, under ``"ranks"``.
+
+        ``gather`` defaults to True when ``torch.distributed`` is initialised with more than one rank; it is
+        then a collective call that every rank must make (the checkpoint saved by rank 0 then resumes all
+        ranks exactly). The top-level keys always describe the calling rank.
+        """
+        state = self._local_state()
+        if gather is None:
+            gather = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                      and torch.distributed.get_world_size() > 1)
+        if gather:
+            everyone: List[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, state)
+            state["ranks"] = everyone
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue exactly where the saved run was: the next batch is the one it would have yielded next.
+
+        Accepts a state from ``state_dict()`` (this rank's entry is taken from ``"ranks"`` when present). If
+        the saved run used another world size, worker count, batch size, mode, seed or shard list, exact
+        resume is impossible: the loader warns, keeps the epoch, sample and skip counts, and starts a
+        fresh data order (resampled) or the saved epoch afresh (epoch mode).
+        """
+        ranks = state.get("ranks")
+        entry = state
+        if isinstance(ranks, list) and len(ranks) == self._plan.world_size:
+            entry = ranks[self._plan.rank]
+        if entry.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {entry.get('version')!r} is not {STATE_VERSION}")
+        self._it = None  # workers restart from the loaded position
+        mine = self._local_state()
+        differ = [k for k in _TOPOLOGY_KEYS if entry.get(k) != mine[k]]
+        if entry.get("rank") != self._plan.rank:
+            differ.append("rank")
+        self._samples_seen = int(entry["samples_seen"])
+        if not differ:
+            self._plan.set_salt(int(entry["salt"]))
+            self.epoch = int(entry["epoch"])
+            self._batches_in_epoch = int(entry["batches_in_epoch"])
+            self._positions = [WorkerPosition(*map(int, w)) for w in entry["workers"]]
+            return
+        log.warning("data: the saved loader position cannot be restored exactly (%s differ: saved %s, now %s); "
+                    "continuing with a fresh data order", ", ".join(differ),
+                    {k: entry.get(k) for k in differ}, {k: mine.get(k) for k in differ})
+        self._plan.set_salt(mix_seed(int(entry.get("salt", 0)), self._samples_seen, 0x5A17))
+        self.epoch = int(entry.get("epoch", 0)) if self._plan.mode == "epoch" else 0
+        self._batches_in_epoch = 0
+        self._positions = [WorkerPosition() for _ in range(self._plan.num_workers)]
+        self._positions[0].skipped = int(entry.get("skipped_samples", 0))
+
+
+class EvalLoader:
+    """One pass over the eval shards per ``for`` loop, yielding ``EvalBatch(images, tokens, labels)``.
+
+    Every sample appears once across all ranks and workers; the last batch of each worker may be smaller.
+    """
+
+    def __init__(self, dataset: ShardStream, cfg: DataConfig) -> None:
+        self._dataset = dataset
+        self._loader = _dataloader(dataset, cfg, persistent=True)
+        self._skipped_before = 0
+        self._pass: Dict[int, int] = {}
+
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples skipped over all passes so far."""
+        return self._skipped_before + sum(self._pass.values())
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        self._skipped_before += sum(self._pass.values())
+        self._pass = {}
+        for images, tokens, labels, meta in self._loader:
+            self._pass[int(meta[0])] = int(meta[5])
+            yield EvalBatch(images, tokens, labels)
+
+
+def _plan_for(sources: List[ShardSource], mode: str, cfg: DataConfig, *, seed: int, rank: int,
+              world_size: int, counts: Optional[List[int]] = None) -> StreamPlan:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    return StreamPlan(sources, mode, seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+                      shards_per_block=cfg.shards_per_block, counts=counts)
+
+
+def build_train_loader(cfg: Any, image_size: int, tokenizer: Optional[Callable] = None, rank: int = 0,
+                       world_size: int = 1, seed: int = 0) -> TrainLoader:
+    """The training loader of ``rank`` out of ``world_size``; raises ``ValueError`` on bad shard settings.
+
+    The sample order is a pure function of (``seed``, ``cfg.seed``, rank, world size, worker count). Shard
+    patterns are expanded and checked here, so a pattern that matches nothing fails before training.
+    """
+    cfg = as_data_config(cfg)
+    if cfg.batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+    sources = resolve_sources(_shard_spec(cfg.train_shards, "train"), "data.train_shards")
+    check_first_shard(sources, "data.train_shards")
+    mode = "resampled" if cfg.resampled else "epoch"
+    counts = None
+    if mode == "epoch":
+        if any(s.weight != 1.0 for s in sources):
+            raise ValueError("data.train_shards weights need data.resampled=true (epoch mode reads every shard "
+                             "exactly once per epoch)")
+        counts = sample_counts([u for s in sources for u in s.urls], cfg.manifest)
+    plan = _plan_for(sources, mode, cfg, seed=mix_seed(seed, cfg.seed), rank=rank, world_size=world_size,
+                     counts=counts)
+    batches_per_epoch = plan.batches_per_rank(cfg.batch_size, cfg.epoch_samples) if mode == "epoch" else None
+    decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=True, crop_scale=cfg.train_crop_scale,
+                            crop_ratio=cfg.train_crop_ratio, max_pixels=cfg.max_image_pixels)
+    dataset = ShardStream(plan, decoder, _default_tokenizer(tokenizer), cfg.batch_size, cfg.shuffle_buffer,
+                          max_pixels=cfg.max_image_pixels)
+    return TrainLoader(dataset, cfg, batches_per_epoch)
+
+
+def build_eval_loader(cfg: Any, image_size: int, tokenizer: Optional[Callable] = None, rank: int = 0,
+                      world_size: int = 1) -> EvalLoader:
+    """The eval loader over ``cfg.val_shards``: resize shorter side + center crop, no shuffling, one pass."""
+    cfg = as_data_config(cfg)
+    sources = resolve_sources(_shard_spec(cfg.val_shards, "val"), "data.val_shards")
+    check_first_shard(sources, "data.val_shards")
+    plan = _plan_for(sources, "eval", cfg, seed=0, rank=rank, world_size=world_size)
+    decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=False, max_pixels=cfg.max_image_pixels,
+                            label_key=cfg.label_key)
+    dataset = ShardStream(plan, decoder, _default_tokenizer(tokenizer), cfg.eval_batch_size or cfg.batch_size,
+                          0, with_labels=True, partial_last=True, max_pixels=cfg.max_image_pixels)
+    return EvalLoader(dataset, cfg)

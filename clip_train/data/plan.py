@@ -1,0 +1,192 @@
+"""Which shards each DataLoader worker reads, as a pure function of (seed, epoch, rank, worker, block).
+
+Nothing here reads data. Because the plan is deterministic, a worker can jump to any block of its stream
+without replaying what came before, which is what makes exact resume cheap.
+
+Vocabulary: a *unit* is a shard, or one of ``parts`` interleaved slices of a shard (sample ``i`` belongs to
+slice ``i % parts``) when there are fewer shards than workers. A *block* is the group of units a worker
+reads interleaved at one time; a worker's stream is its blocks one after another.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from clip_train.data.sources import ShardSource
+
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 64-bit seed from integers (stable across processes and Python runs, unlike ``hash``)."""
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK))
+    return h
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard (``parts == 1``) or the ``part``-th of ``parts`` interleaved slices of it."""
+
+    url: str
+    part: int = 0
+    parts: int = 1
+    num_samples: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Block:
+    """What a worker reads at one point of its stream, and the seed for its shuffling and augmentation."""
+
+    units: Tuple[Unit, ...]
+    seed: int
+
+
+class StreamPlan:
+    """The deterministic reading plan of one rank.
+
+    Modes: ``resampled`` (blocks of shards drawn with replacement, weighted by source, endless), ``epoch``
+    (each epoch shuffles the shard list and splits it across all ranks' workers; a worker that runs out
+    before its batch quota starts over on its own units) and ``eval`` (no shuffling, one pass).
+    """
+
+    def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, rank: int, world_size: int,
+                 num_workers: int, shards_per_block: int = 4, counts: Optional[Sequence[int]] = None,
+                 salt: int = 0) -> None:
+        if mode not in ("resampled", "epoch", "eval"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.mode = mode
+        self.sources = list(sources)
+        self.urls = [u for s in self.sources for u in s.urls]
+        self.counts = list(counts) if counts is not None else None
+        if self.counts is not None and len(self.counts) != len(self.urls):
+            raise ValueError("counts must give one sample count per shard")
+        self.seed = seed
+        self.salt = salt
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = max(1, num_workers)
+        self.shards_per_block = max(1, shards_per_block)
+        self.weights = [s.weight for s in self.sources]
+        self._assignments: dict = {}  # epoch -> assignment; recomputed in each worker, never pickled
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_assignments"] = {}
+        return state
+
+    def set_salt(self, salt: int) -> None:
+        """Change the extra seed component (used when a saved position cannot be restored exactly)."""
+        self.salt = salt
+        self._assignments = {}
+
+    @property
+    def num_global_workers(self) -> int:
+        return self.world_size * self.num_workers
+
+    def global_worker(self, logical: int) -> int:
+        return self.rank * self.num_workers + logical
+
+    # ---- epoch / eval: a split of the shard list over every worker of every rank -------------------------
+    def assignment(self, epoch: int) -> Tuple[Tuple[Unit, ...], ...]:
+        """Units of every global worker for ``epoch``: shard order shuffled per epoch (not in eval mode),
+        shards sliced when there are fewer than workers, and balanced by sample count when counts are known."""
+        if epoch not in self._assignments:
+            self._assignments = {epoch: self._assign(epoch)}
+        return self._assignments[epoch]
+
+    def _assign(self, epoch: int) -> Tuple[Tuple[Unit, ...], ...]:
+        order = list(range(len(self.urls)))
+        if self.counts is not None:  # empty shards would give a worker nothing to read
+            order = [i for i in order if self.counts[i] > 0]
+        if self.mode != "eval":
+            random.Random(mix_seed(self.seed, self.salt, epoch, 0xE90C)).shuffle(order)
+        workers = self.num_global_workers
+        parts = max(1, math.ceil(workers / max(1, len(order))))
+        units: List[Unit] = []
+        for i in order:
+            for p in range(parts):
+                n = None
+                if self.counts is not None:
+                    n = self.counts[i] // parts + (1 if p < self.counts[i] % parts else 0)
+                units.append(Unit(self.urls[i], p, parts, n))
+        owner: List[int] = []
+        if self.counts is None:
+            owner = [j % workers for j in range(len(units))]
+        else:
+            # Longest-first greedy: each unit goes to the least-loaded worker, so workers differ by at most
+            # about one shard's worth of samples and little must be padded or dropped to equalise ranks.
+            owner = [0] * len(units)
+            load = [(0, g) for g in range(workers)]
+            for j in sorted(range(len(units)), key=lambda j: -(units[j].num_samples or 0)):
+                total, g = heapq.heappop(load)
+                owner[j] = g
+                heapq.heappush(load, (total + (units[j].num_samples or 0), g))
+        per_worker: List[List[Unit]] = [[] for _ in range(workers)]
+        for j, unit in enumerate(units):  # keep the shuffled order inside each worker
+            per_worker[owner[j]].append(unit)
+        return tuple(tuple(u) for u in per_worker)
+
+    def worker_units(self, epoch: int, logical: int) -> Tuple[Unit, ...]:
+        return self.assignment(epoch)[self.global_worker(logical)]
+
+    # ---- blocks ---------------------------------------------------------------------------------------------
+    def block(self, epoch: int, logical: int, index: int) -> Optional[Block]:
+        """Block ``index`` of a worker's stream, or None when an eval stream has ended."""
+        g = self.global_worker(logical)
+        seed = mix_seed(self.seed, self.salt, epoch, g, index)
+        if self.mode == "resampled":
+            rng = random.Random(seed)
+            units = []
+            for _ in range(self.shards_per_block):
+                source = rng.choices(self.sources, weights=self.weights)[0] if len(self.sources) > 1 \
+                    else self.sources[0]
+                units.append(Unit(source.urls[rng.randrange(len(source.urls))]))
+            return Block(tuple(units), seed)
+        mine = self.worker_units(epoch, logical)
+        if not mine:
+            return None
+        per_block = 1 if self.mode == "eval" else min(self.shards_per_block, len(mine))
+        num_blocks = math.ceil(len(mine) / per_block)
+        if self.mode == "eval" and index >= num_blocks:
+            return None
+        # Past the last block an epoch-mode worker starts over on its own units (a new pass, new shuffle)
+        # until it has filled its batch quota.
+        j = index % num_blocks
+        return Block(tuple(mine[j * per_block:(j + 1) * per_block]), seed)
+
+    def blocks_per_pass(self, epoch: int, logical: int) -> int:
+        """Blocks in one pass over a worker's units (epoch and eval modes)."""
+        mine = self.worker_units(epoch, logical)
+        per_block = 1 if self.mode == "eval" else min(self.shards_per_block, max(1, len(mine)))
+        return math.ceil(len(mine) / per_block)
+
+    # ---- epoch lengths --------------------------------------------------------------------------------------
+    def batches_per_rank(self, batch_size: int, epoch_samples: Optional[int]) -> int:
+        """Batches every rank yields per epoch: the dataset's samples over the global batch, rounded down."""
+        total = sum(self.counts) if self.counts is not None else epoch_samples
+        if total is None:
+            raise ValueError("data.resampled=false (epoch mode) needs the number of samples per epoch: put a "
+                             "shards.json manifest next to the shards (python -m clip_train.data.make_shards "
+                             "writes one), set data.manifest, or set data.epoch_samples")
+        batches = total // (self.world_size * batch_size)
+        if batches < 1:
+            raise ValueError(f"an epoch of {total} samples is smaller than one global batch "
+                             f"({self.world_size} ranks x data.batch_size={batch_size}); lower data.batch_size")
+        return batches
+
+    def worker_quota(self, batches_per_rank: int, logical: int) -> int:
+        """Batches worker ``logical`` yields per epoch; round-robin order over workers makes this exact."""
+        return batches_per_rank // self.num_workers + (1 if logical < batches_per_rank % self.num_workers else 0)

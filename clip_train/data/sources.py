@@ -1,0 +1,196 @@
+"""Turn ``data.train_shards`` into concrete shard URLs: brace patterns, globs, lists, list files, weighted sources.
+
+Every mistake a user can make here is reported as one ``ValueError`` line that names the setting and the
+pattern, raised when the loader is built, before any training step.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Any, List, Sequence, Tuple
+
+import webdataset as wds
+
+log = logging.getLogger(__name__)
+
+QUOTE_HINT = ("on the Hydra command line, quote brace patterns: "
+              "\"data.train_shards='/data/laion/{00000..41407}.tar'\"")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_LIST_SUFFIXES = (".txt", ".list")
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """The shards one pattern (or list) expanded to, and its mixing weight (resampled mode)."""
+
+    pattern: str
+    urls: Tuple[str, ...]
+    weight: float = 1.0
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs webdataset opens itself (``pipe:``, ``http://``, ``s3://``...) rather than local paths."""
+    return url.startswith("pipe:") or "://" in url
+
+
+def _plain(spec: Any) -> Any:
+    """OmegaConf containers -> plain Python, so the rest of this module sees lists, dicts and strings."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency, but keep the module usable alone
+        return spec
+    if isinstance(spec, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(spec, resolve=True)
+    return spec
+
+
+def _check_braces(pattern: str, name: str) -> None:
+    depth = 0
+    for ch in pattern:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth < 0:
+            break
+    if depth != 0:
+        raise ValueError(f"{name}={pattern!r} has unbalanced braces; {QUOTE_HINT}")
+
+
+def _read_list_file(path: str, name: str) -> List[str]:
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as exn:
+        raise ValueError(f"{name}={path!r}: cannot read the shard list: {exn}") from exn
+    folder = os.path.dirname(path)
+    urls = [u if is_remote(u) or os.path.isabs(u) else os.path.join(folder, u)
+            for u in lines if u and not u.startswith("#")]
+    if not urls:
+        raise ValueError(f"{name}={path!r}: the shard list file names no shards")
+    return urls
+
+
+def _expand_local(items: Sequence[str]) -> List[str]:
+    out: List[str] = []
+    for item in items:
+        item = os.path.expanduser(item)
+        if _GLOB_CHARS.search(item):
+            out.extend(sorted(glob.glob(item)))
+        elif os.path.isdir(item):  # a folder means every tar in it
+            out.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
+        else:
+            out.append(item)
+    return out
+
+
+def _warn_if_shell_expanded(pattern: str, url: str) -> None:
+    """A lone numbered shard whose folder holds many siblings: often a brace pattern the shell expanded.
+
+    ``data.train_shards=/d/{0..9}.tar`` unquoted becomes ten overrides in bash and Hydra keeps the last one.
+    """
+    stem, ext = os.path.splitext(os.path.basename(url))
+    if not stem.isdigit():
+        return
+    siblings = glob.glob(os.path.join(os.path.dirname(url), "[0-9]" * len(stem) + ext))
+    if len(siblings) > 1:
+        log.warning("data: %r names one shard but its folder holds %d numbered shards; if you meant a brace "
+                    "pattern, the shell may have expanded it: %s", pattern, len(siblings), QUOTE_HINT)
+
+
+def expand_pattern(pattern: str, name: str = "data.train_shards") -> List[str]:
+    """Shard URLs for one pattern string; raises ``ValueError`` naming ``name`` and the pattern if none exist.
+
+    Brace expansion and ``::``-joined lists use webdataset's ``expand_urls``; local items may also be globs,
+    folders (all ``*.tar`` inside) or a ``.txt`` file listing shards. Remote URLs are not checked here.
+    Missing local shards among existing ones are dropped with a warning.
+    """
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"{name}={pattern!r} is empty; set it to a shard pattern such as "
+                         "'/data/laion/{00000..41407}.tar'")
+    pattern = pattern.strip()
+    _check_braces(pattern, name)
+    if not is_remote(pattern) and pattern.endswith(_LIST_SUFFIXES) and "{" not in pattern:
+        if not os.path.exists(os.path.expanduser(pattern)):
+            raise ValueError(f"{name}={pattern!r}: shard list file not found")
+        items = _read_list_file(os.path.expanduser(pattern), name)
+    else:
+        items = list(wds.shardlists.expand_urls(pattern))
+    remote = [u for u in items if is_remote(u)]
+    local = _expand_local([u for u in items if not is_remote(u)])
+    existing = [u for u in local if os.path.isfile(u)]
+    missing = len(local) - len(existing)
+    if not remote and not existing:
+        hint = f"; {QUOTE_HINT}" if "{" in pattern or "," in pattern else ""
+        raise ValueError(f"{name}={pattern!r} matched no files (checked {len(local)} path(s), e.g. "
+                         f"{local[0] if local else pattern!r}){hint}")
+    if missing:
+        first = next(u for u in local if not os.path.isfile(u))
+        log.warning("data: %s=%r: %d of %d shards do not exist and are left out (first: %s)",
+                    name, pattern, missing, len(local), first)
+    if len(existing) == 1 and not remote and "{" not in pattern and not _GLOB_CHARS.search(pattern):
+        _warn_if_shell_expanded(pattern, existing[0])
+    return remote + existing
+
+
+def resolve_sources(spec: Any, name: str = "data.train_shards") -> List[ShardSource]:
+    """Parse a shard setting into sources: a pattern, a list of patterns (one source), or weighted sources.
+
+    Weighted form: a list of ``{"shards": pattern-or-list, "weight": w}`` (plain patterns in the list count
+    as weight 1).
+    """
+    spec = _plain(spec)
+    if spec is None:
+        raise ValueError(f"{name} is not set; give a shard pattern such as "
+                         f"{name}='/data/laion/{{00000..41407}}.tar', or {name}=demo for the built-in digits")
+    if isinstance(spec, str):
+        return [ShardSource(spec, tuple(expand_pattern(spec, name)))]
+    if isinstance(spec, dict):
+        if "shards" not in spec:
+            raise ValueError(f"{name} was read as a mapping {spec!r}: Hydra parses an unquoted '{{' as a dict; "
+                             f"{QUOTE_HINT}")
+        spec = [spec]
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError(f"{name} is an empty list; give at least one shard pattern")
+        if all(isinstance(s, str) for s in spec):
+            urls = [u for s in spec for u in expand_pattern(s, name)]
+            return [ShardSource(", ".join(spec), tuple(urls))]
+        sources = []
+        for i, item in enumerate(spec):
+            if isinstance(item, str):
+                item = {"shards": item}
+            if not isinstance(item, dict) or "shards" not in item or set(item) - {"shards", "weight"}:
+                raise ValueError(f"{name}[{i}]={item!r}: each source is a pattern or "
+                                 "{shards: PATTERN_OR_LIST, weight: FLOAT}")
+            weight = float(item.get("weight", 1.0))
+            if not weight > 0:
+                raise ValueError(f"{name}[{i}] weight must be > 0, got {weight}")
+            inner = item["shards"]
+            patterns = [inner] if isinstance(inner, str) else list(inner)
+            urls = [u for p in patterns for u in expand_pattern(p, f"{name}[{i}].shards")]
+            sources.append(ShardSource(", ".join(patterns), tuple(urls), weight))
+        return sources
+    raise ValueError(f"{name} must be a pattern string, a list of patterns or a list of "
+                     f"{{shards, weight}} sources, got {type(spec).__name__}: {spec!r}")
+
+
+def check_first_shard(sources: Sequence[ShardSource], name: str = "data.train_shards") -> None:
+    """Open the first local shard and read one tar header, so a wrong file type fails before training."""
+    for source in sources:
+        local = [u for u in source.urls if not is_remote(u)]
+        if not local:
+            continue
+        path = local[0]
+        try:
+            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                tar.next()
+        except PermissionError as exn:
+            raise ValueError(f"{name}={source.pattern!r}: cannot read {path}: {exn.strerror}") from exn
+        except (tarfile.TarError, OSError) as exn:
+            raise ValueError(f"{name}={source.pattern!r}: {path} is not a readable tar file ({exn}); "
+                             "shards are WebDataset .tar files, e.g. made by python -m "
+                             "clip_train.data.make_shards") from exn

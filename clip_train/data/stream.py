@@ -1,0 +1,144 @@
+"""The IterableDataset each DataLoader worker runs: blocks of raw samples -> decoded, tokenised batches.
+
+Every batch carries a small ``meta`` tensor (which worker made it, and that worker's position and skip
+count right after it) that the loader in the main process strips off and keeps as its resumable state.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
+from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
+from clip_train.data.plan import StreamPlan, mix_seed
+from clip_train.data.reader import block_samples
+
+# Order of the fields in each batch's meta tensor.
+META_FIELDS = ("worker", "epoch", "block", "within", "batches", "skipped")
+# A resampled stream with this many blocks in a row giving no usable sample is broken data, not bad luck.
+MAX_EMPTY_BLOCKS = 20
+
+
+@dataclass
+class WorkerPosition:
+    """Where a worker's stream stands after the last batch the training loop received from it."""
+
+    block: int = 0  # index of the block being read
+    within: int = 0  # raw samples (good or bad) already taken from that block's shuffled order
+    batches: int = 0  # batches yielded in the current epoch
+    skipped: int = 0  # bad samples skipped so far, all epochs
+
+    def as_list(self) -> List[int]:
+        return [self.block, self.within, self.batches, self.skipped]
+
+
+class ShardStream(IterableDataset):
+    """One rank's stream, split over its DataLoader workers by the plan.
+
+    The main process sets ``epoch``, ``rotation``, ``positions`` and ``quotas`` before each DataLoader
+    iterator is created; workers receive a copy. Physical worker ``p`` plays logical worker
+    ``(p + rotation) % num_workers``, so after a resume DataLoader's round robin (which always starts at
+    worker 0) continues with the worker that was due next.
+    """
+
+    def __init__(self, plan: StreamPlan, decoder: SampleDecoder, tokenizer: Callable, batch_size: int,
+                 shuffle_buffer: int, *, with_labels: bool = False, partial_last: bool = False,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        super().__init__()
+        self.plan = plan
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.with_labels = with_labels
+        self.partial_last = partial_last
+        self.max_pixels = max_pixels
+        self.epoch = 0
+        self.rotation = 0
+        self.positions = [WorkerPosition() for _ in range(plan.num_workers)]
+        self.quotas: Optional[List[int]] = None  # batches per logical worker this epoch; None = until data ends
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
+        info = get_worker_info()
+        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        if count != self.plan.num_workers:
+            raise RuntimeError(f"stream planned for {self.plan.num_workers} workers runs in {count}")
+        logical = (physical + self.rotation) % count
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # PIL's own bomb check, at our limit
+        position = self.positions[logical]
+        quota = self.quotas[logical] if self.quotas is not None else None
+        counter = SkipCounter(position.skipped, where=f"data (rank {self.plan.rank}, worker {logical})")
+        return self._batches(logical, position, quota, counter)
+
+    def _batches(self, logical: int, start: WorkerPosition, quota: Optional[int], counter: SkipCounter
+                 ) -> Iterator[Tuple[torch.Tensor, ...]]:
+        plan, epoch = self.plan, self.epoch
+        batches = start.batches
+        if quota is not None and batches >= quota:
+            return
+        images: List[np.ndarray] = []
+        texts: List[str] = []
+        labels: List[int] = []
+        index, resume_within = start.block, start.within
+        empty_run, last_url = 0, ""
+        while True:
+            block = plan.block(epoch, logical, index)
+            if block is None:
+                break
+            samples = iter(block_samples(block, counter.tar_error_handler, self.shuffle_buffer))
+            within = 0
+            if resume_within:
+                # Re-read (not decode) what this worker had already passed; its errors were counted then.
+                counter.muted = True
+                within = sum(1 for _ in islice(samples, resume_within))
+                counter.muted = False
+                resume_within = 0
+            good = 0
+            for sample in samples:
+                within += 1
+                try:
+                    image, text, label = self.decoder(sample, random.Random(mix_seed(block.seed, within)))
+                except BadSample as exn:
+                    counter.skip(f"{sample.get('__url__')} key {sample.get('__key__')}: {exn}")
+                    continue
+                good += 1
+                images.append(image)
+                texts.append(text)
+                labels.append(label)
+                if len(images) == self.batch_size:
+                    batches += 1
+                    meta = (logical, epoch, index, within, batches, counter.count)
+                    yield self._collate(images, texts, labels, meta)
+                    images, texts, labels = [], [], []
+                    if quota is not None and batches >= quota:
+                        return
+            last_url = block.units[-1].url if block.units else last_url
+            empty_run = 0 if good else empty_run + 1
+            limit = MAX_EMPTY_BLOCKS if plan.mode == "resampled" else plan.blocks_per_pass(epoch, logical)
+            if empty_run >= max(1, limit) and plan.mode != "eval":
+                raise RuntimeError(f"data: {empty_run} blocks of shards in a row gave no usable sample "
+                                   f"(last shard read: {last_url}); {counter.count} samples were skipped as bad. "
+                                   "Check data.train_shards, data.image_key and data.text_key.")
+            index += 1
+        if images and self.partial_last:
+            yield self._collate(images, texts, labels, (logical, epoch, index, 0, batches + 1, counter.count))
+
+    def _collate(self, images: List[np.ndarray], texts: List[str], labels: List[int],
+                 meta: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
+        size = self.decoder.image_size
+        batch = np.empty((len(images), 3, size, size), dtype=np.uint8)
+        for i, image in enumerate(images):
+            batch[i] = image.transpose(2, 0, 1)  # HWC -> CHW, one copy into the batch
+        out = [torch.from_numpy(batch), self.tokenizer(texts)]
+        if self.with_labels:
+            out.append(torch.tensor(labels, dtype=torch.long))
+        out.append(torch.tensor(meta, dtype=torch.long))
+        return tuple(out)

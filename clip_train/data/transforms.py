@@ -1,0 +1,99 @@
+"""Image geometry on the CPU (crop boxes, reduced-size JPEG decoding, one resampling pass to uint8) and
+CLIP's normalisation on the accelerator.
+
+Workers never make float images: a uint8 batch is a quarter of the bytes to pin and copy, and
+normalising on the device is nearly free.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+Box = Tuple[float, float, float, float]  # left, top, right, bottom in source pixels
+
+
+def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+                            rng: random.Random) -> Box:
+    """A random crop covering ``scale`` of the image's area with aspect ratio in ``ratio`` (log-uniform).
+
+    Same distribution as torchvision's RandomResizedCrop: up to ten tries, then the largest centred crop
+    whose ratio is clamped into range.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return (left, top, left + w, top + h)
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+def center_crop_box(width: int, height: int) -> Box:
+    """The centred square of side min(width, height): resizing it to S equals "resize shorter side to S,
+    then center-crop S" without resampling the discarded margins."""
+    side = min(width, height)
+    left, top = (width - side) / 2.0, (height - side) / 2.0
+    return (left, top, left + side, top + side)
+
+
+def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
+    """Crop ``box`` (in the image's original pixels) and resize it to ``size``x``size`` RGB, bicubic, as uint8 HWC.
+
+    A JPEG is first decoded at 1/2, 1/4 or 1/8 scale (PIL ``draft``, done inside libjpeg) when the crop
+    stays at least ``size`` pixels on each side, which skips most of the decoding work for large photos.
+    """
+    width, height = image.size
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    if image.format == "JPEG":
+        # draft picks the largest reduction keeping the image at least this big, so the crop keeps >= size px.
+        need = (math.ceil(width * size / box_w), math.ceil(height * size / box_h))
+        image.draft("RGB", need)
+        if image.size != (width, height):
+            sx, sy = image.size[0] / width, image.size[1] / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out)
+
+
+_STATS: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalize_on_device(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` (already on its device) -> ``dtype`` normalised with CLIP's mean and std.
+
+    The arithmetic runs in float32 and is cast once at the end, so bf16/fp16 inputs lose nothing extra.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_on_device expects uint8 images, got {images.dtype}")
+    key = (images.device, torch.float32)
+    if key not in _STATS:
+        mean = torch.tensor(OPENAI_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(OPENAI_STD, device=images.device).view(1, 3, 1, 1) * 255.0
+        _STATS[key] = (mean, std)
+    mean, std = _STATS[key]
+    out = (images.float() - mean) / std
+    return out if dtype == torch.float32 else out.to(dtype)

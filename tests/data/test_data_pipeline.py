@@ -1,0 +1,157 @@
+"""The train loader: worker/rank splitting, epoch lengths, deterministic order, exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from itertools import islice
+
+import pytest
+import torch
+
+from clip_train.data import DataConfig, build_train_loader
+
+from conftest import bomb_png, cut_tar, good_sample
+
+
+def config(pattern, **kw) -> DataConfig:
+    base = dict(train_shards=pattern, batch_size=3, num_workers=2, shuffle_buffer=8, shards_per_block=2)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def take(loader, n):
+    """The next ``n`` batches, continuing into following epochs when an epoch ends."""
+    out = []
+    while len(out) < n:
+        before = len(out)
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+        assert len(out) > before, "loader yielded nothing"
+    return out
+
+
+def test_batches_are_uint8_images_and_token_rows(make_shards, tokenizer):
+    pattern, _ = make_shards([6, 6])
+    loader = build_train_loader(config(pattern, num_workers=0), 16, tokenizer)
+    images, tokens = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 16, 16)
+    assert tokens.dtype == torch.long and tokens.shape == (3, tokenizer.context_length)
+
+
+def test_epoch_mode_splits_shards_over_ranks_and_workers_without_duplicates(make_shards, tokenizer, captions_of):
+    pattern, captions = make_shards([12, 12, 12, 12])
+    seen = []
+    for rank in range(2):
+        loader = build_train_loader(config(pattern, resampled=False), 16, tokenizer, rank=rank, world_size=2)
+        assert len(loader) == 8  # 48 samples / (2 ranks x 3)
+        for _, tokens in loader:
+            seen += captions_of(tokens)
+    assert Counter(seen) == Counter(captions)  # every sample exactly once across 2 ranks x 2 workers
+
+
+def test_epoch_mode_gives_every_rank_the_same_number_of_batches(make_shards, tokenizer):
+    pattern, _ = make_shards([7, 13, 5, 11, 9])  # 45 samples in uneven shards
+    counts = []
+    for rank in range(2):
+        loader = build_train_loader(config(pattern, resampled=False, batch_size=4), 16, tokenizer,
+                                    rank=rank, world_size=2)
+        per_epoch = [sum(1 for _ in loader) for _ in range(2)]
+        counts.append(per_epoch)
+        assert loader.epoch == 1
+    assert counts[0] == counts[1] == [45 // 8, 45 // 8]
+
+
+def test_epoch_mode_without_manifest_uses_epoch_samples(make_shards, tokenizer):
+    pattern, _ = make_shards([6, 6], manifest=False)
+    with pytest.raises(ValueError, match="epoch_samples"):
+        build_train_loader(config(pattern, resampled=False), 16, tokenizer)
+    loader = build_train_loader(config(pattern, resampled=False, epoch_samples=9), 16, tokenizer)
+    assert len(loader) == 3 and sum(1 for _ in loader) == 3
+
+
+def test_order_is_deterministic_given_the_seed(make_shards, tokenizer, captions_of):
+    pattern, _ = make_shards([10, 10, 10])
+
+    def first(seed, n=6):
+        loader = build_train_loader(config(pattern), 16, tokenizer, seed=seed)
+        return [b for b in islice(iter(loader), n)]
+
+    a, b, c = first(0), first(0), first(1)
+    for (ia, ta), (ib, tb) in zip(a, b):
+        assert torch.equal(ia, ib) and torch.equal(ta, tb)
+    assert [captions_of(t) for _, t in a] != [captions_of(t) for _, t in c]
+
+
+@pytest.mark.parametrize("resampled", [True, False], ids=["resampled", "epoch"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly_where_an_uninterrupted_run_would(make_shards, tokenizer, resampled, workers):
+    # Bad samples in every shard: the skip count must survive the round trip without counting twice the
+    # ones a resumed worker re-reads on its way to the saved position.
+    bad = {s: [{"__key__": f"bad{s}", "png": b"not an image", "txt": b"bad one"},
+               {"__key__": f"cut{s}", "png": image_bytes_bad(), "txt": b"bad two"}] for s in range(4)}
+    pattern, _ = make_shards([9, 7, 8, 6], bad=bad)  # 38 samples: 6 batches per rank and epoch
+    cut_tar(pattern.replace("{00000..00003}", "00002"))  # and a shard whose tar is cut short
+    for rank in range(2):  # both ranks of a 2-rank run
+        cfg = config(pattern, resampled=resampled, num_workers=workers)
+        reference = build_train_loader(cfg, 16, tokenizer, rank=rank, world_size=2, seed=3)
+        expected = take(reference, 12)
+
+        first = build_train_loader(cfg, 16, tokenizer, rank=rank, world_size=2, seed=3)
+        got = take(first, 3)  # mid-epoch, and odd: the next batch is due from worker 1, not worker 0
+        state = json.loads(json.dumps(first.state_dict()))  # plain python values
+        del first
+
+        resumed = build_train_loader(cfg, 16, tokenizer, rank=rank, world_size=2, seed=3)
+        resumed.load_state_dict(state)
+        assert resumed.skipped_samples == state["skipped_samples"]
+        got += take(resumed, 9)  # crosses an epoch boundary in epoch mode
+        for i, ((ie, te), (ig, tg)) in enumerate(zip(expected, got)):
+            assert torch.equal(te, tg) and torch.equal(ie, ig), f"rank {rank}: batch {i} differs after resume"
+        assert resumed.skipped_samples == reference.skipped_samples
+        assert resumed.epoch == reference.epoch and resumed.samples_seen == reference.samples_seen
+
+
+def image_bytes_bad() -> bytes:
+    return good_sample(999, fmt="jpg")["jpg"][:200]  # a JPEG cut short
+
+
+def test_state_from_another_topology_warns_and_keeps_going(make_shards, tokenizer, caplog):
+    pattern, _ = make_shards([8, 8])
+    first = build_train_loader(config(pattern, num_workers=2), 16, tokenizer)
+    take(first, 3)
+    state = first.state_dict()
+    resumed = build_train_loader(config(pattern, num_workers=0), 16, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="clip_train.data"):
+        resumed.load_state_dict(state)
+    assert "num_workers" in caplog.text
+    assert resumed.samples_seen == state["samples_seen"]
+    assert len(take(resumed, 2)) == 2
+
+
+def test_state_dict_carries_every_rank_when_gathered(make_shards, tokenizer):
+    pattern, _ = make_shards([6, 6])
+    loaders = [build_train_loader(config(pattern, num_workers=0), 16, tokenizer, rank=r, world_size=2)
+               for r in range(2)]
+    states = []
+    for loader in loaders:
+        take(loader, 2)
+        states.append(loader.state_dict(gather=False))
+    saved = dict(states[0], ranks=states)  # what state_dict() returns under torch.distributed on rank 0
+    expected = take(loaders[1], 2)
+    resumed = build_train_loader(config(pattern, num_workers=0), 16, tokenizer, rank=1, world_size=2)
+    resumed.load_state_dict(saved)
+    for (ie, te), (ig, tg) in zip(expected, take(resumed, 2)):
+        assert torch.equal(ie, ig) and torch.equal(te, tg)
+
+
+def test_bomb_and_bad_samples_in_training_are_counted(make_shards, tokenizer):
+    bad = {0: [{"__key__": "bomb", "png": bomb_png(), "txt": b"a bomb"},
+               {"__key__": "nocap", "png": good_sample(1)["png"]}]}
+    pattern, _ = make_shards([6], bad=bad)
+    loader = build_train_loader(config(pattern, num_workers=0, resampled=False, batch_size=2), 16, tokenizer)
+    assert sum(1 for _ in loader) == 4  # 8 samples in the manifest / batch 2, padded with a second pass
+    assert loader.skipped_samples >= 2
