@@ -9,6 +9,7 @@ downloaded: the digits ship inside scikit-learn.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -54,7 +55,26 @@ class DemoData:
     classnames: str
 
 
-def _render(digit: np.ndarray, rng: random.Random) -> bytes:
+def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits as (images [N, 8, 8] in 0..16, labels [N]).
+
+    The bundled ``digits.csv.gz`` is read directly when it is where scikit-learn keeps it, which skips
+    importing scikit-learn itself (seconds, for scipy); otherwise ``sklearn.datasets.load_digits``.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None:
+        raise RuntimeError("the demo dataset needs scikit-learn: pip install scikit-learn")
+    path = os.path.join(os.path.dirname(spec.origin or ""), "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def _render(digit: np.ndarray, rng: random.Random, noise_rng: np.random.Generator) -> bytes:
     """8x8 digit (0..16) -> 64x64 RGB PNG: dark ink on light paper, random tints, a small shift, a little noise."""
     ink = digit.astype(np.float32) / 16.0
     big = Image.fromarray((ink * 255).astype(np.uint8)).resize((IMAGE_SIZE - 8, IMAGE_SIZE - 8), Image.BICUBIC)
@@ -63,30 +83,27 @@ def _render(digit: np.ndarray, rng: random.Random) -> bytes:
     canvas[dy:dy + IMAGE_SIZE - 8, dx:dx + IMAGE_SIZE - 8] = np.asarray(big, dtype=np.float32) / 255.0
     paper = np.array([rng.uniform(0.75, 1.0) for _ in range(3)], dtype=np.float32)
     pen = np.array([rng.uniform(0.0, 0.35) for _ in range(3)], dtype=np.float32)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 0.03, (IMAGE_SIZE, IMAGE_SIZE, 1))
+    noise = noise_rng.normal(0, 0.03, (IMAGE_SIZE, IMAGE_SIZE, 1))
     rgb = paper * (1 - canvas[..., None]) + pen * canvas[..., None] + noise
     buf = io.BytesIO()
-    Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def build_demo_data(out_dir: str, seed: int = 0) -> DemoData:
     """Write the demo shards, manifests and class names into ``out_dir``; returns their paths."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exn:  # scikit-learn is a dependency; say so if an environment lacks it
-        raise RuntimeError("the demo dataset needs scikit-learn: pip install scikit-learn") from exn
-    digits = load_digits()
+    images, targets = load_digit_arrays()
     rng = random.Random(seed)
+    noise_rng = np.random.default_rng(seed)
     train_dir, val_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "val")
-    n = len(digits.target)
+    n = len(targets)
     per_shard = -(-sum(1 for i in range(n) if i % 6 != 5) // TRAIN_SHARDS)
     with ManifestShardWriter(train_dir, samples_per_shard=per_shard) as train, \
             ManifestShardWriter(val_dir, samples_per_shard=n) as val:
         for i in range(n):
-            label = int(digits.target[i])
+            label = int(targets[i])
             caption = rng.choice(CAPTION_TEMPLATES).format(w=CLASSNAMES[label], d=label)
-            sample = {"__key__": f"{i:06d}", "png": _render(digits.images[i], rng), "txt": caption,
+            sample = {"__key__": f"{i:06d}", "png": _render(images[i], rng, noise_rng), "txt": caption,
                       "cls": str(label)}
             (val if i % 6 == 5 else train).write(sample)  # every sixth sample: a stratified-ish val split
     with open(os.path.join(out_dir, "classnames.json"), "w") as f:

@@ -65,13 +65,13 @@ def make_shards(tmp_path) -> Callable:
     """``make_shards(sizes, manifest=True, bad=None, name="shards")`` -> (brace pattern, list of captions).
 
     Shard ``i`` holds ``sizes[i]`` good samples numbered consecutively (captions listed as "sampleN"); ``bad`` maps a shard index to extra
-    raw samples appended to it.
+    raw samples appended to it; numbering starts at ``first``.
     """
     def make(sizes: Sequence[int], manifest: bool = True, bad: Optional[Dict[int, List[Dict]]] = None,
-             name: str = "shards") -> tuple:
+             name: str = "shards", first: int = 0) -> tuple:
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
-        captions, entries, index = [], [], 0
+        captions, entries, index = [], [], first
         for s, size in enumerate(sizes):
             samples = []
             for _ in range(size):
