@@ -22,11 +22,11 @@ def ensure_demo_data(cache_dir=None):
 
 
 __all__ = [
+    "OPENAI_MEAN",
+    "OPENAI_STD",
     "DataConfig",
     "EvalBatch",
     "EvalLoader",
-    "OPENAI_MEAN",
-    "OPENAI_STD",
     "ShardSource",
     "TrainLoader",
     "build_eval_loader",

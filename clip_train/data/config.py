@@ -1,5 +1,8 @@
 """The typed schema of the ``data`` config group (a dataclass, so Hydra/OmegaConf can validate overrides)."""
 
+# OmegaConf 2.3 reads these annotations at runtime and does not understand `X | None` or `list[X]`.
+# ruff: noqa: UP006, UP035, UP045
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -11,7 +11,7 @@ import logging
 import random
 import time
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -78,7 +78,7 @@ class SampleDecoder:
     def __init__(self, image_size: int, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt",
                  *, train: bool = True, crop_scale: Sequence[float] = (0.9, 1.0),
                  crop_ratio: Sequence[float] = (3 / 4, 4 / 3), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 label_key: Optional[str] = None) -> None:
+                 label_key: str | None = None) -> None:
         self.image_size = int(image_size)
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key = text_key.lower()
@@ -92,7 +92,7 @@ class SampleDecoder:
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"data.train_crop_ratio must be [min, max] with 0 < min <= max, got {crop_ratio}")
 
-    def caption(self, sample: Dict[str, object]) -> str:
+    def caption(self, sample: dict[str, object]) -> str:
         raw = sample.get(self.text_key)
         if raw is None:
             raise BadSample(f"no caption (.{self.text_key})")
@@ -105,14 +105,14 @@ class SampleDecoder:
             raise BadSample("empty caption")
         return text
 
-    def label(self, sample: Dict[str, object]) -> int:
+    def label(self, sample: dict[str, object]) -> int:
         raw = sample.get(self.label_key) if self.label_key else None
         try:
             return int(raw.decode("ascii").strip()) if isinstance(raw, bytes) else -1
         except (UnicodeDecodeError, ValueError):
             return -1
 
-    def image(self, sample: Dict[str, object], rng: Optional[random.Random]) -> np.ndarray:
+    def image(self, sample: dict[str, object], rng: random.Random | None) -> np.ndarray:
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             raise BadSample(f"no image (looked for .{', .'.join(self.image_keys)})")
@@ -138,10 +138,10 @@ class SampleDecoder:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
                 raise BadSample(f"decompression bomb: {exn}") from None
-            except Exception as exn:  # PIL raises many types for corrupt data; all mean "unusable"
+            except Exception as exn:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "unusable"
                 raise BadSample(f"unreadable image: {type(exn).__name__}: {exn}") from None
 
-    def __call__(self, sample: Dict[str, object], rng: Optional[random.Random] = None
-                 ) -> Tuple[np.ndarray, str, int]:
+    def __call__(self, sample: dict[str, object], rng: random.Random | None = None
+                 ) -> tuple[np.ndarray, str, int]:
         text = self.caption(sample)  # cheap checks first: no image decode for a sample that will be dropped
         return self.image(sample, rng), text, self.label(sample)

@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import List, Optional
 
 import numpy as np
 from PIL import Image
@@ -122,7 +121,7 @@ def default_cache_dir() -> str:
     return os.path.join(base, f"demo-v{DEMO_VERSION}")
 
 
-def ensure_demo_data(cache_dir: Optional[str] = None) -> DemoData:
+def ensure_demo_data(cache_dir: str | None = None) -> DemoData:
     """The demo dataset in ``cache_dir`` (default: ``default_cache_dir()``), built there on first use.
 
     Safe when several ranks call it at once: each builds into a private temporary folder and renames it
@@ -155,7 +154,7 @@ def load_classnames(path: str) -> tuple:
     return list(doc["classnames"]), list(doc.get("templates", ["a photo of a {}."]))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clip_train.data.demo", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder to write train/, val/ and classnames.json into")
     parser.add_argument("--seed", type=int, default=0, help="seed for captions and image tints")

@@ -161,7 +161,7 @@ def make_shards(source: str, out_dir: str, *, samples_per_shard: int = 10_000, m
                     ext, data = _encode(image_path, max_size, quality)
                 except FileNotFoundError:
                     raise _Skip("missing image file") from None
-                except Exception:  # PIL raises many types for corrupt files; all mean "leave it out"
+                except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files; all mean "leave it out"
                     raise _Skip("unreadable image") from None
             except _Skip as why:
                 skipped[str(why)] += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import webdataset as wds
 
@@ -32,7 +32,7 @@ def write_manifest(out_dir: str, shards: Sequence[tuple]) -> str:
     return path
 
 
-def read_manifest(path: str) -> Dict[str, int]:
+def read_manifest(path: str) -> dict[str, int]:
     """Shard name -> sample count from a manifest at a local path or any URL webdataset can open."""
     try:
         if os.path.exists(path):
@@ -48,7 +48,7 @@ def read_manifest(path: str) -> Dict[str, int]:
                          "python -m clip_train.data.make_shards)") from exn
 
 
-def _img2dataset_count(shard_path: str) -> Optional[int]:
+def _img2dataset_count(shard_path: str) -> int | None:
     stats = os.path.splitext(shard_path)[0] + "_stats.json"
     try:
         with open(stats) as f:
@@ -57,15 +57,15 @@ def _img2dataset_count(shard_path: str) -> Optional[int]:
         return None
 
 
-def sample_counts(urls: Sequence[str], manifest: Optional[str] = None) -> Optional[List[int]]:
+def sample_counts(urls: Sequence[str], manifest: str | None = None) -> list[int] | None:
     """Sample count of every shard in ``urls``, or None when any of them is unknown.
 
     Counts come from ``manifest`` when given (matched by shard file name), else from the ``shards.json``
     in each local shard's folder, else from img2dataset's per-shard ``_stats.json`` files.
     """
     by_name = read_manifest(manifest) if manifest else None
-    per_dir: Dict[str, Optional[Dict[str, int]]] = {}
-    counts: List[int] = []
+    per_dir: dict[str, dict[str, int] | None] = {}
+    counts: list[int] = []
     for url in urls:
         name = os.path.basename(url)
         if by_name is not None:

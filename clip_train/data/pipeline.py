@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -67,7 +68,7 @@ def _shard_spec(spec: Any, split: str) -> Any:
     return spec
 
 
-def _default_tokenizer(tokenizer: Optional[Callable]) -> Callable:
+def _default_tokenizer(tokenizer: Callable | None) -> Callable:
     if tokenizer is not None:
         return tokenizer
     from clip_train.tokenizer import get_tokenizer
@@ -95,7 +96,7 @@ class TrainLoader:
     with the next batch.
     """
 
-    def __init__(self, dataset: ShardStream, cfg: DataConfig, batches_per_epoch: Optional[int]) -> None:
+    def __init__(self, dataset: ShardStream, cfg: DataConfig, batches_per_epoch: int | None) -> None:
         self._dataset = dataset
         self._cfg = cfg
         self._plan: StreamPlan = dataset.plan
@@ -104,7 +105,7 @@ class TrainLoader:
         self._batches_in_epoch = 0
         self._samples_seen = 0
         self._positions = [WorkerPosition() for _ in range(self._plan.num_workers)]
-        self._it: Optional[Iterator] = None
+        self._it: Iterator | None = None
 
     # ---- what the trainer reads -----------------------------------------------------------------------------
     @property
@@ -127,7 +128,7 @@ class TrainLoader:
         return self.batches_per_epoch
 
     # ---- iteration --------------------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._epoch_complete():  # a new loop after a finished epoch (or a resume at its very end)
             self._start_epoch(self.epoch + 1)
         while not self._epoch_complete():
@@ -155,7 +156,7 @@ class TrainLoader:
             self._it = iter(_dataloader(ds, self._cfg))
         return self._it
 
-    def _record(self, meta: List[int]) -> None:
+    def _record(self, meta: list[int]) -> None:
         worker, epoch, block, within, batches, skipped = meta
         if epoch != self.epoch:
             raise RuntimeError(f"data: got a batch of epoch {epoch} while in epoch {self.epoch}")
@@ -174,7 +175,7 @@ class TrainLoader:
         self._it = None
 
     # ---- resumable state -------------------------------------------------------------------------------------
-    def _local_state(self) -> Dict[str, Any]:
+    def _local_state(self) -> dict[str, Any]:
         plan = self._plan
         return {
             "version": STATE_VERSION,
@@ -193,7 +194,7 @@ class TrainLoader:
             "workers": [p.as_list() for p in self._positions],
         }
 
-    def state_dict(self, gather: Optional[bool] = None) -> Dict[str, Any]:
+    def state_dict(self, gather: bool | None = None) -> dict[str, Any]:
         """This rank's position as plain Python values; with ``gather`` also every rank's, under ``"ranks"``.
 
         ``gather`` defaults to True when ``torch.distributed`` is initialised with more than one rank; it is
@@ -205,12 +206,12 @@ class TrainLoader:
             gather = (torch.distributed.is_available() and torch.distributed.is_initialized()
                       and torch.distributed.get_world_size() > 1)
         if gather:
-            everyone: List[Any] = [None] * torch.distributed.get_world_size()
+            everyone: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(everyone, state)
             state["ranks"] = everyone
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the saved run was: the next batch is the one it would have yielded next.
 
         Accepts a state from ``state_dict()`` (this rank's entry is taken from ``"ranks"`` when present). If
@@ -256,7 +257,7 @@ class EvalLoader:
         self._dataset = dataset
         self._loader = _dataloader(dataset, cfg, persistent=True)
         self._skipped_before = 0
-        self._pass: Dict[int, int] = {}
+        self._pass: dict[int, int] = {}
 
     @property
     def skipped_samples(self) -> int:
@@ -271,15 +272,15 @@ class EvalLoader:
             yield EvalBatch(images, tokens, labels)
 
 
-def _plan_for(sources: List[ShardSource], mode: str, cfg: DataConfig, *, seed: int, rank: int,
-              world_size: int, counts: Optional[List[int]] = None) -> StreamPlan:
+def _plan_for(sources: list[ShardSource], mode: str, cfg: DataConfig, *, seed: int, rank: int,
+              world_size: int, counts: list[int] | None = None) -> StreamPlan:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     return StreamPlan(sources, mode, seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
                       shards_per_block=cfg.shards_per_block, counts=counts)
 
 
-def build_train_loader(cfg: Any, image_size: int, tokenizer: Optional[Callable] = None, rank: int = 0,
+def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = None, rank: int = 0,
                        world_size: int = 1, seed: int = 0) -> TrainLoader:
     """The training loader of ``rank`` out of ``world_size``; raises ``ValueError`` on bad shard settings.
 
@@ -308,7 +309,7 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Optional[Callable] 
     return TrainLoader(dataset, cfg, batches_per_epoch)
 
 
-def build_eval_loader(cfg: Any, image_size: int, tokenizer: Optional[Callable] = None, rank: int = 0,
+def build_eval_loader(cfg: Any, image_size: int, tokenizer: Callable | None = None, rank: int = 0,
                       world_size: int = 1) -> EvalLoader:
     """The eval loader over ``cfg.val_shards``: resize shorter side + center crop, no shuffling, one pass."""
     cfg = as_data_config(cfg)

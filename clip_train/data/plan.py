@@ -13,8 +13,8 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 from clip_train.data.sources import ShardSource
 
@@ -43,14 +43,14 @@ class Unit:
     url: str
     part: int = 0
     parts: int = 1
-    num_samples: Optional[int] = None
+    num_samples: int | None = None
 
 
 @dataclass(frozen=True)
 class Block:
     """What a worker reads at one point of its stream, and the seed for its shuffling and augmentation."""
 
-    units: Tuple[Unit, ...]
+    units: tuple[Unit, ...]
     seed: int
 
 
@@ -63,7 +63,7 @@ class StreamPlan:
     """
 
     def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, rank: int, world_size: int,
-                 num_workers: int, shards_per_block: int = 4, counts: Optional[Sequence[int]] = None,
+                 num_workers: int, shards_per_block: int = 4, counts: Sequence[int] | None = None,
                  salt: int = 0) -> None:
         if mode not in ("resampled", "epoch", "eval"):
             raise ValueError(f"unknown mode {mode!r}")
@@ -100,14 +100,14 @@ class StreamPlan:
         return self.rank * self.num_workers + logical
 
     # ---- epoch / eval: a split of the shard list over every worker of every rank -------------------------
-    def assignment(self, epoch: int) -> Tuple[Tuple[Unit, ...], ...]:
+    def assignment(self, epoch: int) -> tuple[tuple[Unit, ...], ...]:
         """Units of every global worker for ``epoch``: shard order shuffled per epoch (not in eval mode),
         shards sliced when there are fewer than workers, and balanced by sample count when counts are known."""
         if epoch not in self._assignments:
             self._assignments = {epoch: self._assign(epoch)}
         return self._assignments[epoch]
 
-    def _assign(self, epoch: int) -> Tuple[Tuple[Unit, ...], ...]:
+    def _assign(self, epoch: int) -> tuple[tuple[Unit, ...], ...]:
         order = list(range(len(self.urls)))
         if self.counts is not None:  # empty shards would give a worker nothing to read
             order = [i for i in order if self.counts[i] > 0]
@@ -115,14 +115,14 @@ class StreamPlan:
             random.Random(mix_seed(self.seed, self.salt, epoch, 0xE90C)).shuffle(order)
         workers = self.num_global_workers
         parts = max(1, math.ceil(workers / max(1, len(order))))
-        units: List[Unit] = []
+        units: list[Unit] = []
         for i in order:
             for p in range(parts):
                 n = None
                 if self.counts is not None:
                     n = self.counts[i] // parts + (1 if p < self.counts[i] % parts else 0)
                 units.append(Unit(self.urls[i], p, parts, n))
-        owner: List[int] = []
+        owner: list[int] = []
         if self.counts is None:
             owner = [j % workers for j in range(len(units))]
         else:
@@ -134,16 +134,16 @@ class StreamPlan:
                 total, g = heapq.heappop(load)
                 owner[j] = g
                 heapq.heappush(load, (total + (units[j].num_samples or 0), g))
-        per_worker: List[List[Unit]] = [[] for _ in range(workers)]
+        per_worker: list[list[Unit]] = [[] for _ in range(workers)]
         for j, unit in enumerate(units):  # keep the shuffled order inside each worker
             per_worker[owner[j]].append(unit)
         return tuple(tuple(u) for u in per_worker)
 
-    def worker_units(self, epoch: int, logical: int) -> Tuple[Unit, ...]:
+    def worker_units(self, epoch: int, logical: int) -> tuple[Unit, ...]:
         return self.assignment(epoch)[self.global_worker(logical)]
 
     # ---- blocks ---------------------------------------------------------------------------------------------
-    def block(self, epoch: int, logical: int, index: int) -> Optional[Block]:
+    def block(self, epoch: int, logical: int, index: int) -> Block | None:
         """Block ``index`` of a worker's stream, or None when an eval stream has ended."""
         g = self.global_worker(logical)
         seed = mix_seed(self.seed, self.salt, epoch, g, index)
@@ -174,7 +174,7 @@ class StreamPlan:
         return math.ceil(len(mine) / per_block)
 
     # ---- epoch lengths --------------------------------------------------------------------------------------
-    def batches_per_rank(self, batch_size: int, epoch_samples: Optional[int]) -> int:
+    def batches_per_rank(self, batch_size: int, epoch_samples: int | None) -> int:
         """Batches every rank yields per epoch: the dataset's samples over the global batch, rounded down."""
         total = sum(self.counts) if self.counts is not None else epoch_samples
         if total is None:

@@ -7,14 +7,14 @@ worker can skip to its saved position at the cost of reading bytes, never of dec
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, Iterable, Iterator, List
+from collections.abc import Callable, Iterable, Iterator
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from clip_train.data.plan import Block, Unit, mix_seed
 
-Sample = Dict[str, object]
+Sample = dict[str, object]
 
 
 def read_unit(unit: Unit, handler: Callable[[Exception], bool]) -> Iterator[Sample]:
@@ -30,7 +30,7 @@ def read_unit(unit: Unit, handler: Callable[[Exception], bool]) -> Iterator[Samp
     return (s for i, s in enumerate(samples) if i % unit.parts == unit.part)
 
 
-def interleave(streams: List[Iterator[Sample]], rng: random.Random) -> Iterator[Sample]:
+def interleave(streams: list[Iterator[Sample]], rng: random.Random) -> Iterator[Sample]:
     """Draw each next sample from a random still-open stream, so a batch mixes several shards."""
     live = list(streams)
     while live:

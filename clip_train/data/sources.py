@@ -11,8 +11,9 @@ import logging
 import os
 import re
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any
 
 import webdataset as wds
 
@@ -29,7 +30,7 @@ class ShardSource:
     """The shards one pattern (or list) expanded to, and its mixing weight (resampled mode)."""
 
     pattern: str
-    urls: Tuple[str, ...]
+    urls: tuple[str, ...]
     weight: float = 1.0
 
 
@@ -60,7 +61,7 @@ def _check_braces(pattern: str, name: str) -> None:
         raise ValueError(f"{name}={pattern!r} has unbalanced braces; {QUOTE_HINT}")
 
 
-def _read_list_file(path: str, name: str) -> List[str]:
+def _read_list_file(path: str, name: str) -> list[str]:
     try:
         with open(path) as f:
             lines = [line.strip() for line in f]
@@ -74,8 +75,8 @@ def _read_list_file(path: str, name: str) -> List[str]:
     return urls
 
 
-def _expand_local(items: Sequence[str]) -> List[str]:
-    out: List[str] = []
+def _expand_local(items: Sequence[str]) -> list[str]:
+    out: list[str] = []
     for item in items:
         item = os.path.expanduser(item)
         if _GLOB_CHARS.search(item):
@@ -101,7 +102,7 @@ def _warn_if_shell_expanded(pattern: str, url: str) -> None:
                     "pattern, the shell may have expanded it: %s", pattern, len(siblings), QUOTE_HINT)
 
 
-def expand_pattern(pattern: str, name: str = "data.train_shards") -> List[str]:
+def expand_pattern(pattern: str, name: str = "data.train_shards") -> list[str]:
     """Shard URLs for one pattern string; raises ``ValueError`` naming ``name`` and the pattern if none exist.
 
     Brace expansion and ``::``-joined lists use webdataset's ``expand_urls``; local items may also be globs,
@@ -136,7 +137,7 @@ def expand_pattern(pattern: str, name: str = "data.train_shards") -> List[str]:
     return remote + existing
 
 
-def resolve_sources(spec: Any, name: str = "data.train_shards") -> List[ShardSource]:
+def resolve_sources(spec: Any, name: str = "data.train_shards") -> list[ShardSource]:
     """Parse a shard setting into sources: a pattern, a list of patterns (one source), or weighted sources.
 
     Weighted form: a list of ``{"shards": pattern-or-list, "weight": w}`` (plain patterns in the list count

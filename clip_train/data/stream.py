@@ -7,9 +7,9 @@ count right after it) that the loader in the main process strips off and keeps a
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ class WorkerPosition:
     batches: int = 0  # batches yielded in the current epoch
     skipped: int = 0  # bad samples skipped so far, all epochs
 
-    def as_list(self) -> List[int]:
+    def as_list(self) -> list[int]:
         return [self.block, self.within, self.batches, self.skipped]
 
 
@@ -64,9 +64,9 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.rotation = 0
         self.positions = [WorkerPosition() for _ in range(plan.num_workers)]
-        self.quotas: Optional[List[int]] = None  # batches per logical worker this epoch; None = until data ends
+        self.quotas: list[int] | None = None  # batches per logical worker this epoch; None = until data ends
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
         if count != self.plan.num_workers:
@@ -78,15 +78,15 @@ class ShardStream(IterableDataset):
         counter = SkipCounter(position.skipped, where=f"data (rank {self.plan.rank}, worker {logical})")
         return self._batches(logical, position, quota, counter)
 
-    def _batches(self, logical: int, start: WorkerPosition, quota: Optional[int], counter: SkipCounter
-                 ) -> Iterator[Tuple[torch.Tensor, ...]]:
+    def _batches(self, logical: int, start: WorkerPosition, quota: int | None, counter: SkipCounter
+                 ) -> Iterator[tuple[torch.Tensor, ...]]:
         plan, epoch = self.plan, self.epoch
         batches = start.batches
         if quota is not None and batches >= quota:
             return
-        images: List[np.ndarray] = []
-        texts: List[str] = []
-        labels: List[int] = []
+        images: list[np.ndarray] = []
+        texts: list[str] = []
+        labels: list[int] = []
         index, resume_within = start.block, start.within
         empty_run, last_url = 0, ""
         while True:
@@ -131,8 +131,8 @@ class ShardStream(IterableDataset):
         if images and self.partial_last:
             yield self._collate(images, texts, labels, (logical, epoch, index, 0, batches + 1, counter.count))
 
-    def _collate(self, images: List[np.ndarray], texts: List[str], labels: List[int],
-                 meta: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
+    def _collate(self, images: list[np.ndarray], texts: list[str], labels: list[int],
+                 meta: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         size = self.decoder.image_size
         batch = np.empty((len(images), 3, size, size), dtype=np.uint8)
         for i, image in enumerate(images):

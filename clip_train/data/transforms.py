@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Dict, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-OPENAI_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-Box = Tuple[float, float, float, float]  # left, top, right, bottom in source pixels
+Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
 
 
 def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
@@ -33,17 +33,17 @@ def random_resized_crop_box(width: int, height: int, scale: Sequence[float], rat
     for _ in range(10):
         target = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             left = rng.randint(0, width - w)
             top = rng.randint(0, height - h)
             return (left, top, left + w, top + h)
     aspect = width / height
     if aspect < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif aspect > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
+        w, h = round(height * ratio[1]), height
     else:
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
@@ -79,7 +79,7 @@ def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
     return np.asarray(out)
 
 
-_STATS: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+_STATS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def normalize_on_device(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

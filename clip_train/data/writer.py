@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
 
 import webdataset as wds
 
@@ -25,7 +24,7 @@ class ManifestShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir = out_dir
         self.prefix = prefix
-        self.shards: List[Tuple[str, int, int]] = []
+        self.shards: list[tuple[str, int, int]] = []
         self._writer = wds.ShardWriter(os.path.join(out_dir, f"{prefix}%05d.tar"), maxcount=samples_per_shard,
                                        maxsize=max_shard_bytes, post=self._finished, verbose=0)
 
@@ -36,7 +35,7 @@ class ManifestShardWriter:
             return
         self.shards.append((os.path.basename(fname), count, os.path.getsize(fname)))
 
-    def write(self, sample: Dict[str, object]) -> None:
+    def write(self, sample: dict[str, object]) -> None:
         self._writer.write(sample)
 
     def close(self) -> str:
@@ -55,7 +54,7 @@ class ManifestShardWriter:
             return os.path.join(self.out_dir, self.shards[0][0])
         return os.path.join(self.out_dir, f"{self.prefix}{{00000..{n - 1:05d}}}.tar")
 
-    def __enter__(self) -> "ManifestShardWriter":
+    def __enter__(self) -> ManifestShardWriter:  # noqa: PYI034 - py3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,7 @@ import os
 import struct
 import tarfile
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ def bomb_png(width: int = 15000, height: int = 14000) -> bytes:
         chunk(b"IEND", b"")
 
 
-def write_tar(path: str, samples: Sequence[Dict[str, bytes]]) -> None:
+def write_tar(path: str, samples: Sequence[dict[str, bytes]]) -> None:
     """Write samples ``{"__key__": k, ext: bytes}`` as consecutive tar members ``k.ext``."""
     with tarfile.open(path, "w") as tar:
         for sample in samples:
@@ -55,7 +55,7 @@ def cut_tar(path: str) -> None:
         f.truncate(last.offset_data + last.size // 2)
 
 
-def good_sample(index: int, fmt: str = "png", size=(24, 20)) -> Dict[str, bytes]:
+def good_sample(index: int, fmt: str = "png", size=(24, 20)) -> dict[str, bytes]:
     return {"__key__": f"{index:06d}", fmt: image_bytes(index, size, "JPEG" if fmt == "jpg" else "PNG"),
             "txt": f"sample {index}".encode()}
 
@@ -67,7 +67,7 @@ def make_shards(tmp_path) -> Callable:
     Shard ``i`` holds ``sizes[i]`` good samples numbered consecutively (captions listed as "sampleN"); ``bad`` maps a shard index to extra
     raw samples appended to it; numbering starts at ``first``.
     """
-    def make(sizes: Sequence[int], manifest: bool = True, bad: Optional[Dict[int, List[Dict]]] = None,
+    def make(sizes: Sequence[int], manifest: bool = True, bad: dict[int, list[dict]] | None = None,
              name: str = "shards", first: int = 0) -> tuple:
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)

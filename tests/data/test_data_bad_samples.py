@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import bomb_png, cut_tar, good_sample
 
 from clip_train.data import DataConfig, build_eval_loader, build_train_loader
 from clip_train.data.decode import SkipCounter
-
-from conftest import bomb_png, cut_tar, good_sample
 
 BAD_KINDS = {
     "truncated image": lambda: {"jpg": good_sample(900, fmt="jpg")["jpg"][:150], "txt": b"truncated"},

@@ -10,13 +10,11 @@ import tarfile
 from collections import Counter
 
 import numpy as np
-import pytest
+from conftest import image_bytes
 from PIL import Image
 
 from clip_train.data import DataConfig, build_eval_loader, build_train_loader
 from clip_train.data.make_shards import main as make_shards_main
-
-from conftest import image_bytes
 
 
 def test_eval_loader_reads_every_sample_once_over_ranks_and_workers(make_shards, tokenizer, captions_of):

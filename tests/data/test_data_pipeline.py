@@ -9,14 +9,13 @@ from itertools import islice
 
 import pytest
 import torch
+from conftest import bomb_png, cut_tar, good_sample
 
 from clip_train.data import DataConfig, build_train_loader
 
-from conftest import bomb_png, cut_tar, good_sample
-
 
 def config(pattern, **kw) -> DataConfig:
-    base = dict(train_shards=pattern, batch_size=3, num_workers=2, shuffle_buffer=8, shards_per_block=2)
+    base = {"train_shards": pattern, "batch_size": 3, "num_workers": 2, "shuffle_buffer": 8, "shards_per_block": 2}
     base.update(kw)
     return DataConfig(**base)
 
