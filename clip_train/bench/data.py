@@ -35,9 +35,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-WORDS = ("a photo of the dog cat red blue small large old new city beach mountain person car tree house "
-         "sunset street food table window with in on at near under sky green yellow white black bird flower "
-         "river bridge night morning snow road garden boat").split()
+WORDS = (
+    "a", "photo", "of", "the", "dog", "cat", "red", "blue", "small", "large", "old", "new", "city",
+    "beach", "mountain", "person", "car", "tree", "house", "sunset", "street", "food", "table", "window",
+    "with", "in", "on", "at", "near", "under", "sky", "green", "yellow", "white", "black", "bird",
+    "flower", "river", "bridge", "night", "morning", "snow", "road", "garden", "boat",
+)
 
 
 class CliError(Exception):
