@@ -48,8 +48,8 @@ from clip_train.distributed_ops import (
     world_info,
 )
 
-DEFAULT_TILE_SIZE = 2048
-"""Tile edge for the tiled losses. 2048 keeps one fp32 tile at 16 MiB while the per-tile matmul is large
+DEFAULT_TILE_SIZE = 4096
+"""Tile edge for the tiled losses. 4096 keeps one fp32 tile at 64 MiB while the per-tile matmul is large
 enough to run near peak on CPU; see docs/benchmarks.md for the measurements behind it."""
 
 IMPLEMENTATIONS = ("tiled", "exact")
@@ -98,15 +98,19 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -
 
 
 class _TileScratch:
-    """Two reusable flat buffers, viewed as ``rows x cols`` per tile, so the loops allocate nothing."""
+    """Reusable flat buffers, viewed as ``rows x cols`` per tile, so the tile loops allocate nothing.
 
-    def __init__(self, tile: int, like: torch.Tensor, dtype: torch.dtype) -> None:
-        self.a = torch.empty(tile * tile, dtype=dtype, device=like.device)
-        self.b = torch.empty(tile * tile, dtype=dtype, device=like.device)
+    Sized for the largest tile that actually occurs, so a small batch does not pay for a large
+    ``tile_size``.
+    """
 
-    def views(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, tile: int, n_rows: int, n_cols: int, like: torch.Tensor, count: int = 2) -> None:
+        numel = min(tile, n_rows) * min(tile, n_cols)
+        self.buffers = [like.new_empty(numel) for _ in range(count)]
+
+    def views(self, rows: int, cols: int) -> list[torch.Tensor]:
         n = rows * cols
-        return self.a[:n].view(rows, cols), self.b[:n].view(rows, cols)
+        return [buffer[:n].view(rows, cols) for buffer in self.buffers]
 
 
 # ------------------------------------------------------------------------------------ InfoNCE (CLIP), tiled
@@ -125,7 +129,7 @@ def _infonce_statistics(
     row_lse = rows_scaled.new_empty(n_rows)
     col_max = rows_scaled.new_full((n_cols,), -math.inf)
     col_sum = rows_scaled.new_zeros(n_cols)
-    scratch = _TileScratch(tile, rows_scaled, rows_scaled.dtype)
+    scratch = _TileScratch(tile, n_rows, n_cols, rows_scaled)
     for r0, r1 in _spans(n_rows, tile):
         block = rows_scaled[r0:r1]
         run_max = block.new_full((r1 - r0,), -math.inf)
@@ -167,7 +171,7 @@ def _infonce_gradient_sums(
     n_rows, n_cols = rows_scaled.shape[0], cols.shape[0]
     g_rows = torch.zeros_like(rows_scaled)
     g_cols = torch.zeros_like(cols)
-    scratch = _TileScratch(tile, rows_scaled, rows_scaled.dtype)
+    scratch = _TileScratch(tile, n_rows, n_cols, rows_scaled)
     for r0, r1 in _spans(n_rows, tile):
         block = rows_scaled[r0:r1]
         for c0, c1 in _spans(n_cols, tile):
@@ -328,10 +332,10 @@ def _siglip_block_loss(
     """
     n_rows, n_cols = rows_scaled.shape[0], cols.shape[0]
     total = rows_scaled.new_zeros(())
-    logits = rows_scaled.new_empty(tile * tile)
+    scratch = _TileScratch(tile, n_rows, n_cols, rows_scaled, count=1)
     for r0, r1 in _spans(n_rows, tile):
         for c0, c1 in _spans(n_cols, tile):
-            block = logits[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            (block,) = scratch.views(r1 - r0, c1 - c0)
             torch.mm(rows_scaled[r0:r1], cols[c0:c1].T, out=block).add_(bias)
             # softplus(x) = -logsigmoid(-x); logsigmoid is exact everywhere (F.softplus linearises x > 20).
             total -= F.logsigmoid(block.neg_()).sum()
@@ -356,11 +360,11 @@ def _siglip_block_gradient_sums(
     n_rows, n_cols = rows_scaled.shape[0], cols.shape[0]
     g_cols = torch.zeros_like(cols)
     g_sum = rows_scaled.new_zeros(())
-    scratch = rows_scaled.new_empty(tile * tile)
+    scratch = _TileScratch(tile, n_rows, n_cols, rows_scaled, count=1)
     for r0, r1 in _spans(n_rows, tile):
         block = rows_scaled[r0:r1]
         for c0, c1 in _spans(n_cols, tile):
-            probs = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            (probs,) = scratch.views(r1 - r0, c1 - c0)
             torch.mm(block, cols[c0:c1].T, out=probs).add_(bias).sigmoid_()
             if diag_offset is not None:
                 k = diag_offset + r0 - c0
