@@ -101,23 +101,24 @@ def test_make_shards_errors_are_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_demo_dataset_builds_once_and_loads(tmp_path, tokenizer, captions_of):
+def test_demo_dataset_builds_once_into_the_cache_and_loads(tmp_path, monkeypatch, tokenizer, captions_of):
     from clip_train.data.demo import ensure_demo_data, load_classnames
 
-    demo = ensure_demo_data(str(tmp_path / "demo"))
+    monkeypatch.setenv("CLIP_TRAIN_CACHE", str(tmp_path / "cache"))
+    demo = ensure_demo_data()
+    assert demo.root.startswith(str(tmp_path / "cache"))
     stamp = os.path.getmtime(demo.classnames)
-    assert ensure_demo_data(str(tmp_path / "demo")).train_shards == demo.train_shards
+    assert ensure_demo_data().train_shards == demo.train_shards
     assert os.path.getmtime(demo.classnames) == stamp  # second call reuses the cache
     classnames, templates = load_classnames(demo.classnames)
     assert classnames[7] == "seven" and all("{}" in t for t in templates)
 
-    loader = build_train_loader(DataConfig(train_shards=demo.train_shards, num_workers=0, batch_size=64,
-                                           resampled=False), 32, tokenizer)
+    loader = build_train_loader(DataConfig(train_shards="demo", num_workers=0, batch_size=64, resampled=False),
+                                32, tokenizer)
     images, tokens = next(iter(loader))
     assert images.shape == (64, 3, 32, 32) and len(loader) == 1498 // 64
     assert len(set(captions_of(tokens))) > 20  # varied templates, not one caption per class
     labels = Counter()
-    for batch in build_eval_loader(DataConfig(val_shards=demo.val_shards, num_workers=0, batch_size=100), 32,
-                                   tokenizer):
+    for batch in build_eval_loader(DataConfig(val_shards="demo", num_workers=0, batch_size=100), 32, tokenizer):
         labels.update(batch.labels.tolist())
     assert sorted(labels) == list(range(10)) and sum(labels.values()) == 299

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from itertools import islice
 
@@ -70,6 +71,15 @@ def test_epoch_mode_without_manifest_uses_epoch_samples(make_shards, tokenizer):
         build_train_loader(config(pattern, resampled=False), 16, tokenizer)
     loader = build_train_loader(config(pattern, resampled=False, epoch_samples=9), 16, tokenizer)
     assert len(loader) == 3 and sum(1 for _ in loader) == 3
+
+
+def test_epoch_length_from_img2dataset_stats_files(make_shards, tokenizer):
+    pattern, _ = make_shards([6, 4], manifest=False)
+    folder = os.path.dirname(pattern)
+    for name, successes in (("00000", 6), ("00001", 4)):
+        with open(os.path.join(folder, f"{name}_stats.json"), "w") as f:
+            json.dump({"count": successes + 1, "successes": successes}, f)
+    assert len(build_train_loader(config(pattern, resampled=False, batch_size=2), 16, tokenizer)) == 5
 
 
 def test_order_is_deterministic_given_the_seed(make_shards, tokenizer, captions_of):
