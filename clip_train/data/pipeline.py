@@ -291,7 +291,7 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
     sources = resolve_sources(_shard_spec(cfg.train_shards, "train"), "data.train_shards")
-    check_first_shard(sources, "data.train_shards")
+    check_first_shard(sources, "data.train_shards", cfg.image_key, cfg.text_key)
     mode = "resampled" if cfg.resampled else "epoch"
     counts = None
     if mode == "epoch":
@@ -314,7 +314,7 @@ def build_eval_loader(cfg: Any, image_size: int, tokenizer: Callable | None = No
     """The eval loader over ``cfg.val_shards``: resize shorter side + center crop, no shuffling, one pass."""
     cfg = as_data_config(cfg)
     sources = resolve_sources(_shard_spec(cfg.val_shards, "val"), "data.val_shards")
-    check_first_shard(sources, "data.val_shards")
+    check_first_shard(sources, "data.val_shards", cfg.image_key, cfg.text_key)
     plan = _plan_for(sources, "eval", cfg, seed=0, rank=rank, world_size=world_size)
     decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=False, max_pixels=cfg.max_image_pixels,
                             label_key=cfg.label_key)

@@ -59,7 +59,7 @@ class StreamPlan:
 
     Modes: ``resampled`` (blocks of shards drawn with replacement, weighted by source, endless), ``epoch``
     (each epoch shuffles the shard list and splits it across all ranks' workers; a worker that runs out
-    before its batch quota starts over on its own units) and ``eval`` (no shuffling, one pass).
+    before its batch quota pads from the rest of the epoch's units) and ``eval`` (no shuffling, one pass).
     """
 
     def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, rank: int, world_size: int,
@@ -156,22 +156,36 @@ class StreamPlan:
                 units.append(Unit(source.urls[rng.randrange(len(source.urls))]))
             return Block(tuple(units), seed)
         mine = self.worker_units(epoch, logical)
-        if not mine:
+        per_block = self._per_block(mine)
+        own = math.ceil(len(mine) / per_block)
+        if index < own:
+            return Block(tuple(mine[index * per_block:(index + 1) * per_block]), seed)
+        if self.mode == "eval" or not mine:
             return None
-        per_block = 1 if self.mode == "eval" else min(self.shards_per_block, len(mine))
-        num_blocks = math.ceil(len(mine) / per_block)
-        if self.mode == "eval" and index >= num_blocks:
-            return None
-        # Past the last block an epoch-mode worker starts over on its own units (a new pass, new shuffle)
-        # until it has filled its batch quota.
-        j = index % num_blocks
-        return Block(tuple(mine[j * per_block:(j + 1) * per_block]), seed)
+        # Padding: a worker that ran out before its batch quota walks the whole epoch's unit list, starting
+        # with the next worker's units, so padding is spread over the dataset and a worker whose own shards
+        # are all broken still fills its quota.
+        flat = [u for units in self.assignment(epoch) for u in units]
+        start = sum(len(units) for units in self.assignment(epoch)[:g + 1])
+        first = start + (index - own) * per_block
+        return Block(tuple(flat[(first + t) % len(flat)] for t in range(per_block)), seed)
 
-    def blocks_per_pass(self, epoch: int, logical: int) -> int:
-        """Blocks in one pass over a worker's units (epoch and eval modes)."""
+    def _per_block(self, mine: Sequence[Unit]) -> int:
+        return 1 if self.mode == "eval" else max(1, min(self.shards_per_block, len(mine)))
+
+    def max_empty_blocks(self, epoch: int, logical: int) -> int | None:
+        """Blocks in a row without one usable sample after which the data is deemed unusable, or None.
+
+        Resampled: about 50 shards. Epoch: the worker's own units and then every unit of the epoch.
+        """
+        if self.mode == "resampled":
+            return math.ceil(50 / self.shards_per_block)
+        if self.mode == "eval":
+            return None
         mine = self.worker_units(epoch, logical)
-        per_block = 1 if self.mode == "eval" else min(self.shards_per_block, max(1, len(mine)))
-        return math.ceil(len(mine) / per_block)
+        per_block = self._per_block(mine)
+        total = sum(len(units) for units in self.assignment(epoch))
+        return math.ceil(len(mine) / per_block) + math.ceil(total / per_block)
 
     # ---- epoch lengths --------------------------------------------------------------------------------------
     def batches_per_rank(self, batch_size: int, epoch_samples: int | None) -> int:

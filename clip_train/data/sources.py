@@ -13,9 +13,11 @@ import re
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +181,37 @@ def resolve_sources(spec: Any, name: str = "data.train_shards") -> list[ShardSou
                      f"{{shards, weight}} sources, got {type(spec).__name__}: {spec!r}")
 
 
-def check_first_shard(sources: Sequence[ShardSource], name: str = "data.train_shards") -> None:
-    """Open the first local shard and read one tar header, so a wrong file type fails before training."""
+def check_first_shard(sources: Sequence[ShardSource], name: str = "data.train_shards",
+                      image_key: str | None = None, text_key: str | None = None, probe: int = 20) -> None:
+    """Read the start of the first local shard, so a wrong file type or wrong keys fail before training.
+
+    With ``image_key``/``text_key``, at least one of the first ``probe`` samples must have both; a shard
+    whose samples all lack them points at a wrong ``data.image_key``/``data.text_key``, not at bad data.
+    """
     for source in sources:
         local = [u for u in source.urls if not is_remote(u)]
         if not local:
             continue
         path = local[0]
         try:
-            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                tar.next()
+            with open(path, "rb") as f:
+                files = (dict(member, __url__=path) for member in tar_file_iterator(f))
+                samples = list(islice(group_by_keys(files), probe))
         except PermissionError as exn:
             raise ValueError(f"{name}={source.pattern!r}: cannot read {path}: {exn.strerror}") from exn
+        except ValueError:
+            continue  # e.g. duplicate member names: bad data, skipped and counted while training
         except (tarfile.TarError, OSError) as exn:
+            if "unexpected end" in str(exn):
+                continue  # a shard cut short is bad data too
             raise ValueError(f"{name}={source.pattern!r}: {path} is not a readable tar file ({exn}); "
                              "shards are WebDataset .tar files, e.g. made by python -m "
                              "clip_train.data.make_shards") from exn
+        if image_key is None or text_key is None or not samples:
+            continue
+        images = [k.strip().lower() for k in image_key.split(";") if k.strip()]
+        if not any(text_key.lower() in s and any(k in s for k in images) for s in samples):
+            found = sorted({k for s in samples for k in s if not k.startswith("__")})
+            raise ValueError(f"{name}={source.pattern!r}: none of the first {len(samples)} samples of {path} has "
+                             f"both an image ({image_key}) and a caption ({text_key}); they hold "
+                             f"{', '.join(found) or 'nothing'}: set data.image_key / data.text_key")

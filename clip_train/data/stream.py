@@ -23,8 +23,6 @@ from clip_train.data.reader import block_samples
 
 # Order of the fields in each batch's meta tensor.
 META_FIELDS = ("worker", "epoch", "block", "within", "batches", "skipped")
-# A resampled stream with this many blocks in a row giving no usable sample is broken data, not bad luck.
-MAX_EMPTY_BLOCKS = 20
 
 
 @dataclass
@@ -122,8 +120,8 @@ class ShardStream(IterableDataset):
                         return
             last_url = block.units[-1].url if block.units else last_url
             empty_run = 0 if good else empty_run + 1
-            limit = MAX_EMPTY_BLOCKS if plan.mode == "resampled" else plan.blocks_per_pass(epoch, logical)
-            if empty_run >= max(1, limit) and plan.mode != "eval":
+            limit = plan.max_empty_blocks(epoch, logical)
+            if limit is not None and empty_run >= limit:
                 raise RuntimeError(f"data: {empty_run} blocks of shards in a row gave no usable sample "
                                    f"(last shard read: {last_url}); {counter.count} samples were skipped as bad. "
                                    "Check data.train_shards, data.image_key and data.text_key.")

@@ -60,6 +60,25 @@ def test_a_stream_with_no_usable_sample_stops_with_a_clear_error(make_shards, to
         next(iter(loader))
 
 
+def test_epoch_mode_worker_whose_shards_are_all_broken_still_fills_its_quota(make_shards, tokenizer):
+    broken = [{"__key__": f"x{i}", "png": b"garbage", "txt": b"garbage"} for i in range(6)]
+    pattern, _ = make_shards([6, 6, 6, 0], bad={3: broken})  # one shard per worker of 2 ranks x 2 workers
+    skipped = 0
+    for rank in range(2):
+        loader = build_train_loader(DataConfig(train_shards=pattern, num_workers=2, batch_size=2, resampled=False),
+                                    16, tokenizer, rank=rank, world_size=2)
+        assert sum(1 for _ in loader) == len(loader) == 24 // 4
+        skipped += loader.skipped_samples
+    assert skipped >= 6
+
+
+def test_wrong_image_or_text_key_fails_before_training(make_shards):
+    pattern, _ = make_shards([3])
+    with pytest.raises(ValueError, match="data.text_key") as err:
+        build_train_loader(DataConfig(train_shards=pattern, text_key="caption", num_workers=0), 16)
+    assert "png" in str(err.value) and "txt" in str(err.value)
+
+
 def test_warnings_are_rate_limited(caplog):
     counter = SkipCounter(interval_s=60.0, where="test")
     with caplog.at_level(logging.WARNING, logger="clip_train.data"):
