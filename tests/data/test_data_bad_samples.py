@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import bomb_png, cut_tar, good_sample
+from data_helpers import bomb_png, cut_tar, good_sample
 
 from clip_train.data import DataConfig, build_eval_loader, build_train_loader
 from clip_train.data.decode import SkipCounter

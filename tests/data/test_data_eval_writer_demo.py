@@ -10,7 +10,7 @@ import tarfile
 from collections import Counter
 
 import numpy as np
-from conftest import image_bytes
+from data_helpers import image_bytes
 from PIL import Image
 
 from clip_train.data import DataConfig, build_eval_loader, build_train_loader

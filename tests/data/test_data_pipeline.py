@@ -10,7 +10,7 @@ from itertools import islice
 
 import pytest
 import torch
-from conftest import bomb_png, cut_tar, good_sample
+from data_helpers import bomb_png, cut_tar, good_sample
 
 from clip_train.data import DataConfig, build_train_loader
 
