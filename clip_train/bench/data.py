@@ -90,6 +90,7 @@ def write_synthetic_shards(out_dir: str, samples: int, per_shard: int = 128, see
 
 
 def ours(pattern: str, image_size: int, workers: int, batch_size: int, shuffle: int) -> Iterable:
+    """clip_train's training loader in resampled mode, with CLIP's 77-token tokenizer."""
     from clip_train.data import DataConfig, build_train_loader
     from clip_train.tokenizer import get_tokenizer
 
@@ -148,6 +149,7 @@ def measure(loader: Iterable, batches: int, warmup: int, batch_size: int, label:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; prints the result JSON as the last stdout line and returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m clip_train.bench.data", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("pattern", nargs="?", help="shard pattern, e.g. '/data/laion/{00000..00099}.tar'")

@@ -93,6 +93,7 @@ class SampleDecoder:
             raise ValueError(f"data.train_crop_ratio must be [min, max] with 0 < min <= max, got {crop_ratio}")
 
     def caption(self, sample: dict[str, object]) -> str:
+        """The stripped UTF-8 caption, or ``BadSample`` when it is missing, empty or not UTF-8."""
         raw = sample.get(self.text_key)
         if raw is None:
             raise BadSample(f"no caption (.{self.text_key})")
@@ -106,6 +107,7 @@ class SampleDecoder:
         return text
 
     def label(self, sample: dict[str, object]) -> int:
+        """The integer class label, or -1 when the sample has none (labels are optional)."""
         raw = sample.get(self.label_key) if self.label_key else None
         try:
             return int(raw.decode("ascii").strip()) if isinstance(raw, bytes) else -1
@@ -113,6 +115,7 @@ class SampleDecoder:
             return -1
 
     def image(self, sample: dict[str, object], rng: random.Random | None) -> np.ndarray:
+        """The cropped, resized uint8 ``[S, S, 3]`` image, or ``BadSample`` for anything unusable."""
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             raise BadSample(f"no image (looked for .{', .'.join(self.image_keys)})")

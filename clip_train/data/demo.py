@@ -155,6 +155,7 @@ def load_classnames(path: str) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m clip_train.data.demo", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder to write train/, val/ and classnames.json into")
     parser.add_argument("--seed", type=int, default=0, help="seed for captions and image tints")

@@ -175,6 +175,7 @@ def make_shards(source: str, out_dir: str, *, samples_per_shard: int = 10_000, m
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 with a one-line error on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m clip_train.data.make_shards",
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

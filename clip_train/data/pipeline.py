@@ -110,6 +110,7 @@ class TrainLoader:
     # ---- what the trainer reads -----------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
+        """Samples per batch on this rank."""
         return self._dataset.batch_size
 
     @property

@@ -94,9 +94,11 @@ class StreamPlan:
 
     @property
     def num_global_workers(self) -> int:
+        """Workers over all ranks: the number of parts an epoch's shard list is split into."""
         return self.world_size * self.num_workers
 
     def global_worker(self, logical: int) -> int:
+        """Index of this rank's worker ``logical`` among all ranks' workers."""
         return self.rank * self.num_workers + logical
 
     # ---- epoch / eval: a split of the shard list over every worker of every rank -------------------------
@@ -140,6 +142,7 @@ class StreamPlan:
         return tuple(tuple(u) for u in per_worker)
 
     def worker_units(self, epoch: int, logical: int) -> tuple[Unit, ...]:
+        """The units this rank's worker ``logical`` owns in ``epoch`` (epoch and eval modes)."""
         return self.assignment(epoch)[self.global_worker(logical)]
 
     # ---- blocks ---------------------------------------------------------------------------------------------

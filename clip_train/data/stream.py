@@ -35,6 +35,7 @@ class WorkerPosition:
     skipped: int = 0  # bad samples skipped so far, all epochs
 
     def as_list(self) -> list[int]:
+        """``[block, within, batches, skipped]``: the form kept in ``state_dict()``."""
         return [self.block, self.within, self.batches, self.skipped]
 
 

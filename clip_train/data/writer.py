@@ -36,6 +36,7 @@ class ManifestShardWriter:
         self.shards.append((os.path.basename(fname), count, os.path.getsize(fname)))
 
     def write(self, sample: dict[str, object]) -> None:
+        """Append one sample, starting a new shard when the current one is full."""
         self._writer.write(sample)
 
     def close(self) -> str:
