@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
 BUILTIN_TEMPLATES = ("openai", "simple")
 
 
+def _json_field(path: Path, field: str) -> list[str] | None:
+    """``doc[field]`` of a JSON file ``{"classnames": [...], "templates": [...]}`` (or a bare list)."""
+    if path.suffix != ".json":
+        return None
+    doc = json.loads(path.read_text())
+    values = doc if isinstance(doc, list) else doc.get(field)
+    if not isinstance(values, list):
+        raise ValueError(f"{path} has no {field!r} list")
+    return [str(v) for v in values]
+
+
 def load_templates(spec: str) -> list[str]:
-    """``openai`` (OpenAI's 80 ImageNet prompts), ``simple`` (7 of them), or a file of templates with ``{}``."""
+    """``openai`` (OpenAI's 80 ImageNet prompts), ``simple`` (7 of them), or a file of templates with ``{}``
+    (one per line, or a JSON file with a ``templates`` list)."""
     if spec in BUILTIN_TEMPLATES:
         text = resources.files("clip_train.assets").joinpath(f"templates_{spec}.txt").read_text()
+        templates = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ValueError(f"templates {spec!r} is neither {' nor '.join(BUILTIN_TEMPLATES)} nor a file")
-        text = path.read_text()
-    templates = [line.strip() for line in text.splitlines() if line.strip()]
+        templates = _json_field(path, "templates") or [
+            line.strip() for line in path.read_text().splitlines() if line.strip()
+        ]
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
         raise ValueError(f"templates {spec!r}: every line must contain {{}} for the class name (e.g. 'a photo of a {{}}.')")
@@ -25,11 +40,13 @@ def load_templates(spec: str) -> list[str]:
 
 
 def load_classnames(path: str) -> list[str]:
-    """Class names, one per line; line i names class i."""
+    """Class names, one per line (line i names class i), or a JSON file with a ``classnames`` list."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"class names file not found: {path} (one class name per line)")
-    names = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    names = _json_field(file, "classnames") or [
+        line.strip() for line in file.read_text().splitlines() if line.strip()
+    ]
     if not names:
         raise ValueError(f"class names file {path} is empty")
     return names

@@ -69,20 +69,17 @@ def truncate_metrics_after(path: Path, step: int) -> None:
 class ConsoleBackend:
     """A progress line: step, loss, throughput and ETA."""
 
-    def __init__(self, max_steps: int, every_n_steps: int) -> None:
+    def __init__(self, max_steps: int, every_n_steps: int, start_step: int = 0) -> None:
         self.max_steps = max_steps
         self.every_n_steps = max(1, every_n_steps)
         self._start = time.monotonic()
-        self._start_step: int | None = None
+        self._start_step = start_step
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if "loss" not in metrics:
             evals = ", ".join(f"{k} {_plain(v):.4f}" for k, v in metrics.items() if isinstance(_plain(v), float))
             log.info("step %d eval | %s", step, evals)
             return
-        if self._start_step is None:
-            self._start_step = step - 1
-            self._start = time.monotonic()
         if step % self.every_n_steps and step != self.max_steps:
             return
         done = step - self._start_step
@@ -120,7 +117,7 @@ class WandbBackend:
             name=name or run_dir.name,
             tags=tags,
             config=config,
-            id=run_id or wandb.util.generate_id(),
+            id=run_id,  # None: W&B makes a new id, which the checkpoint then keeps
             resume="allow",
         )
 

@@ -137,7 +137,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG and data position; rank 0 writes; all wait for the write."""
-        per_rank = self._gather({"rng": rng_state(), "dataloader": self.loader.state_dict()})
+        per_rank = self._gather({"rng": rng_state(), "dataloader": self.loader.state_dict(gather=False)})
         if self.ctx.is_main:
             state = {name: part.state_dict() for name, part in self._stateful_parts().items()}
             state["per_rank"] = per_rank
@@ -186,7 +186,11 @@ class Trainer:
         truncate_metrics_after(metrics_path, self.state.step)
         backends: list = [
             JsonlBackend(metrics_path),
-            ConsoleBackend(self.cfg.train.max_steps, self.cfg.logger.console_every_n_steps or self.cfg.train.log_every_n_steps),
+            ConsoleBackend(
+                self.cfg.train.max_steps,
+                self.cfg.logger.console_every_n_steps or self.cfg.train.log_every_n_steps,
+                start_step=self.state.step,
+            ),
         ]
         wandb_cfg = self.cfg.logger.wandb
         if wandb_cfg.mode != "disabled":

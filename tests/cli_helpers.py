@@ -1,0 +1,53 @@
+"""Running ``python -m clip_train`` (and torchrun) in subprocesses the way users do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few fast steps of the demo: no eval, no workers unless a test asks for them.
+FAST_DEMO = [
+    "+experiment=demo",
+    "train.log_every_n_steps=1",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "eval.zeroshot=[]",
+]
+
+
+def cli_env(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        CLIP_TRAIN_CACHE=str(cache_dir),
+        OMP_NUM_THREADS="1",  # tests run side by side on 2 cores
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+        HYDRA_FULL_ERROR="0",
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    return env
+
+
+def run_cli(args: list[str], cache_dir: Path, timeout: float = 300, torchrun_procs: int | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    if torchrun_procs:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={torchrun_procs}", "-m", "clip_train", *args]
+    else:
+        command = [sys.executable, "-m", "clip_train", *args]
+    return subprocess.run(command, cwd=cwd or REPO, env=cli_env(cache_dir), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
