@@ -141,22 +141,6 @@ def test_state_from_another_topology_warns_and_keeps_going(make_shards, tokenize
     assert len(take(resumed, 2)) == 2
 
 
-def test_state_dict_carries_every_rank_when_gathered(make_shards, tokenizer):
-    pattern, _ = make_shards([6, 6])
-    loaders = [build_train_loader(config(pattern, num_workers=0), 16, tokenizer, rank=r, world_size=2)
-               for r in range(2)]
-    states = []
-    for loader in loaders:
-        take(loader, 2)
-        states.append(loader.state_dict(gather=False))
-    saved = dict(states[0], ranks=states)  # what state_dict() returns under torch.distributed on rank 0
-    expected = take(loaders[1], 2)
-    resumed = build_train_loader(config(pattern, num_workers=0), 16, tokenizer, rank=1, world_size=2)
-    resumed.load_state_dict(saved)
-    for (ie, te), (ig, tg) in zip(expected, take(resumed, 2)):
-        assert torch.equal(ie, ig) and torch.equal(te, tg)
-
-
 def test_bomb_and_bad_samples_in_training_are_counted(make_shards, tokenizer):
     bad = {0: [{"__key__": "bomb", "png": bomb_png(), "txt": b"a bomb"},
                {"__key__": "nocap", "png": good_sample(1)["png"]}]}
@@ -164,3 +148,45 @@ def test_bomb_and_bad_samples_in_training_are_counted(make_shards, tokenizer):
     loader = build_train_loader(config(pattern, num_workers=0, resampled=False, batch_size=2), 16, tokenizer)
     assert sum(1 for _ in loader) == 4  # 8 samples in the manifest / batch 2, padded with a second pass
     assert loader.skipped_samples >= 2
+
+
+def _gather_state_in_rank(rank, init_file, pattern, queue):
+    import torch.distributed as dist
+
+    from clip_train.tokenizer import get_tokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loader = build_train_loader(config(pattern, num_workers=0), 16, get_tokenizer(context_length=16),
+                                    rank=rank, world_size=2)
+        take(loader, 2 + rank)  # ranks at different positions
+        state = loader.state_dict()  # collective under torch.distributed
+        queue.put((rank, state, loader.state_dict(gather=False)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_state_dict_gathers_every_rank_under_torch_distributed(make_shards, tokenizer, tmp_path):
+    import multiprocessing
+
+    pattern, _ = make_shards([6, 6])
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gather_state_in_rank, args=(r, tmp_path / "pg", pattern, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {rank: (state, local) for rank, state, local in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, (state, local) in results.items():
+        assert state["rank"] == rank and "ranks" not in local
+        assert state["ranks"] == [results[0][1], results[1][1]]
+    # rank 0's saved state resumes rank 1 exactly
+    saved = results[0][0]
+    reference = build_train_loader(config(pattern, num_workers=0), 16, tokenizer, rank=1, world_size=2)
+    expected = take(reference, 5)[3:]
+    resumed = build_train_loader(config(pattern, num_workers=0), 16, tokenizer, rank=1, world_size=2)
+    resumed.load_state_dict(saved)
+    for (ie, te), (ig, tg) in zip(expected, take(resumed, 2)):
+        assert torch.equal(ie, ig) and torch.equal(te, tg)
