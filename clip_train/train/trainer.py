@@ -313,6 +313,9 @@ class Trainer:
             if (every_ckpt and step % every_ckpt == 0) or step == cfg.train.max_steps:
                 self.save_checkpoint()
         self.metrics.close()
+        if last_eval and self.ctx.is_main:
+            summary = ", ".join(f"{key} {value:.4f}" for key, value in last_eval.items())
+            log.info("finished %d steps; final %s", self.state.step, summary)
         return last_eval
 
     def evaluate(self) -> dict[str, float]:
