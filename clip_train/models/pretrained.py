@@ -72,13 +72,15 @@ def _load_container(path: Path) -> object:
 def read_weights(path: str | os.PathLike) -> LoadedWeights:
     """Read a weights file of any supported layout into a plain, prefix-free state dict."""
     path = Path(path)
+    if path.is_dir():
+        return _read_weights_dir(path)
     if not path.is_file():
-        raise CheckpointError(f"pretrained weights not found: {path} (give a local file path)")
+        raise CheckpointError(f"pretrained weights not found: {path} (give a local file or an exported directory)")
     obj = _load_container(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
 
-    model_config = None
+    model_config = _safetensors_model_config(path) if path.suffix == ".safetensors" else None
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # OpenCLIP training checkpoint
         obj = obj["state_dict"]
     elif "model" in obj and isinstance(obj["model"], dict):  # clip_train checkpoint
@@ -91,12 +93,51 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
         if key in OPENAI_EXTRA_KEYS:
             continue
         for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+            key = key.removeprefix(prefix)
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         state_dict[key] = value
     return LoadedWeights(state_dict=state_dict, openai_layout=openai_layout, model_config=model_config)
+
+
+def _safetensors_model_config(path: Path) -> dict | None:
+    """The architecture ``python -m clip_train.export --format safetensors`` stores in the file's metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("clip_train_model_config")
+    return json.loads(raw) if raw else None
+
+
+def _read_weights_dir(path: Path) -> LoadedWeights:
+    """A Hugging Face ``CLIPModel`` directory, or an OpenCLIP ``local-dir`` export (``open_clip_config.json``)."""
+    import dataclasses
+    import json
+
+    from clip_train.models.hf import HFConversionError, is_hf_dir, read_hf_dir
+
+    if is_hf_dir(path):
+        try:
+            state_dict, cfg = read_hf_dir(path)
+        except HFConversionError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        # The config states the activation; ``openai_layout`` is what makes create_model honour QuickGELU.
+        return LoadedWeights(state_dict=state_dict, openai_layout=cfg.quick_gelu, model_config=dataclasses.asdict(cfg))
+    openclip_config = path / "open_clip_config.json"
+    if openclip_config.is_file():
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if (path / name).is_file():
+                weights = read_weights(path / name)
+                quick_gelu = bool(json.loads(openclip_config.read_text()).get("model_cfg", {}).get("quick_gelu"))
+                weights.openai_layout = weights.openai_layout or quick_gelu
+                return weights
+        raise CheckpointError(f"{path} has open_clip_config.json but no open_clip_model.safetensors or .bin")
+    raise CheckpointError(
+        f"{path} is a directory without a Hugging Face CLIP config.json or open_clip_config.json; "
+        "give a weights file, or a directory saved by CLIPModel.save_pretrained or clip_train.export"
+    )
 
 
 def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:

@@ -1,0 +1,223 @@
+"""``python -m clip_train.export CKPT --format open_clip|hf|safetensors --out PATH``: take a model elsewhere.
+
+Formats:
+
+- ``safetensors``: one file, the state dict in OpenAI's key layout (which OpenCLIP shares), with the
+  architecture as JSON in the file's metadata. ``clip_train.create_model(pretrained=FILE)`` and
+  ``open_clip.create_model("ViT-B-16", pretrained=FILE)`` read it.
+- ``open_clip``: a directory OpenCLIP loads by itself: ``open_clip_config.json`` (model and preprocessing
+  config), ``open_clip_model.safetensors``, and ``<name>.json`` (the bare model config, for
+  ``open_clip.add_model_config``). Load it with ``open_clip.create_model("local-dir:OUT")``, or register the
+  architecture and load the weights by name::
+
+      open_clip.add_model_config("OUT/tiny.json")
+      open_clip.create_model("tiny", pretrained="OUT/open_clip_model.safetensors")
+
+- ``hf``: a ``transformers.CLIPModel`` directory (``config.json``, ``model.safetensors``) with a matching
+  ``CLIPProcessor`` (``preprocessor_config.json``, CLIP's BPE as ``vocab.json``/``merges.txt``, tokenizer
+  config). ViT image towers only: transformers has no ModifiedResNet.
+
+All files are written directly (no OpenCLIP or transformers import), as fp32 unless ``--dtype`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from clip_train.data.transforms import OPENAI_MEAN, OPENAI_STD
+from clip_train.models import CLIP, CheckpointError
+from clip_train.models.config import ModelConfig
+from clip_train.models.hf import HFConversionError, check_convertible, hf_config, to_hf_state_dict
+from clip_train.tokenizer import NUM_MERGES, get_tokenizer
+
+FORMATS = ("open_clip", "hf", "safetensors")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIG_METADATA_KEY = "clip_train_model_config"
+OPENCLIP_CONFIG_FILE = "open_clip_config.json"
+OPENCLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+HF_START, HF_END = "<|startoftext|>", "<|endoftext|>"
+_TRAINING_ONLY = ("pretrained", "grad_checkpointing", "patch_dropout", "lock_image", "lock_image_unlocked_groups",
+                  "lock_text", "lock_text_unlocked_groups")
+
+
+class ExportError(ValueError):
+    """A model that cannot be written in the asked format, or an output path that cannot be used."""
+
+
+def _weights(model: CLIP, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU, floating tensors cast to ``dtype``, every tensor its own storage."""
+    out = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().to("cpu")
+        if value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value.contiguous().clone()
+    return out
+
+
+def architecture(cfg: ModelConfig) -> dict:
+    """The architecture fields of ``cfg`` as plain JSON (training-time options such as locking dropped)."""
+    doc = dataclasses.asdict(cfg)
+    for key in _TRAINING_ONLY:
+        doc.pop(key, None)
+    return doc
+
+
+def export_safetensors(model: CLIP, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
+    """Write the state dict (OpenAI/OpenCLIP layout) to ``out`` with the architecture in the metadata."""
+    if out.suffix != ".safetensors":
+        raise ExportError(f"--out {out} must end in .safetensors for --format safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(architecture(model.config))}
+    save_file(_weights(model, dtype), str(out), metadata=metadata)
+    return [out]
+
+
+def open_clip_model_config(model: CLIP) -> dict:
+    """OpenCLIP's ``model_cfg`` for this architecture (its ``CLIP`` class, OpenAI-layout state dict)."""
+    cfg = model.config
+    vision, text = cfg.vision, cfg.text
+    if vision.timm_model_name:
+        raise ExportError(
+            f"model {cfg.name!r} has a timm image tower; the open_clip export covers CLIP's ViT and ModifiedResNet "
+            "towers: use --format safetensors"
+        )
+    if cfg.is_vit:
+        vision_cfg = {"image_size": vision.image_size, "layers": vision.layers[0], "width": vision.width,
+                      "patch_size": vision.patch_size, "head_width": vision.head_width, "mlp_ratio": vision.mlp_ratio}
+    else:  # OpenCLIP tells a ModifiedResNet by its list of stage depths
+        vision_cfg = {"image_size": vision.image_size, "layers": list(vision.layers), "width": vision.width,
+                      "patch_size": None, "head_width": vision.head_width}
+    model_cfg = {
+        "embed_dim": cfg.embed_dim,
+        "quick_gelu": cfg.quick_gelu,
+        "vision_cfg": vision_cfg,
+        "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+                     "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio},
+    }
+    if model.logit_bias is not None:  # SigLIP: OpenCLIP creates the parameter only when given an initial value
+        model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
+    return model_cfg
+
+
+def export_open_clip(model: CLIP, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
+    """Write an OpenCLIP ``local-dir`` model: config JSON, weights, and the bare model config by name."""
+    model_cfg = open_clip_model_config(model)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.config.vision.image_size
+    preprocess_cfg = {"size": size, "mode": "RGB", "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    files = [out / OPENCLIP_CONFIG_FILE, out / OPENCLIP_WEIGHTS_FILE, out / f"{_file_stem(model.config.name)}.json"]
+    files[0].write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+    save_file(_weights(model, dtype), str(files[1]), metadata={"format": "pt"})
+    files[2].write_text(json.dumps(model_cfg, indent=2))
+    return files
+
+
+def _file_stem(name: str) -> str:
+    """An architecture name usable as a file name (OpenCLIP registers a config under its file stem)."""
+    return name.replace("/", "-") or "model"
+
+
+def _hf_tokenizer_files(out: Path, context_length: int) -> list[Path]:
+    """CLIP's BPE in the files transformers' ``CLIPTokenizer`` reads (same ids as ``clip_train.tokenizer``)."""
+    tokenizer = get_tokenizer(context_length=context_length)
+    vocab = dict(tokenizer.encoder)
+    vocab[HF_START] = vocab.pop(next(k for k, v in vocab.items() if v == tokenizer.sot_token_id))
+    vocab[HF_END] = vocab.pop(next(k for k, v in vocab.items() if v == tokenizer.eot_token_id))
+    merges = sorted(tokenizer.merge_ranks, key=tokenizer.merge_ranks.get)
+    if len(merges) != NUM_MERGES:
+        raise ExportError(f"tokenizer has {len(merges)} merges, expected {NUM_MERGES}")
+    specials = {"bos_token": HF_START, "eos_token": HF_END, "unk_token": HF_END, "pad_token": HF_END}
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        "special_tokens_map.json": json.dumps(specials, indent=2),
+        "tokenizer_config.json": json.dumps({"tokenizer_class": "CLIPTokenizer", "processor_class": "CLIPProcessor",
+                                             "model_max_length": context_length, "do_lower_case": True,
+                                             "errors": "replace", **specials}, indent=2),
+    }
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return [out / name for name in files]
+
+
+def export_hf(model: CLIP, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
+    """Write a ``transformers.CLIPModel`` directory with its processor files."""
+    check_convertible(model.config)
+    hf_weights = to_hf_state_dict(_weights(model, dtype), model.config)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.config.vision.image_size
+    config = hf_config(model.config, logit_scale=float(model.logit_scale.detach()))
+    config["dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "CLIPProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,  # PIL bicubic, as clip_train's eval transform
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_MEAN),
+        "image_std": list(OPENAI_STD),
+        "do_convert_rgb": True,
+    }
+    files = [out / "config.json", out / "model.safetensors", out / "preprocessor_config.json"]
+    files[0].write_text(json.dumps(config, indent=2))
+    save_file(hf_weights, str(files[1]), metadata={"format": "pt"})
+    files[2].write_text(json.dumps(preprocessor, indent=2))
+    return files + _hf_tokenizer_files(out, model.config.text.context_length)
+
+
+EXPORTERS = {"safetensors": export_safetensors, "open_clip": export_open_clip, "hf": export_hf}
+
+
+def export(model: CLIP, fmt: str, out: str | Path, dtype: str = "fp32") -> list[Path]:
+    """Write ``model`` in format ``fmt`` to ``out``; returns the files written."""
+    if fmt not in EXPORTERS:
+        raise ExportError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out = Path(out).expanduser()
+    if fmt != "safetensors" and out.is_file():
+        raise ExportError(f"--out {out} is a file; --format {fmt} writes a directory")
+    return EXPORTERS[fmt](model, out, DTYPES[dtype])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_train.export",
+        description="Export a clip_train checkpoint (or any weights clip_train reads) for OpenCLIP or transformers.",
+    )
+    parser.add_argument("checkpoint", help="run dir, checkpoints dir, step dir, state.pt, or a weights file/dir")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--out", required=True, help="output directory (open_clip, hf) or .safetensors file")
+    parser.add_argument("--model", default=None,
+                        help="architecture name, for weights files that do not record it (e.g. ViT-B-16-quickgelu)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the written weights")
+    args = parser.parse_args(argv)
+    from clip_train.load import load_model
+
+    try:
+        model = load_model(args.checkpoint, name=args.model)
+        files = export(model, args.format, args.out, args.dtype)
+    except (CheckpointError, ExportError, HFConversionError) as err:
+        print(f"clip_train.export: error: {err}", file=sys.stderr)
+        return 2
+    for file in files:
+        print(file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
