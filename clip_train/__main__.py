@@ -8,7 +8,6 @@ a timestamped ``hydra.run.dir`` cannot differ between ranks.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from clip_train.config import ConfigError, TrainConfig, register_configs, validate
 from clip_train.models.pretrained import CheckpointError
+from clip_train.train import preemption
+from clip_train.train.distributed import launch_env
 
 log = logging.getLogger("clip_train")
 
@@ -28,12 +29,15 @@ register_configs()
 
 
 def _is_multirun(argv: list[str]) -> bool:
-    return any(arg in ("-m", "--multirun") for arg in argv)
+    """``-m``, or a sweep from configs/sweep/ (they set ``hydra.mode: MULTIRUN``)."""
+    return any(
+        arg in ("-m", "--multirun") or arg.startswith(("+sweep=", "sweep=", "hydra.mode=MULTIRUN")) for arg in argv
+    )
 
 
 def _quiet_non_zero_ranks(argv: list[str]) -> list[str]:
     """Overrides that keep a non-zero rank from writing into (or creating) the run directory."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_env().rank == 0:
         return argv
     kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging="))]
     return kept + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
@@ -43,9 +47,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Set up the process group, validate, build the Trainer and run it. Returns the final eval metrics."""
     from clip_train.train.distributed import broadcast_object, init_distributed, pick_device, shutdown
 
+    # Again here: under submitit this function is called without main(), after submitit's own handler.
+    preemption.install()
     typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(typed, world_size, pick_device(typed.train.device, int(os.environ.get("LOCAL_RANK", "0"))).type)
+    launch = launch_env()
+    validate(typed, launch.world_size, pick_device(typed.train.device, launch.local_rank).type)
     ctx = init_distributed(typed.train.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -63,6 +69,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
+    except preemption.Preempted as stop:
+        log.info("%s; handing the job back to the scheduler", stop)
+        preemption.hand_off(launch_env().rank)
+        return None
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         log.error("clip_train: error: %s", err)
         sys.exit(EXIT_BAD_INPUT)
@@ -71,10 +81,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    if _is_multirun(sys.argv) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # First thing: a preemption signal that arrives while Hydra composes the config must not kill us.
+    preemption.install()
+    if _is_multirun(sys.argv) and launch_env().world_size > 1:
         sys.stderr.write(
-            "clip_train: error: run Hydra sweeps (-m) outside torchrun; every rank would run the whole sweep. "
-            "Use `python -m clip_train -m ...` (each job starts its own ranks) or -m hydra/launcher=slurm\n"
+            "clip_train: error: run Hydra sweeps (-m) outside torchrun and srun; every rank would run the whole "
+            "sweep. Use `python -m clip_train -m ...` (each job starts its own ranks) or -m hydra/launcher=slurm\n"
         )
         sys.exit(EXIT_BAD_INPUT)
     sys.argv = sys.argv[:1] + _quiet_non_zero_ranks(sys.argv[1:])

@@ -7,6 +7,8 @@ group of one and never touches ``torch.distributed``.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,11 +35,76 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return default
+@dataclass(frozen=True)
+class LaunchEnv:
+    """This process's place in the job as its launcher describes it, before any process group exists."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str
+    """``torchrun`` (or anything that sets RANK/WORLD_SIZE), ``slurm`` (one srun task per rank) or ``single``."""
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Rank, local rank and world size from torchrun's variables or, failing those, from an srun step's.
+
+    Only a job *step* counts as SLURM-launched (``SLURM_STEP_ID`` is set by srun, not in the batch shell
+    or an salloc shell, where ``SLURM_NTASKS`` describes the allocation, not this process): a plain
+    ``python -m clip_train`` typed inside an allocation stays a group of one instead of waiting for peers.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("WORLD_SIZE") or env.get("RANK"):
+        return LaunchEnv(
+            rank=int(env.get("RANK") or 0),
+            local_rank=int(env.get("LOCAL_RANK") or 0),
+            world_size=int(env.get("WORLD_SIZE") or 1),
+            launcher="torchrun",
+        )
+    if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID"):
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID") or 0),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1),
+            launcher="slurm",
+        )
+    return LaunchEnv(rank=0, local_rank=0, world_size=1, launcher="single")
+
+
+def first_hostname(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: ``gpu[03-05,9],cpu1`` -> ``gpu03``; ``a[1-2]-b[7]`` -> ``a1-b7``.
+
+    Parsed here rather than asking ``scontrol show hostnames`` so that any process of a step (submitit's
+    included) finds rank 0's host without SLURM's commands on its PATH.
+    """
+    entry = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if entry is None or not entry.group(0):
+        raise ValueError(f"cannot read a host name from the SLURM node list {nodelist!r}")
+    # In each bracket group keep the start of its first range ("03-05,9" -> "03"), zero padding included.
+    host = re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", entry.group(0))
+    if "[" in host or "]" in host:
+        raise ValueError(f"cannot read a host name from the SLURM node list {nodelist!r}")
+    return host
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A rendezvous port fixed by the job id: every task of the job computes the same one, and two jobs
+    sharing a node get different ones (15000-29999, below Linux's ephemeral range)."""
+    return 15000 + int(job_id) % 15000
+
+
+def _export_slurm_rendezvous(launch: LaunchEnv) -> None:
+    """Give an srun-launched rank what ``init_method="env://"`` reads; values already set win."""
+    env = os.environ
+    if not env.get("MASTER_ADDR"):
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise RuntimeError("launched by srun but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
+        env["MASTER_ADDR"] = first_hostname(nodelist)
+    if not env.get("MASTER_PORT"):
+        env["MASTER_PORT"] = str(slurm_master_port(env["SLURM_JOB_ID"]))
+    # Libraries that read the torchrun names (and our own child processes) see the same identity.
+    env.update(RANK=str(launch.rank), LOCAL_RANK=str(launch.local_rank), WORLD_SIZE=str(launch.world_size))
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
@@ -70,14 +137,18 @@ def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
 
 
 def init_distributed(device_preference: str = "auto", timeout_s: float = 1800) -> DistributedContext:
-    """Join the process group torchrun (or SLURM, through RANK/WORLD_SIZE/MASTER_*) describes.
+    """Join the process group torchrun describes, or that of an srun step with one task per rank.
+
+    Under srun the rank is ``SLURM_PROCID`` and rank 0's host the first of the step's nodes (MASTER_ADDR
+    and MASTER_PORT, when set, win), so sbatch scripts and submitit need no launcher of their own.
 
     Collectives time out after ``timeout_s`` so a dead peer ends the job instead of hanging it.
     """
-    world_size = _env_int("WORLD_SIZE", default=1)
-    rank = _env_int("RANK", default=0)
-    local_rank = _env_int("LOCAL_RANK", default=0)
+    launch = launch_env()
+    world_size, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
     device = pick_device(device_preference, local_rank)
+    if launch.launcher == "slurm" and world_size > 1:
+        _export_slurm_rendezvous(launch)
     if world_size > 1 and not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -1,0 +1,107 @@
+"""Preemption: the scheduler's warning signal becomes a checkpoint at a step boundary, then a requeue.
+
+SLURM sends SIGUSR2 some time before it stops a job (``--signal=USR2@120`` in ``launch/slurm.sbatch``,
+submitit's ``signal_delay_s``, or ``scancel --signal=USR2 JOB`` by hand). USR2 rather than USR1 because
+NCCL claims SIGUSR1 for itself. The handler only sets a flag: the Trainer checks it once per step,
+agrees on it across ranks (``any_rank``) so every rank stops after the *same* step, saves a checkpoint
+and raises :class:`Preempted`. ``python -m clip_train`` then calls :func:`hand_off`, which brings the job
+back: submitit's own handler when submitit launched us, ``scontrol requeue`` from rank 0 under any other
+SLURM job, or exit code :data:`EXIT_PREEMPTED` elsewhere (so ``torchrun --max-restarts`` or a wrapper
+script can restart, and ``ckpt.resume=auto`` continues from the checkpoint).
+
+Under SLURM every rank exits 0 after the requeue: srun's ``--kill-on-bad-exit`` would otherwise kill
+rank 0 on the first non-zero exit of a peer, possibly before it has requeued the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("clip_train")
+
+PREEMPT_SIGNAL = signal.SIGUSR2
+EXIT_PREEMPTED = 3
+"""Exit code of a run stopped by the preemption signal after writing its checkpoint, outside SLURM."""
+
+_received = False
+_previous: Any = None
+
+
+class Preempted(Exception):
+    """The run stopped early on the preemption signal; its checkpoint for ``step`` is complete on disk."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted: checkpoint written at step {step}")
+        self.step = step
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _received
+    _received = True
+    # os.write, not logging: a signal handler may interrupt code that holds the logging lock.
+    os.write(2, f"clip_train: {signal.Signals(signum).name} received; checkpointing after this step\n".encode())
+
+
+def install() -> None:
+    """Handle the preemption signal from now on (idempotent; main thread only).
+
+    Whatever handled it before, submitit's requeue handler in particular, is kept and called by
+    :func:`hand_off` once the checkpoint is written, instead of running mid-step with nothing saved.
+    """
+    global _previous
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(PREEMPT_SIGNAL)
+    if current is _on_signal:
+        return
+    _previous = current
+    signal.signal(PREEMPT_SIGNAL, _on_signal)
+
+
+def requested() -> bool:
+    """Whether this process has received the preemption signal."""
+    return _received
+
+
+def requeue_slurm_job(job_id: str) -> None:
+    """``scontrol requeue``: SLURM ends this run of the job and queues it again under the same id."""
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise RuntimeError("scontrol is not on PATH, so the job cannot requeue itself") from None
+    except subprocess.CalledProcessError as err:
+        reason = (err.stderr or err.stdout or "").strip().splitlines()
+        raise RuntimeError(
+            f"scontrol requeue {job_id} failed ({reason[-1] if reason else f'exit {err.returncode}'}); "
+            "submit with --requeue, or resubmit by hand: the run resumes from its checkpoint"
+        ) from None
+
+
+def hand_off(rank: int) -> None:
+    """After the preemption checkpoint (and the process group's teardown): make the run come back.
+
+    Returns on ranks that should simply end with exit code 0; exits the process otherwise.
+    """
+    if callable(_previous):
+        # submitit: rank 0's handler pickles the job again, requeues it and exits; other ranks just end.
+        if rank == 0:
+            _previous(PREEMPT_SIGNAL, None)
+        return
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        if rank == 0:
+            try:
+                requeue_slurm_job(job_id)
+            except RuntimeError as err:
+                log.error("clip_train: error: %s", err)
+                sys.exit(EXIT_PREEMPTED)
+            log.info("requeued SLURM job %s; it resumes from the checkpoint in the same run directory", job_id)
+        return
+    sys.exit(EXIT_PREEMPTED)
