@@ -25,7 +25,8 @@ from clip_train.models import CLIP, create_model_from_config
 from clip_train.models.clip import MAX_LOGIT_SCALE
 from clip_train.tokenizer import get_tokenizer
 from clip_train.train import checkpoint as ckpt_io
-from clip_train.train.distributed import DistributedContext, barrier, broadcast_object
+from clip_train.train import preemption
+from clip_train.train.distributed import DistributedContext, any_rank, barrier, broadcast_object
 from clip_train.train.metrics import (
     METRICS_FILE,
     ConsoleBackend,
@@ -310,8 +311,16 @@ class Trainer:
             if self.zeroshot.enabled and ((every_eval and step % every_eval == 0) or step == cfg.train.max_steps):
                 last_eval = self.evaluate()
             every_ckpt = cfg.ckpt.every_n_steps
-            if (every_ckpt and step % every_ckpt == 0) or step == cfg.train.max_steps:
+            saved = (every_ckpt and step % every_ckpt == 0) or step == cfg.train.max_steps
+            if saved:
                 self.save_checkpoint()
+            # The preemption signal reaches ranks at slightly different moments; agreeing here makes
+            # every rank stop after this same step (one small all-reduce per step).
+            if step < cfg.train.max_steps and any_rank(preemption.requested(), self.ctx):
+                if not saved:
+                    self.save_checkpoint()
+                self.metrics.close()
+                raise preemption.Preempted(step)
         self.metrics.close()
         if last_eval and self.ctx.is_main:
             summary = ", ".join(f"{key} {value:.4f}" for key, value in last_eval.items())
