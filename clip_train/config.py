@@ -73,6 +73,13 @@ class TrainLoopConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     tf32: bool = True
     """Allow TF32 matmuls on GPUs that have them."""
+    strategy: str = "ddp"
+    """``ddp`` (each rank holds the whole model; gradients all-reduced) or ``fsdp`` (FSDP2: parameters,
+    gradients and optimizer state sharded over ranks; for towers that do not fit with DDP). Needs torchrun."""
+    compile: bool = False
+    """torch.compile every transformer block / ResNet stage (first steps are slow while it compiles)."""
+    channels_last: bool = False
+    """ResNet and timm conv towers: NHWC memory format for the image tower (faster convolutions on tensor cores)."""
 
 
 @dataclass
@@ -183,3 +190,35 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError(f"data.batch_size is per rank and must be at least 1, got {cfg.data.batch_size}")
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
+    validate_scaling_options(cfg, world_size)
+
+
+def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:
+    """The memory and speed options (strategy, patch dropout, locking, channels_last), each error in one line."""
+    if cfg.train.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.strategy={cfg.train.strategy!r} is not one of ddp, fsdp")
+    if cfg.train.strategy == "fsdp" and world_size < 2:
+        raise ConfigError(
+            "train.strategy=fsdp shards the model over ranks and this run has one process; "
+            "launch with torchrun --nproc_per_node=N (N >= 2) or use train.strategy=ddp"
+        )
+    model = cfg.model
+    if not 0.0 <= model.patch_dropout < 1.0:
+        raise ConfigError(f"model.patch_dropout is the fraction of patches dropped, in [0, 1); got {model.patch_dropout}")
+    if model.patch_dropout > 0 and not model.is_vit:
+        raise ConfigError(
+            f"model.patch_dropout drops ViT patch tokens but model {model.name} has no CLIP ViT image tower; set it to 0"
+        )
+    for tower in ("image", "text"):
+        locked, unlocked = getattr(model, f"lock_{tower}"), getattr(model, f"lock_{tower}_unlocked_groups")
+        if unlocked < 0:
+            raise ConfigError(f"model.lock_{tower}_unlocked_groups must be >= 0, got {unlocked}")
+        if unlocked and not locked:
+            raise ConfigError(
+                f"model.lock_{tower}_unlocked_groups={unlocked} has no effect without model.lock_{tower}=true"
+            )
+    if cfg.train.channels_last and model.is_vit:
+        raise ConfigError(
+            f"train.channels_last speeds up convolutional image towers; model {model.name} is a ViT (one patch "
+            "conv), so leave it off"
+        )

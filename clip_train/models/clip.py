@@ -21,6 +21,11 @@ MAX_LOGIT_SCALE = math.log(100.0)
 def build_image_tower(cfg: ModelConfig, act_layer: type[nn.Module]) -> nn.Module:
     """The image tower ``cfg.vision`` describes: a timm model, a CLIP ViT or a ModifiedResNet."""
     vision = cfg.vision
+    if cfg.patch_dropout and not cfg.is_vit:
+        raise ValueError(
+            f"model.patch_dropout={cfg.patch_dropout} drops ViT patch tokens; {cfg.name}'s image tower is not a "
+            "CLIP ViT (set it to 0)"
+        )
     if vision.timm_model_name:
         return TimmImageTower(vision.timm_model_name, cfg.embed_dim, vision.image_size, vision.timm_pretrained)
     if vision.patch_size is not None:
@@ -35,6 +40,7 @@ def build_image_tower(cfg: ModelConfig, act_layer: type[nn.Module]) -> nn.Module
             output_dim=cfg.embed_dim,
             mlp_ratio=vision.mlp_ratio,
             act_layer=act_layer,
+            patch_dropout=cfg.patch_dropout,
         )
     return ModifiedResNet(
         layers=list(vision.layers),

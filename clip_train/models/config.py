@@ -62,6 +62,21 @@ class ModelConfig:
     pretrained: Optional[str] = None
     """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
 
+    # Training-time options below: none of them changes a parameter's name or shape, so weights move freely
+    # between models that differ only here.
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them (less memory, ~30% more compute)."""
+    patch_dropout: float = 0.0
+    """ViT only (FLIP): fraction of patch tokens dropped at random in training (class token kept); 0 disables."""
+    lock_image: bool = False
+    """LiT: freeze the image tower (no gradient, no optimizer state; BatchNorm statistics frozen too)."""
+    lock_image_unlocked_groups: int = 0
+    """With ``lock_image``: leave this many of the tower's last layer groups trainable (see clip_train.models.lock)."""
+    lock_text: bool = False
+    """Freeze the text tower (token and positional embeddings, blocks, ``ln_final``, ``text_projection``)."""
+    lock_text_unlocked_groups: int = 0
+    """With ``lock_text``: leave this many of the text tower's last layer groups trainable."""
+
     @property
     def is_vit(self) -> bool:
         return self.vision.timm_model_name is None and self.vision.patch_size is not None

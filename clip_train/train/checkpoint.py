@@ -5,7 +5,9 @@ Layout in the run dir::
     checkpoints/
       step_000001000/        one directory per saved step
         state.pt             every part's state dict (tensors and plain containers only: weights_only loads it)
-        manifest.json        step, file sizes and SHA-256: written last, so its presence marks a complete save
+        sharded/             train.strategy=fsdp only: model and optimizer as torch.distributed.checkpoint
+                             shards (one file per rank plus .metadata); state.pt then holds the rest
+        manifest.json        step, sizes and SHA-256 of every file: written last, so its presence marks a complete save
       latest -> step_000001000
 
 A save writes into ``.tmp-step_…``, fsyncs, then renames: a crash or a second signal mid-save leaves either
@@ -64,20 +66,34 @@ def _fsync_dir(path: Path) -> None:
 
 def write_checkpoint(root: Path, step: int, state: dict[str, Any]) -> Path:
     """Write ``state`` as the checkpoint of ``step`` under ``root`` atomically; point ``latest`` at it."""
+    tmp = start_checkpoint(root, step)
+    torch.save(state, tmp / STATE_FILE)
+    return commit_checkpoint(root, step, tmp)
+
+
+def start_checkpoint(root: Path, step: int) -> Path:
+    """An empty temporary directory for the checkpoint of ``step``; fill it, then :func:`commit_checkpoint`."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f".tmp-{step_dir_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(state, tmp / STATE_FILE)
-    _fsync_file(tmp / STATE_FILE)
-    manifest = {
-        "step": step,
-        "files": {STATE_FILE: {"bytes": (tmp / STATE_FILE).stat().st_size, "sha256": _sha256(tmp / STATE_FILE)}},
-    }
+    return tmp
+
+
+def commit_checkpoint(root: Path, step: int, tmp: Path) -> Path:
+    """Seal a filled temporary directory: a manifest over every file in it (sharded ones in subdirectories
+    too), fsync, rename to the step directory, point ``latest`` at it."""
+    files = {}
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(file)
+        files[file.relative_to(tmp).as_posix()] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    for directory in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):
+        _fsync_dir(directory)
+    manifest = {"step": step, "files": files}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / MANIFEST_FILE)
     _fsync_dir(tmp)
+    final = root / step_dir_name(step)
     if final.exists():  # re-saving a step after resuming from an earlier one
         shutil.rmtree(final)
     os.replace(tmp, final)

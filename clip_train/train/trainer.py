@@ -16,16 +16,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from clip_train.config import TrainConfig
 from clip_train.data import build_train_loader, normalize_on_device
 from clip_train.loss import ClipLoss, SigLipLoss
 from clip_train.models import CLIP, create_model_from_config
 from clip_train.models.clip import MAX_LOGIT_SCALE
+from clip_train.models.lock import lock_image_tower, lock_text_tower
 from clip_train.tokenizer import get_tokenizer
 from clip_train.train import checkpoint as ckpt_io
 from clip_train.train import preemption
+from clip_train.train import sharded_checkpoint as sharded_io
 from clip_train.train.distributed import DistributedContext, any_rank, barrier, broadcast_object
 from clip_train.train.metrics import (
     METRICS_FILE,
@@ -36,9 +37,10 @@ from clip_train.train.metrics import (
     truncate_metrics_after,
 )
 from clip_train.train.optim import build_optimizer, build_scheduler
+from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
-from clip_train.train.step import forward_backward
 from clip_train.train.rng import rng_state, seed_everything, set_rng_state
+from clip_train.train.step import forward_backward
 from clip_train.train.zeroshot_hook import ZeroShotHook
 
 log = logging.getLogger("clip_train")
@@ -71,6 +73,11 @@ def build_model(cfg: TrainConfig) -> CLIP:
         cfg.model, init_temperature=cfg.loss.temperature, init_logit_bias=cfg.loss.init_bias if siglip else None
     )
     model.logit_scale.requires_grad_(cfg.loss.learn_temperature)
+    # Locking happens before the optimizer is built, so frozen parameters never get optimizer state.
+    if cfg.model.lock_image:
+        lock_image_tower(model, cfg.model.lock_image_unlocked_groups)
+    if cfg.model.lock_text:
+        lock_text_tower(model, cfg.model.lock_text_unlocked_groups)
     return model
 
 
@@ -97,11 +104,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg).to(self.device)
         torch.manual_seed(cfg.train.seed + ctx.rank)
-        self.ddp_model: nn.Module = (
-            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if ctx.enabled
-            else self.model
-        )
+        # Grad checkpointing, channels_last, compile, then DDP or FSDP2; the optimizer must see the
+        # parameters as sharding leaves them, so it is built after.
+        self.parallel = parallelize(self.model, cfg, ctx)
+        self.ddp_model: nn.Module = self.parallel.module
         self.loss_fn = build_loss(cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
@@ -137,16 +143,30 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> None:
-        """Every rank contributes its RNG and data position; rank 0 writes; all wait for the write."""
+        """Every rank contributes its RNG and data position; rank 0 writes; all wait for the write.
+
+        Under FSDP every rank also writes its own shards of the model and optimizer (DCP).
+        """
         per_rank = self._gather({"rng": rng_state(), "dataloader": self.loader.state_dict(gather=False)})
+        sharded = self.parallel.sharded
+        state = None
         if self.ctx.is_main:
-            state = {name: part.state_dict() for name, part in self._stateful_parts().items()}
+            parts = self._stateful_parts()
+            if sharded:  # these two go to sharded/ instead
+                del parts["model"], parts["optimizer"]
+            state = {name: part.state_dict() for name, part in parts.items()}
             state["per_rank"] = per_rank
             state["world_size"] = self.ctx.world_size
             state["wandb_run_id"] = self.wandb_run_id
             state["config"] = self.resolved_config
             state["model_config"] = dataclasses.asdict(self.cfg.model)
+        if sharded:
+            path = sharded_io.save_sharded_checkpoint(
+                self.checkpoint_dir, self.state.step, self.model, self.optimizer, state, self.ctx.is_main
+            )
+        elif self.ctx.is_main:
             path = ckpt_io.write_checkpoint(self.checkpoint_dir, self.state.step, state)
+        if self.ctx.is_main:
             ckpt_io.prune_checkpoints(self.checkpoint_dir, self.cfg.ckpt.keep_last)
             log.info("saved checkpoint %s", path)
         barrier(self.ctx)
@@ -164,7 +184,16 @@ class Trainer:
         if path is None:
             return
         state = ckpt_io.load_checkpoint(Path(path))
-        for name, part in self._stateful_parts().items():
+        parts = self._stateful_parts()
+        model, optimizer = parts.pop("model"), parts.pop("optimizer")
+        if sharded_io.is_sharded(Path(path)):  # an FSDP run's checkpoint, into FSDP or DDP alike
+            sharded_io.load_sharded_checkpoint(Path(path), model, optimizer)
+        elif self.parallel.sharded:  # a DDP checkpoint continued with FSDP
+            sharded_io.load_full_state_into_sharded(model, optimizer, state["model"], state["optimizer"])
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        for name, part in parts.items():
             part.load_state_dict(state[name])
         self.wandb_run_id = state.get("wandb_run_id")
         per_rank = state["per_rank"]
@@ -228,12 +257,11 @@ class Trainer:
             accum_steps=self.cfg.train.accum_steps, precision=self.cfg.train.precision,
             scale_loss=self.scaler.scale, plain_model=self.model,
         )
+        self.parallel.sync_grads()
 
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None], max_norm
-        )
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
         # One host sync per step: every rank sees the same all-reduced gradients, so all agree to skip.
         if self.scaler.is_enabled():
             # fp16: the scaler skips non-finite steps and lowers its scale; early overflows are routine.
