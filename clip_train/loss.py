@@ -5,13 +5,13 @@ Both losses take each rank's *local*, L2-normalised features and do their own cr
 laptop and on 512 GPUs.
 
 **Scaling convention (both losses).** Let ``L`` be the loss one process would compute on the whole global
-batch of ``N = W * b`` pairs (``W`` ranks with ``b`` pairs each). Each rank returns ``W * L_r`` where the
-``L_r`` are the rank's share of ``L`` (``sum_r L_r = L``): the terms of its own rows and columns, divided by
-the *local* batch ``b`` instead of ``N``. Hence
+batch of ``N = W * b`` pairs (``W`` ranks with ``b`` pairs each), and ``L_r`` rank ``r``'s share of it
+(``sum_r L_r = L``): the terms of its own rows and columns. Every rank returns a tensor whose
 
-- the mean over ranks of the returned values is exactly ``L`` (all-reduce-average it for logging), and
-- after DDP *averages* the parameter gradients over ranks they equal ``dL/dθ``, i.e. one process on the
-  whole global batch (``tests/test_loss.py`` checks this with two gloo processes).
+- *value* is ``L`` itself, the same on every rank (one scalar all-reduce; no host sync), and whose
+- *gradient* is that of ``W * L_r``: after DDP *averages* the parameter gradients over ranks they equal
+  ``dL/dθ``, i.e. one process on the whole global batch (``tests/test_loss.py`` checks this with two and
+  three gloo processes).
 
 The factor ``W`` is what compensates DDP's averaging: every cross-rank gradient term reaches the rank that
 owns the features through the all-gather's reduce-scatter backward (or the ring's gradient pass) and is
@@ -95,6 +95,20 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -
             "expected image and text features of the same shape (local_batch, dim), got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
+
+
+def _with_global_value(local_share: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """``local_share`` (this rank's ``W * L_r``) with its value replaced by the mean over ranks, ``L``.
+
+    The correction term is detached, so gradients still flow through ``local_share`` alone: the returned
+    value is what users log, the gradient is what DDP's averaging needs.
+    """
+    world, _ = world_info(group)
+    if world == 1:
+        return local_share
+    global_value = local_share.detach().clone()
+    dist.all_reduce(global_value, group=group)
+    return local_share + (global_value / world - local_share.detach())
 
 
 class _TileScratch:
@@ -281,8 +295,8 @@ class ClipLoss(nn.Module):
 
     Call it as ``loss_fn(image_features, text_features, logit_scale)`` with this rank's L2-normalised
     features of shape ``(b, D)`` (same ``b`` on every rank) and the exp'ed temperature as a 0-d tensor (or
-    float). Returns a 0-d float32 tensor (float64 for float64 inputs): this rank's share of the global loss
-    scaled by the world size, so its mean over ranks is the global loss and DDP-averaged gradients equal
+    float). Returns a 0-d float32 tensor (float64 for float64 inputs) holding the global loss, the same on
+    every rank; its gradient is this rank's share scaled by the world size, so DDP-averaged gradients equal
     single-process gradients on the global batch (see the module docstring).
     """
 
@@ -308,11 +322,13 @@ class ClipLoss(nn.Module):
         _check_features(image_features, text_features)
         scale = _as_tensor(logit_scale, image_features)
         if self.implementation == "exact":
-            return _exact_clip_loss(image_features, text_features, scale, self.group)
-        _, rank = world_info(self.group)
-        all_texts = all_gather_with_grad(text_features, self.group)
-        offset = rank * image_features.shape[0]
-        return _TiledInfoNCE.apply(image_features, all_texts, scale, offset, self.tile_size, self.group)
+            share = _exact_clip_loss(image_features, text_features, scale, self.group)
+        else:
+            _, rank = world_info(self.group)
+            all_texts = all_gather_with_grad(text_features, self.group)
+            offset = rank * image_features.shape[0]
+            share = _TiledInfoNCE.apply(image_features, all_texts, scale, offset, self.tile_size, self.group)
+        return _with_global_value(share, self.group)
 
     def extra_repr(self) -> str:
         return f"implementation={self.implementation!r}, tile_size={self.tile_size}"
@@ -502,9 +518,9 @@ class SigLipLoss(nn.Module):
             whole) or ``"exact"`` (all-gather and materialised logits; the reference).
         group: process group (default: the world when distributed is initialised).
 
-    Call it as ``loss_fn(image_features, text_features, logit_scale, logit_bias)``. Returns a 0-d tensor
-    scaled like :class:`ClipLoss`: ``(1/b) * sum`` over this rank's images and all texts, so the mean over
-    ranks is ``L`` and DDP-averaged gradients equal the single-process gradient on the global batch.
+    Call it as ``loss_fn(image_features, text_features, logit_scale, logit_bias)``. Returns, like :class:`ClipLoss`,
+    the global loss ``L`` on every rank, with the gradient of ``(1/b) * sum`` over this rank's images and
+    all texts, so DDP-averaged gradients equal the single-process gradient on the global batch.
     """
 
     init_logit_scale: float = math.log(10.0)
@@ -539,8 +555,10 @@ class SigLipLoss(nn.Module):
         scale = _as_tensor(logit_scale, image_features)
         bias = _as_tensor(logit_bias, image_features)
         if self.implementation == "exact":
-            return _exact_siglip_loss(image_features, text_features, scale, bias, self.group)
-        return _RingSigLip.apply(image_features, text_features, scale, bias, self.tile_size, self.group)
+            share = _exact_siglip_loss(image_features, text_features, scale, bias, self.group)
+        else:
+            share = _RingSigLip.apply(image_features, text_features, scale, bias, self.tile_size, self.group)
+        return _with_global_value(share, self.group)
 
     def extra_repr(self) -> str:
         return f"implementation={self.implementation!r}, tile_size={self.tile_size}"
