@@ -1,7 +1,8 @@
 """The built-in demo dataset: scikit-learn's handwritten digits as captioned WebDataset shards.
 
-``python -m clip_train.data.demo OUT_DIR`` writes ``OUT_DIR/train/*.tar`` (about 1,500 samples with varied
-captions), ``OUT_DIR/val/00000.tar`` (about 300, with a ``cls`` label), a ``shards.json`` in each, and
+``python -m clip_train.data.demo OUT_DIR`` writes ``OUT_DIR/train/*.tar`` (the 1,498 training digits, each
+rendered four times with varied captions: 5,992 samples), ``OUT_DIR/val/00000.tar`` (the other 299 digits,
+with a ``cls`` label), a ``shards.json`` in each, and
 ``OUT_DIR/classnames.json`` (class names and prompt templates for zero-shot evaluation). Nothing is
 downloaded: the digits ship inside scikit-learn.
 """
@@ -24,7 +25,7 @@ from PIL import Image
 
 from clip_train.data.writer import ManifestShardWriter
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ZEROSHOT_TEMPLATES = ["a photo of the number {}.", "a handwritten {}.", "the digit {}."]
 # {w} = number word, {d} = digit: captions vary so the text tower must learn that "7" and "seven" match.
@@ -42,6 +43,9 @@ CAPTION_TEMPLATES = [
 ]
 IMAGE_SIZE = 64
 TRAIN_SHARDS = 4
+# Each training digit is rendered this many times (own tint, shift, noise and caption). With one fixed caption
+# per image the tiny model learns which template goes with which image instead of which digit it shows.
+RENDERS_PER_TRAIN_DIGIT = 4
 
 
 @dataclass(frozen=True)
@@ -96,15 +100,20 @@ def build_demo_data(out_dir: str, seed: int = 0) -> DemoData:
     noise_rng = np.random.default_rng(seed)
     train_dir, val_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "val")
     n = len(targets)
-    per_shard = -(-sum(1 for i in range(n) if i % 6 != 5) // TRAIN_SHARDS)
+    is_val = [i % 6 == 5 for i in range(n)]  # every sixth digit: a stratified-ish held-out split
+    per_shard = -(-(n - sum(is_val)) * RENDERS_PER_TRAIN_DIGIT // TRAIN_SHARDS)
     with ManifestShardWriter(train_dir, samples_per_shard=per_shard) as train, \
             ManifestShardWriter(val_dir, samples_per_shard=n) as val:
-        for i in range(n):
-            label = int(targets[i])
-            caption = rng.choice(CAPTION_TEMPLATES).format(w=CLASSNAMES[label], d=label)
-            sample = {"__key__": f"{i:06d}", "png": _render(images[i], rng, noise_rng), "txt": caption,
-                      "cls": str(label)}
-            (val if i % 6 == 5 else train).write(sample)  # every sixth sample: a stratified-ish val split
+        # Renders of one digit are spread over the shards' length (outer loop), not written side by side.
+        for render in range(RENDERS_PER_TRAIN_DIGIT):
+            for i in range(n):
+                if is_val[i] and render > 0:
+                    continue
+                label = int(targets[i])
+                caption = rng.choice(CAPTION_TEMPLATES).format(w=CLASSNAMES[label], d=label)
+                sample = {"__key__": f"{i:06d}_{render}", "png": _render(images[i], rng, noise_rng),
+                          "txt": caption, "cls": str(label)}
+                (val if is_val[i] else train).write(sample)
     with open(os.path.join(out_dir, "classnames.json"), "w") as f:
         json.dump({"classnames": CLASSNAMES, "templates": ZEROSHOT_TEMPLATES}, f, indent=1)
     return DemoData(out_dir, train.pattern, val.pattern, os.path.join(out_dir, "classnames.json"))

@@ -116,7 +116,7 @@ def test_demo_dataset_builds_once_into_the_cache_and_loads(tmp_path, monkeypatch
     loader = build_train_loader(DataConfig(train_shards="demo", num_workers=0, batch_size=64, resampled=False),
                                 32, tokenizer)
     images, tokens = next(iter(loader))
-    assert images.shape == (64, 3, 32, 32) and len(loader) == 1498 // 64
+    assert images.shape == (64, 3, 32, 32) and len(loader) == 4 * 1498 // 64
     assert len(set(captions_of(tokens))) > 20  # varied templates, not one caption per class
     labels = Counter()
     for batch in build_eval_loader(DataConfig(val_shards="demo", num_workers=0, batch_size=100), 32, tokenizer):
