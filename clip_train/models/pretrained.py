@@ -86,6 +86,11 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
     elif "model" in obj and isinstance(obj["model"], dict):  # clip_train checkpoint
         model_config = obj.get("model_config")
         obj = obj["model"]
+    elif "model_config" in obj and (path.parent / "sharded").is_dir():  # clip_train FSDP checkpoint
+        from clip_train.train.sharded_checkpoint import read_sharded_model_state  # only this case needs DCP
+
+        model_config = obj["model_config"]
+        obj = read_sharded_model_state(path.parent)
 
     openai_layout = all(k in obj for k in OPENAI_EXTRA_KEYS)
     state_dict: dict[str, torch.Tensor] = {}

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -46,10 +47,28 @@ class ParallelModel:
     strategy: str
     world_size: int
     replicated: list[nn.Parameter] = dataclasses.field(default_factory=list)
+    _eval_replica: CLIP | None = None
 
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp"
+
+    def eval_model(self) -> CLIP:
+        """A model evaluation can call freely on each rank: ``model`` itself, or under FSDP a full replica.
+
+        Sharded forward passes are collectives, so ranks evaluating different numbers of batches (the
+        zero-shot sets are split unevenly) would wait on each other forever. Collective: under FSDP every
+        rank gathers the current weights into its replica (one all-gather of the parameters per evaluation).
+        """
+        if not self.sharded:
+            return self.model
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        if self._eval_replica is None:
+            bias = 0.0 if self.model.logit_bias is not None else None
+            device = next(iter(full.values())).device
+            self._eval_replica = CLIP(self.model.config, init_logit_bias=bias).to(device).eval()
+        self._eval_replica.load_state_dict(full)
+        return self._eval_replica
 
     def sync_grads(self) -> None:
         """Average the gradients FSDP does not reduce itself; call once after the step's backward passes."""

@@ -358,7 +358,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.ddp_model.eval()
         with autocast(self.cfg.train.precision, self.device):
-            results = self.zeroshot.run(self.model, self.device)
+            results = self.zeroshot.run(self.parallel.eval_model(), self.device)
         self.ddp_model.train()
         self.metrics.log(self.state.step, results)
         return results
