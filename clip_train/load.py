@@ -53,5 +53,33 @@ def load_model(source: str | Path, name: str | None = None, device: str | torch.
     ``name`` is needed only for files that do not say their architecture themselves and whose shapes are
     ambiguous (e.g. a QuickGELU OpenCLIP state dict: ``ViT-B-16-quickgelu``).
     """
-    model = create_model(name, pretrained=resolve_source(source), device=device)
+    path = resolve_source(source)
+    if path.name == ckpt_io.STATE_FILE and (path.parent / "sharded").is_dir():
+        return _load_sharded(path.parent, name).to(device).eval()
+    model = create_model(name, pretrained=path, device=device)
     return model.eval()
+
+
+def _load_sharded(step_dir: Path, name: str | None) -> CLIP:
+    """An FSDP run's checkpoint: weights from the DCP shards, architecture from the replicated ``state.pt``."""
+    from clip_train.models.factory import _as_model_config
+    from clip_train.models.pretrained import LoadedWeights, load_weights_into
+    from clip_train.models.registry import get_model_config
+    from clip_train.train.sharded_checkpoint import read_sharded_model_state
+
+    state = ckpt_io.load_checkpoint(step_dir)
+    if name is not None:
+        cfg = get_model_config(name)
+    elif state.get("model_config"):
+        cfg = _as_model_config(state["model_config"])
+    else:
+        raise CheckpointError(f"{step_dir} does not record its architecture; pass the model name (--model)")
+    model = CLIP(cfg)
+    state_dict = {}
+    for key, value in read_sharded_model_state(step_dir).items():
+        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers, if any made it into the names
+            key = key.removeprefix(prefix)
+        state_dict[key] = value
+    weights = LoadedWeights(state_dict=state_dict, openai_layout=False)
+    load_weights_into(model, weights, source=str(step_dir))
+    return model

@@ -45,6 +45,6 @@ def imagefolder_batches(
         for path, label in mine[start : start + batch_size]:
             with Image.open(path) as image:
                 pixels = crop_resize(image, center_crop_box(*image.size), image_size)
-            images.append(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))  # writable copy of PIL's buffer
             labels.append(label)
         yield torch.stack(images), torch.tensor(labels)

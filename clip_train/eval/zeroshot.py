@@ -39,6 +39,8 @@ def zeroshot_accuracy(
 ) -> dict[str, float | list[float]]:
     """Top-1, top-5 and per-class accuracy over ``(images, labels)`` batches, summed over all ranks.
 
+    ``per_class_top1[c]`` is 0.0 for a class without samples; ``per_class_samples[c]`` tells them apart.
+
     ``preprocess`` turns a batch as the loader yields it (uint8 on the host) into normalised model input.
     """
     num_classes = classifier.shape[1]
@@ -71,4 +73,5 @@ def zeroshot_accuracy(
         "top5": (totals[1] / count).item(),
         "samples": int(per_class_total.sum().item()),
         "per_class_top1": per_class,
+        "per_class_samples": [int(n) for n in per_class_total.tolist()],
     }

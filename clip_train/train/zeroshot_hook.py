@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from clip_train.config import TrainConfig, ZeroShotSetConfig
-from clip_train.data import build_eval_loader, ensure_demo_data, normalize_on_device
-from clip_train.eval.imagefolder import imagefolder_batches
+from clip_train.data import normalize_on_device
+from clip_train.eval.data import ClassificationSpec, LabelledImages
 from clip_train.eval.templates import load_classnames, load_templates
 from clip_train.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clip_train.train.distributed import DistributedContext
@@ -31,43 +29,28 @@ class ZeroShotHook:
         self.tokenizer = tokenizer
         self.ctx = ctx
         self.sets = [self._resolve(s) for s in cfg.eval.zeroshot]
-        self._loaders: dict[str, object] = {}
+        self._data: dict[str, LabelledImages] = {}
 
     @staticmethod
     def _resolve(spec: ZeroShotSetConfig) -> tuple[ZeroShotSetConfig, list[str], list[str]]:
         """Class names and templates, read once at start-up; ``demo`` names the built-in digits set."""
-        if "demo" in (spec.data, spec.classnames, spec.templates):
-            demo = ensure_demo_data()
-            spec = dataclasses.replace(
-                spec,
-                data=demo.val_shards if spec.data == "demo" else spec.data,
-                classnames=demo.classnames if spec.classnames == "demo" else spec.classnames,
-                templates=demo.classnames if spec.templates == "demo" else spec.templates,
-            )
+        where = ClassificationSpec(spec.data, spec.classnames, spec.templates).resolved()
+        spec = dataclasses.replace(spec, data=where.data, classnames=where.classnames, templates=where.templates)
         return spec, load_classnames(spec.classnames), load_templates(spec.templates)
 
     @property
     def enabled(self) -> bool:
         return bool(self.sets)
 
-    def _batches(self, spec: ZeroShotSetConfig, image_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """``(uint8 images, labels)`` of this rank's share of the set."""
-        if Path(spec.data).expanduser().is_dir():
-            return imagefolder_batches(
-                spec.data, image_size, spec.batch_size, self.ctx.rank, self.ctx.world_size, spec.max_samples
+    def _batches(self, spec: ZeroShotSetConfig, image_size: int) -> LabelledImages:
+        """``(uint8 images, labels)`` of this rank's share of the set (the same reader as the eval CLI)."""
+        if spec.name not in self._data:  # kept: a shard loader's workers persist between evaluations
+            self._data[spec.name] = LabelledImages(
+                spec.data, image_size, spec.batch_size, class_key=spec.class_key, rank=self.ctx.rank,
+                world_size=self.ctx.world_size, max_samples=spec.max_samples, tokenizer=self.tokenizer,
+                base_cfg=self.cfg.data, option=f"eval.zeroshot[{spec.name}].data",
             )
-        if spec.name not in self._loaders:  # kept: its workers persist between evaluations
-            data_cfg = dataclasses.replace(
-                self.cfg.data, val_shards=spec.data, label_key=spec.class_key, eval_batch_size=spec.batch_size
-            )
-            self._loaders[spec.name] = build_eval_loader(
-                data_cfg, image_size, self.tokenizer, rank=self.ctx.rank, world_size=self.ctx.world_size
-            )
-        batches = ((batch.images, batch.labels) for batch in self._loaders[spec.name])
-        if spec.max_samples is None:
-            return batches
-        per_rank_batches = -(-spec.max_samples // (spec.batch_size * self.ctx.world_size))
-        return itertools.islice(batches, per_rank_batches)
+        return self._data[spec.name]
 
     @torch.no_grad()
     def run(self, model: nn.Module, device: torch.device) -> dict[str, float]:
