@@ -14,7 +14,13 @@ The run directory must be on a file system every rank sees (it already must be f
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import io
+import pathlib
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +35,51 @@ from torch.distributed.checkpoint.state_dict import (
 from clip_train.train import checkpoint as ckpt_io
 
 SHARDED_DIR = "sharded"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` index but refuses every global it does not need.
+
+    DCP reads that index with plain ``pickle.load``, so a crafted checkpoint could run code on resume or
+    export. The index only ever names DCP's own metadata dataclasses and enums, ``torch.Size``, dtypes,
+    layouts and paths; anything else (``os.system``, ``builtins.eval``, ...) is refused before it is called.
+    """
+
+    _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    _PATHS = ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._DCP_MODULES:
+            found = getattr(__import__(module, fromlist=[name]), name, None)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):
+            return torch.serialization._get_layout
+        elif module == "pathlib" and name in self._PATHS:
+            return getattr(pathlib, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
+
+
+def check_metadata(directory: Path) -> None:
+    """Raise ``CheckpointCorrupt`` unless every DCP index in ``directory`` holds only metadata (no code)."""
+    for index in sorted(directory.glob("*.metadata")):
+        try:
+            _MetadataUnpickler(io.BytesIO(index.read_bytes())).load()
+        except Exception as err:  # noqa: BLE001 - whatever is wrong, the index cannot be trusted
+            raise ckpt_io.CheckpointCorrupt(
+                f"{directory.parent.name}: refusing {SHARDED_DIR}/{index.name}: it is not a plain DCP index "
+                f"and could run code when read ({str(err)[:200]})"
+            ) from None
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader, with the pickled index checked by :func:`check_metadata` before DCP unpickles it."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        check_metadata(Path(self.path))
+        return super().read_metadata(*args, **kwargs)
 
 
 def is_sharded(path: Path) -> bool:
@@ -66,7 +117,7 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     """
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path / SHARDED_DIR)
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path / SHARDED_DIR)))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -102,7 +153,7 @@ def read_sharded_model_state(path: Path) -> dict[str, torch.Tensor]:
 
     The tensors' shapes and dtypes come from DCP's own ``.metadata``, so no model has to be built first.
     """
-    reader = dcp.FileSystemReader(str(path / SHARDED_DIR))
+    reader = SafeFileSystemReader(str(path / SHARDED_DIR))
     metadata = reader.read_metadata()
     state: dict[str, torch.Tensor] = {}
     for key, entry in metadata.state_dict_metadata.items():
