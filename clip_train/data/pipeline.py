@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -80,11 +81,24 @@ def _pin(cfg: DataConfig) -> bool:
     return torch.cuda.is_available() if cfg.pin_memory is None else bool(cfg.pin_memory)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGUSR2: those ask the *training process* to checkpoint and stop.
+
+    SLURM signals every process of a job step, workers included. A worker killed by SIGTERM would make
+    the main process fail with "DataLoader worker exited unexpectedly" before it could save, and one that
+    inherited the main process's handler would announce a preemption it cannot act on. The workers still
+    end with the main process: the DataLoader shuts them down, and they exit when their parent dies.
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _dataloader(dataset: ShardStream, cfg: DataConfig, persistent: bool = False) -> DataLoader:
     workers = max(0, cfg.num_workers)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=_pin(cfg),
                       prefetch_factor=cfg.prefetch_factor if workers else None,
-                      persistent_workers=persistent and workers > 0)
+                      persistent_workers=persistent and workers > 0,
+                      worker_init_fn=_ignore_stop_signals if workers else None)
 
 
 class TrainLoader:
