@@ -1,0 +1,205 @@
+"""``python -m clip_train.report RUN_DIR``: plots and a markdown summary of a run, from its ``metrics.jsonl``.
+
+Writes into ``RUN_DIR/report/`` (or ``--out``): one PNG per curve that the run logged (loss, temperature,
+learning rate, samples/s, evaluation metrics) and ``summary.md`` linking them. The plots need matplotlib,
+an optional dependency (``pip install 'clip-train[report]'``); ``--no-plots`` writes the summary alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+# (file stem, title, metric keys drawn on it, log-scale y)
+TRAIN_PLOTS = (
+    ("loss", "Training loss", ("loss",), False),
+    ("temperature", "Softmax temperature", ("temperature",), True),
+    ("lr", "Learning rate", ("lr",), False),
+    ("samples_per_s", "Throughput (samples/s, global)", ("samples_per_s",), False),
+)
+# Evaluation metrics: anything the eval hook logs that reads as an accuracy or a recall.
+EVAL_SUFFIXES = ("_top1", "_top5", "recall@1", "recall@5", "recall@10", "mean_recall")
+
+
+class ReportError(ValueError):
+    """A run directory without usable metrics, or plots asked for without matplotlib."""
+
+
+@dataclass
+class RunMetrics:
+    """Every logged value by key, as (step, value) in step order; the last line for a step wins."""
+
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    last: dict[str, object] = field(default_factory=dict)
+    bad_lines: int = 0
+
+    def keys_like(self, suffixes: tuple[str, ...]) -> list[str]:
+        return sorted(k for k in self.series if k.endswith(suffixes))
+
+
+def read_metrics(path: Path) -> RunMetrics:
+    """Parse ``metrics.jsonl``; lines that are not JSON objects with a ``step`` (a torn last line) are counted
+    and skipped."""
+    by_key: dict[str, dict[int, float]] = {}
+    out = RunMetrics()
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            out.bad_lines += 1
+            continue
+        for key, value in record.items():
+            if key == "step":
+                continue
+            out.last[key] = value
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                by_key.setdefault(key, {})[step] = float(value)
+    out.series = {key: sorted(points.items()) for key, points in by_key.items()}
+    return out
+
+
+def _plot(path: Path, title: str, curves: dict[str, list[tuple[int, float]]], log_y: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and no GUI backend picked up from the session
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for label, points in curves.items():
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if log_y and all(v > 0 for points in curves.values() for _, v in points):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ReportError(
+            "the plots need matplotlib: pip install 'clip-train[report]' (or pass --no-plots for the summary only)"
+        ) from None
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _config_lines(run_dir: Path) -> list[str]:
+    """A few settings from Hydra's saved config, when the run has one."""
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(config)
+    wanted = ("model.name", "loss.name", "optim.lr", "data.batch_size", "train.max_steps", "train.precision",
+              "train.seed")
+    lines = []
+    for key in wanted:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            lines.append(f"| `{key}` | {_fmt(value)} |")
+    return ["## Configuration", "", "| key | value |", "| --- | --- |", *lines, ""] if lines else []
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> list[Path]:
+    """Render the plots and ``summary.md`` of ``run_dir``; returns the files written (summary last)."""
+    run_dir = Path(run_dir).expanduser()
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise ReportError(f"{metrics_path} not found: give the run directory of a clip_train run (it holds {METRICS_FILE})")
+    metrics = read_metrics(metrics_path)
+    if not metrics.series:
+        raise ReportError(f"{metrics_path} holds no logged steps yet")
+    if plots:
+        _check_matplotlib()
+    out = Path(out_dir).expanduser() if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    written: list[Path] = []
+    if plots:
+        for stem, title, keys, log_y in TRAIN_PLOTS:
+            curves = {k: metrics.series[k] for k in keys if k in metrics.series}
+            if curves:
+                _plot(out / f"{stem}.png", title, curves, log_y)
+                written.append(out / f"{stem}.png")
+        eval_keys = metrics.keys_like(EVAL_SUFFIXES)
+        if eval_keys:
+            _plot(out / "eval.png", "Evaluation", {k: metrics.series[k] for k in eval_keys}, False)
+            written.append(out / "eval.png")
+
+    lines = [f"# Run report: `{run_dir.resolve().name}`", "", f"Run directory: `{run_dir.resolve()}`", ""]
+    loss = metrics.series.get("loss", [])
+    if loss:
+        best_step, best = min(loss, key=lambda p: p[1])
+        lines += [
+            "## Training", "", "| | |", "| --- | --- |",
+            f"| steps logged | {loss[0][0]} … {loss[-1][0]} ({len(loss)} lines) |",
+            f"| final loss | {_fmt(loss[-1][1])} |",
+            f"| lowest loss | {_fmt(best)} (step {best_step}) |",
+        ]
+        for key, label in (("temperature", "final temperature"), ("lr", "final learning rate"),
+                           ("world_size", "world size"), ("global_batch_size", "global batch size"),
+                           ("skipped_samples", "skipped samples")):
+            if key in metrics.last:
+                lines.append(f"| {label} | {_fmt(metrics.last[key])} |")
+        throughput = [v for _, v in metrics.series.get("samples_per_s", [])]
+        if throughput:
+            lines.append(f"| samples/s (median of logged windows) | {_fmt(sorted(throughput)[len(throughput) // 2])} |")
+        lines.append("")
+    eval_keys = metrics.keys_like(EVAL_SUFFIXES)
+    if eval_keys:
+        lines += ["## Evaluation", "", "| metric | last | best (step) |", "| --- | --- | --- |"]
+        for key in eval_keys:
+            points = metrics.series[key]
+            best_step, best = max(points, key=lambda p: p[1])
+            lines.append(f"| `{key}` | {_fmt(points[-1][1])} (step {points[-1][0]}) | {_fmt(best)} ({best_step}) |")
+        lines.append("")
+    lines += _config_lines(run_dir)
+    if written:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in written] + [""]
+    if metrics.bad_lines:
+        lines += [f"_{metrics.bad_lines} unreadable line(s) in {METRICS_FILE} were skipped._", ""]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    return written + [summary]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clip_train.report",
+                                     description="Plots and a markdown summary of a run from its metrics.jsonl.")
+    parser.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+    parser.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")
+    parser.add_argument("--no-plots", action="store_true", help="only summary.md (no matplotlib needed)")
+    args = parser.parse_args(argv)
+    try:
+        files = write_report(args.run_dir, args.out, plots=not args.no_plots)
+    except ReportError as err:
+        print(f"clip_train.report: error: {err}", file=sys.stderr)
+        return 2
+    for file in files:
+        print(file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``python -m clip_train.report``: PNGs and a markdown summary from a metrics file the test writes."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+
+from clip_train.report import main as report_main
+from clip_train.report import read_metrics, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(run_dir, steps: int = 30, torn: bool = True) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in range(1, steps + 1):
+        lines.append({"step": step, "loss": 4.0 / step, "lr": 1e-3 * min(1.0, step / 5), "temperature": 0.07 - step * 1e-3,
+                      "samples_per_s": 1000.0 + step, "skipped_samples": 0, "world_size": 2, "global_batch_size": 64})
+        if step % 10 == 0:
+            lines.append({"step": step, "zeroshot_top1": step / 40, "zeroshot_top5": step / 35})
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    if torn:
+        text += '{"step": 31, "loss": 0.1'  # a run killed mid-write
+    (run_dir / "metrics.jsonl").write_text(text)
+
+
+def test_report_renders_pngs_and_summary(tmp_path, capsys):
+    _write_run(tmp_path / "run")
+    assert report_main([str(tmp_path / "run")]) == 0
+    report = tmp_path / "run" / "report"
+    for name in ("loss", "temperature", "lr", "samples_per_s", "eval"):
+        data = (report / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000, name
+    printed = capsys.readouterr().out.split()
+    assert str(report / "summary.md") in printed and str(report / "loss.png") in printed
+    summary = (report / "summary.md").read_text()
+    assert "| final loss | 0.1333 |" in summary
+    assert "| `zeroshot_top1` | 0.75 (step 30) | 0.75 (30) |" in summary
+    assert "![loss](loss.png)" in summary and "1 unreadable line(s)" in summary
+
+
+def test_read_metrics_keeps_the_last_line_of_a_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 1.5}\nnot json\n')
+    metrics = read_metrics(path)
+    assert metrics.series["loss"] == [(1, 3.0), (2, 1.5)] and metrics.bad_lines == 1
+
+
+def test_report_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert report_main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.jsonl" in err
+
+    _write_run(tmp_path / "run", steps=3, torn=False)
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert report_main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "clip-train[report]" in err and "--no-plots" in err
+    files = write_report(tmp_path / "run", plots=False)  # the summary needs no matplotlib
+    assert [f.name for f in files] == ["summary.md"]
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_report_on_an_empty_metrics_file(tmp_path, capsys, content):
+    (tmp_path / "metrics.jsonl").write_text(content)
+    assert report_main([str(tmp_path)]) == 2
+    assert "no logged steps" in capsys.readouterr().err
