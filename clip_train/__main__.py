@@ -12,18 +12,25 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from clip_train.config import ConfigError, TrainConfig, register_configs, validate
 from clip_train.models.pretrained import CheckpointError
 from clip_train.train import preemption
+from clip_train.train.checkpoint import CheckpointCorrupt
 from clip_train.train.distributed import launch_env
 
 log = logging.getLogger("clip_train")
 
-# Exit code for configuration and input errors (a clear one-line message, no traceback).
+# Exit codes (docs/reliability.md). 2: configuration and input errors (a clear one-line message, no
+# traceback); 3 (preemption.EXIT_PREEMPTED): stopped on a preemption signal with a checkpoint written;
+# 4: too many non-finite steps in a row (restarting as is would diverge again); 5: a collective failed or
+# timed out because another rank died or hung (restart: the run resumes from its newest checkpoint).
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 4
+EXIT_PEER_LOST = 5
 
 register_configs()
 
@@ -52,7 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     launch = launch_env()
     validate(typed, launch.world_size, pick_device(typed.train.device, launch.local_rank).type)
-    ctx = init_distributed(typed.train.device)
+    ctx = init_distributed(typed.train.device, timeout_s=typed.train.collective_timeout_s)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
@@ -73,9 +80,21 @@ def hydra_main(cfg: DictConfig) -> float | None:
         log.info("%s; handing the job back to the scheduler", stop)
         preemption.hand_off(launch_env().rank)
         return None
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, CheckpointCorrupt, ValueError, FileNotFoundError) as err:
         log.error("clip_train: error: %s", err)
         sys.exit(EXIT_BAD_INPUT)
+    except torch.distributed.DistError as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        log.error("clip_train: error: rank %d lost contact with the other ranks (%s); one of them died or hung. "
+                  "Restart the job: it resumes from the newest checkpoint", launch_env().rank, first_line[:300])
+        sys.exit(EXIT_PEER_LOST)
+    except RuntimeError as err:
+        from clip_train.train.trainer import TrainingDiverged  # the trainer module is loaded by now
+
+        if not isinstance(err, TrainingDiverged):
+            raise
+        log.error("clip_train: error: %s", err)
+        sys.exit(EXIT_DIVERGED)
     # Hydra's sweepers (e.g. Optuna) optimise the returned value.
     return next((v for k, v in results.items() if k.endswith("_top1")), None)
 

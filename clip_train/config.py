@@ -71,6 +71,10 @@ class TrainLoopConfig:
     """Write a ``metrics.jsonl`` line (and a console line) every N steps."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, rendezvous) may wait for the other ranks before this rank
+    fails: a rank that died or hung then ends the job instead of stalling it. Must cover the slowest
+    thing one rank does while the others wait (rank 0 writing a checkpoint, a first compile)."""
     tf32: bool = True
     """Allow TF32 matmuls on GPUs that have them."""
     strategy: str = "ddp"
@@ -188,6 +192,8 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; raise data.batch_size")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size is per rank and must be at least 1, got {cfg.data.batch_size}")
+    if not cfg.train.collective_timeout_s > 0:
+        raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {cfg.train.collective_timeout_s}")
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
     validate_scaling_options(cfg, world_size)
