@@ -184,15 +184,27 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
     return written + [summary]
 
 
+def newest_run(parent: str | Path) -> Path:
+    """The run directory under ``parent`` (e.g. Hydra's ``outputs/``) whose ``metrics.jsonl`` changed last."""
+    parent = Path(parent).expanduser()
+    found = [p for p in parent.rglob(METRICS_FILE) if p.is_file()] if parent.is_dir() else []
+    if not found:
+        raise ReportError(f"no {METRICS_FILE} under {parent}: give a run directory, or a folder of runs with --newest")
+    return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clip_train.report",
                                      description="Plots and a markdown summary of a run from its metrics.jsonl.")
     parser.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+    parser.add_argument("--newest", action="store_true",
+                        help="RUN_DIR is a folder of runs (e.g. outputs): report the most recently updated one")
     parser.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")
     parser.add_argument("--no-plots", action="store_true", help="only summary.md (no matplotlib needed)")
     args = parser.parse_args(argv)
     try:
-        files = write_report(args.run_dir, args.out, plots=not args.no_plots)
+        run_dir = newest_run(args.run_dir) if args.newest else args.run_dir
+        files = write_report(run_dir, args.out, plots=not args.no_plots)
     except ReportError as err:
         print(f"clip_train.report: error: {err}", file=sys.stderr)
         return 2

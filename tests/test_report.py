@@ -75,3 +75,14 @@ def test_report_on_an_empty_metrics_file(tmp_path, capsys, content):
     (tmp_path / "metrics.jsonl").write_text(content)
     assert report_main([str(tmp_path)]) == 2
     assert "no logged steps" in capsys.readouterr().err
+
+
+def test_newest_picks_the_latest_run_under_a_folder(tmp_path, capsys):
+    import os
+
+    _write_run(tmp_path / "outputs" / "day" / "old", steps=3)
+    _write_run(tmp_path / "outputs" / "day" / "new", steps=3)
+    os.utime(tmp_path / "outputs" / "day" / "old" / "metrics.jsonl", (1, 1))
+    assert report_main([str(tmp_path / "outputs"), "--newest", "--no-plots"]) == 0
+    assert str(tmp_path / "outputs" / "day" / "new" / "report" / "summary.md") in capsys.readouterr().out
+    assert report_main([str(tmp_path / "outputs" / "day" / "new" / "report"), "--newest"]) == 2
