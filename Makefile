@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -x -n 2 -q
 
+# Launch tests against a real SLURM cluster: the one sinfo answers for, else ../shared/tools/slurm-local up 2
+# (root), else they skip saying why.
+test-slurm: $(STAMP)
+	$(PY) -m pytest -m slurm -q tests/slurm
+
 train: $(STAMP)
 	@if $(PY) -c "import clip_train.__main__" 2>/dev/null; then \
 		$(PY) -m clip_train +experiment=demo && \

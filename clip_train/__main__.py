@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # Again here: under submitit this function is called without main(), after submitit's own handler.
     preemption.install()
+    preemption.install_terminate()
     typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     launch = launch_env()
     validate(typed, launch.world_size, pick_device(typed.train.device, launch.local_rank).type)
@@ -69,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer = Trainer(typed, run_dir, ctx, resolved_config=OmegaConf.to_container(cfg, resolve=True))
         return trainer.train()
     finally:
+        preemption.disarm()
         shutdown()
 
 
@@ -102,6 +104,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     # First thing: a preemption signal that arrives while Hydra composes the config must not kill us.
     preemption.install()
+    preemption.install_terminate()
     if _is_multirun(sys.argv) and launch_env().world_size > 1:
         sys.stderr.write(
             "clip_train: error: run Hydra sweeps (-m) outside torchrun and srun; every rank would run the whole "

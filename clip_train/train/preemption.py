@@ -11,6 +11,11 @@ script can restart, and ``ckpt.resume=auto`` continues from the checkpoint).
 
 Under SLURM every rank exits 0 after the requeue: srun's ``--kill-on-bad-exit`` would otherwise kill
 rank 0 on the first non-zero exit of a peer, possibly before it has requeued the job.
+
+SIGTERM (a time limit, ``scancel``, torchrun shutting its workers down; torchrun escalates to SIGKILL
+after 30 s) is taken the same way, up to the checkpoint, but then ends with :data:`EXIT_PREEMPTED` on
+every rank without requeueing: a user's ``scancel`` must stay cancelled, and SLURM requeues a job it
+preempts by itself when the partition is set up to.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ EXIT_PREEMPTED = 3
 """Exit code of a run stopped by the preemption signal after writing its checkpoint, outside SLURM."""
 
 _received = False
+_terminated = False
 _previous: Any = None
 
 
@@ -55,19 +61,48 @@ def install() -> None:
     Whatever handled it before, submitit's requeue handler in particular, is kept and called by
     :func:`hand_off` once the checkpoint is written, instead of running mid-step with nothing saved.
     """
-    global _previous
+    global _previous, _received
     if threading.current_thread() is not threading.main_thread():
         return
     current = signal.getsignal(PREEMPT_SIGNAL)
     if current is _on_signal:
         return
-    _previous = current
+    _previous, _received = current, False
     signal.signal(PREEMPT_SIGNAL, _on_signal)
+    # launch/slurm.sbatch starts ranks with the signal blocked, so one that SLURM sends while Python is
+    # still importing torch waits, pending, until this handler can take it (instead of killing the rank).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {PREEMPT_SIGNAL})
+
+
+def disarm() -> None:
+    """Training is over, so a late signal has nothing left to checkpoint: ignore it from now on.
+
+    Not the default action: Python restores that during interpreter shutdown, and a USR2 arriving then
+    (a time-limit warning as the run finishes) would kill a rank by signal and fail a finished job.
+    A handler that was there before us (submitit's) gets the signal back.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(PREEMPT_SIGNAL) is _on_signal:
+        signal.signal(PREEMPT_SIGNAL, _previous if callable(_previous) else signal.SIG_IGN)
 
 
 def requested() -> bool:
-    """Whether this process has received the preemption signal."""
-    return _received
+    """Whether this process has received the preemption signal or SIGTERM."""
+    return _received or _terminated
+
+
+def _on_terminate(signum: int, frame: FrameType | None) -> None:
+    global _terminated
+    _terminated = True
+    os.write(2, b"clip_train: SIGTERM received; checkpointing after this step, then exiting\n")
+
+
+def install_terminate() -> None:
+    """Take SIGTERM as a request to checkpoint at the next step boundary and exit (main thread only).
+
+    A second SIGTERM while the checkpoint is written only sets the flag again, so it cannot tear the save.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_terminate)
 
 
 def requeue_slurm_job(job_id: str) -> None:
@@ -89,6 +124,8 @@ def hand_off(rank: int) -> None:
 
     Returns on ranks that should simply end with exit code 0; exits the process otherwise.
     """
+    if _terminated and not _received:  # SIGTERM alone: stop with the checkpoint, never requeue on our own
+        sys.exit(EXIT_PREEMPTED)
     if callable(_previous):
         # submitit: rank 0's handler pickles the job again, requeues it and exits; other ranks just end.
         if rank == 0:
