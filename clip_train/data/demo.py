@@ -25,9 +25,11 @@ from PIL import Image
 
 from clip_train.data.writer import ManifestShardWriter
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-ZEROSHOT_TEMPLATES = ["a photo of the number {}.", "a handwritten {}.", "the digit {}."]
+# Written like the captions, without a final period: the tiny text tower never sees "." in training, so
+# an untrained token just before the end token moved its features at random (top-1 0.71 vs 0.98 measured).
+ZEROSHOT_TEMPLATES = ["a photo of the number {}", "a handwritten digit {}", "the digit {}"]
 # {w} = number word, {d} = digit: captions vary so the text tower must learn that "7" and "seven" match.
 CAPTION_TEMPLATES = [
     "a photo of the number {w}",
