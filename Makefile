@@ -22,6 +22,8 @@ test-slurm: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m clip_train +experiment=demo
+	@echo "Run report (loss, temperature, lr, samples/s and zero-shot accuracy plots; summary.md):"
+	$(PY) -m clip_train.report --newest outputs
 
 lint: $(STAMP)
 	$(PY) -m ruff check clip_train tests
