@@ -137,10 +137,23 @@ class ZeroShotSetConfig:
 
 
 @dataclass
+class RetrievalSetConfig:
+    """One image-text retrieval set (recall@1/5/10 both ways, as ``python -m clip_train.eval retrieval``)."""
+
+    name: str = "retrieval"
+    data: str = "???"
+    """Image-caption shards; each text field holds one caption per line (or a JSON list). ``demo``: the digits."""
+    text_key: str = "txt"
+    batch_size: int = 256
+
+
+@dataclass
 class EvalConfig:
     every_n_steps: int = 0
-    """Run the zero-shot sets every N steps (0: only at the end of training)."""
+    """Run the evaluation sets every N steps (0: only at the end of training)."""
     zeroshot: List[ZeroShotSetConfig] = field(default_factory=list)
+    retrieval: List[RetrievalSetConfig] = field(default_factory=list)
+    """Logged as ``retrieval_image_to_text_recall@1`` etc. (``retrieval_<name>_...`` for other names)."""
 
 
 @dataclass

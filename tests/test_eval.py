@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_train
-from clip_train.config import TrainConfig, ZeroShotSetConfig
+from clip_train.config import RetrievalSetConfig, TrainConfig, ZeroShotSetConfig
 from clip_train.data.transforms import normalize_on_device
 from clip_train.data.writer import ManifestShardWriter
 from clip_train.eval.__main__ import main as eval_main
@@ -198,6 +198,16 @@ def test_retrieval_cli_on_shards_with_several_captions(model_and_checkpoint, tmp
     result = _run(["retrieval", "--checkpoint", str(run), "--data", pattern, "--batch-size", "3",
                    "--num-workers", "2", "--k", "1", "5", "--no-progress"], capsys)
     assert result["images"] == 7 and result["texts"] == sum(len(c) for c in captions) == 13
+    # The training loop's hook, on the same shards, logs the same numbers.
+    cfg = TrainConfig()
+    cfg.data.num_workers = 0
+    cfg.eval.retrieval = [RetrievalSetConfig(name="caps", data=pattern, batch_size=4)]
+    hook = ZeroShotHook(cfg, clip_train.get_tokenizer("tiny"), DistributedContext(0, 0, 1, torch.device("cpu")))
+    assert hook.enabled
+    hooked = hook.run(model, torch.device("cpu"))
+    assert hooked["retrieval_caps_text_to_image_recall@5"] == pytest.approx(result["text_to_image_recall@5"])
+    assert hooked["retrieval_caps_image_to_text_recall@1"] == pytest.approx(result["image_to_text_recall@1"])
+
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
     expected = retrieval_recall(_encode_images(model, arrays), _encode_texts(model, [c for cs in captions for c in cs]),
                                 owner, ks=(1, 5))

@@ -1,4 +1,7 @@
-"""Zero-shot evaluation from inside the training loop, on every configured set, split across ranks."""
+"""Evaluation from inside the training loop: every configured zero-shot and retrieval set, split across ranks.
+
+The sets are read and scored by the same code as ``python -m clip_train.eval``, so the numbers agree.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from clip_train.config import TrainConfig, ZeroShotSetConfig
+from clip_train.config import RetrievalSetConfig, TrainConfig, ZeroShotSetConfig
 from clip_train.data import normalize_on_device
-from clip_train.eval.data import ClassificationSpec, LabelledImages
+from clip_train.eval.data import CaptionedImages, ClassificationSpec, LabelledImages
+from clip_train.eval.retrieval import embed_captioned, retrieval_recall
 from clip_train.eval.templates import load_classnames, load_templates
 from clip_train.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clip_train.train.distributed import DistributedContext
@@ -29,6 +33,7 @@ class ZeroShotHook:
         self.tokenizer = tokenizer
         self.ctx = ctx
         self.sets = [self._resolve(s) for s in cfg.eval.zeroshot]
+        self.retrieval_sets: list[RetrievalSetConfig] = list(cfg.eval.retrieval)
         self._data: dict[str, LabelledImages] = {}
 
     @staticmethod
@@ -40,7 +45,7 @@ class ZeroShotHook:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.sets)
+        return bool(self.sets or self.retrieval_sets)
 
     def _batches(self, spec: ZeroShotSetConfig, image_size: int) -> LabelledImages:
         """``(uint8 images, labels)`` of this rank's share of the set (the same reader as the eval CLI)."""
@@ -65,4 +70,14 @@ class ZeroShotHook:
             prefix = metric_prefix(spec.name)
             results[f"{prefix}_top1"] = scores["top1"]
             results[f"{prefix}_top5"] = scores["top5"]
+        for rspec in self.retrieval_sets:
+            data = CaptionedImages(
+                rspec.data, model.image_size, rspec.batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                num_workers=self.cfg.data.num_workers, image_key=self.cfg.data.image_key, text_key=rspec.text_key,
+            )
+            preprocess = lambda images: normalize_on_device(images.to(device, non_blocking=True))
+            images, texts, owner = embed_captioned(model, self.tokenizer, data, preprocess, device)
+            prefix = "retrieval" if rspec.name == "retrieval" else f"retrieval_{rspec.name}"
+            for key, value in retrieval_recall(images, texts, owner).items():
+                results[f"{prefix}_{key}"] = value
         return results
