@@ -55,7 +55,14 @@ def _load_container(path: Path) -> object:
         # TorchScript archives hold compiled graphs, read by TorchScript's own loader, not by Python's pickle.
         with warnings.catch_warnings():  # torch marks TorchScript deprecated; OpenAI's releases still use it
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+            try:
+                return torch.jit.load(str(path), map_location="cpu").state_dict()
+            except RuntimeError as err:  # e.g. a zip dressed up as an archive around an ordinary pickle
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise CheckpointError(
+                    f"cannot read {path}: it looks like a TorchScript archive but is not a valid one "
+                    f"({first_line[:200]})"
+                ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -117,6 +117,7 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     """
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
+    check_metadata(path / SHARDED_DIR)  # a clear error here; DCP would wrap it in its own exception
     dcp.load(state, storage_reader=SafeFileSystemReader(str(path / SHARDED_DIR)))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
@@ -153,6 +154,7 @@ def read_sharded_model_state(path: Path) -> dict[str, torch.Tensor]:
 
     The tensors' shapes and dtypes come from DCP's own ``.metadata``, so no model has to be built first.
     """
+    check_metadata(path / SHARDED_DIR)
     reader = SafeFileSystemReader(str(path / SHARDED_DIR))
     metadata = reader.read_metadata()
     state: dict[str, torch.Tensor] = {}
