@@ -66,3 +66,47 @@ def forward_backward(
         if k == 0:
             loss_value = loss.detach()
     return loss_value
+
+
+def step_unless_nonfinite(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_norm: torch.Tensor
+) -> torch.Tensor:
+    """``optimizer.step()`` unless the loss or the gradient norm is non-finite; returns the 0-d flag (1. = skipped).
+
+    Optimizers whose kernel takes a ``found_inf`` tensor (``fused=True`` AdamW, our default) get the flag
+    on the device and skip the update there, parameters, moments and step count alike, so the step never
+    waits for the host. Other optimizers (StableAdamW) need the flag on the host: one sync per step.
+    """
+    bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).to(torch.float32)
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = bad  # the attribute GradScaler sets for the same kernels
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(bad):
+        optimizer.step()
+    return bad
+
+
+class NonFiniteSteps:
+    """Counts skipped (non-finite) steps on the device, so recording them costs no host sync.
+
+    ``update(bad)`` takes each step's flag from ``step_unless_nonfinite``; ``drain()`` (one host sync, for
+    logging or checkpointing) returns the steps skipped since the last drain, the current run of
+    consecutive skipped steps, and the longest run seen since the last drain.
+    """
+
+    def __init__(self, device: torch.device | str, consecutive: int = 0) -> None:
+        # [skipped since the last drain, current consecutive run, longest run since the last drain]
+        self._counts = torch.tensor([0.0, float(consecutive), float(consecutive)], device=device)
+
+    def update(self, bad: torch.Tensor) -> None:
+        skipped, run, longest = self._counts.unbind()
+        run = (run + 1) * bad  # back to 0 after a good step
+        self._counts = torch.stack([skipped + bad, run, torch.maximum(longest, run)])
+
+    def drain(self) -> tuple[int, int, int]:
+        skipped, run, longest = (int(v) for v in self._counts.tolist())
+        self._counts = torch.tensor([0.0, float(run), float(run)], device=self._counts.device)
+        return skipped, run, longest

@@ -40,7 +40,7 @@ from clip_train.train.optim import build_optimizer, build_scheduler
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
 from clip_train.train.rng import rng_state, seed_everything, set_rng_state
-from clip_train.train.step import forward_backward
+from clip_train.train.step import NonFiniteSteps, forward_backward, step_unless_nonfinite
 from clip_train.train.zeroshot_hook import ZeroShotHook
 
 log = logging.getLogger("clip_train")
@@ -113,6 +113,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.scaler = grad_scaler(cfg.train.precision, self.device)
         self.state = TrainState()
+        self.bad_steps = NonFiniteSteps(self.device)
 
         self.tokenizer = get_tokenizer(context_length=cfg.model.text.context_length)
         self.loader = build_train_loader(
@@ -147,6 +148,7 @@ class Trainer:
 
         Under FSDP every rank also writes its own shards of the model and optimizer (DCP).
         """
+        self._check_bad_steps()
         per_rank = self._gather({"rng": rng_state(), "dataloader": self.loader.state_dict(gather=False)})
         sharded = self.parallel.sharded
         state = None
@@ -262,38 +264,39 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip_norm or math.inf
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
-        # One host sync per step: every rank sees the same all-reduced gradients, so all agree to skip.
         if self.scaler.is_enabled():
             # fp16: the scaler skips non-finite steps and lowers its scale; early overflows are routine.
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            finite = True
         else:
-            # One host sync per step: every rank sees the same all-reduced gradients, so all agree to skip.
-            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-            if finite:
-                self.optimizer.step()
+            # Skipped on the device (fused AdamW), counted on the device, checked when logging: no host
+            # sync in the step. Every rank sees the same all-reduced gradients, so all agree to skip.
+            self.bad_steps.update(step_unless_nonfinite(self.optimizer, loss, grad_norm))
         self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         self.state.step += 1
-        if finite:
-            self.state.consecutive_bad_steps = 0
-        else:
-            self.state.skipped_steps += 1
-            self.state.consecutive_bad_steps += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped", self.state.step)
-            if self.state.consecutive_bad_steps >= self.cfg.train.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{self.state.consecutive_bad_steps} consecutive steps had a non-finite loss or gradient; "
-                    "stopping. Resume from the last checkpoint with a lower optim.lr, or optim=stable_adamw"
-                )
         return {"loss": loss, "grad_norm": grad_norm}
+
+    def _check_bad_steps(self) -> None:
+        """Move the device-side skip counts into the train state (a host sync: call when logging or saving)."""
+        skipped, run, longest = self.bad_steps.drain()
+        self.state.skipped_steps += skipped
+        self.state.consecutive_bad_steps = run
+        if skipped:
+            log.warning("%d steps up to step %d had a non-finite loss or gradient; their updates were skipped",
+                        skipped, self.state.step)  # fmt: skip
+        if longest >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{longest} consecutive steps had a non-finite loss or gradient; stopping. Resume from the "
+                "last checkpoint with a lower optim.lr, or optim=stable_adamw"
+            )
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, float]:
         self.maybe_resume()
+        self.bad_steps = NonFiniteSteps(self.device, consecutive=self.state.consecutive_bad_steps)
         self._open_metrics()
         cfg = self.cfg
         self.ddp_model.train()
@@ -314,6 +317,7 @@ class Trainer:
             step = self.state.step
 
             if step % cfg.train.log_every_n_steps == 0 or step == cfg.train.max_steps:
+                self._check_bad_steps()
                 loss = self._mean_over_ranks(out["loss"].float().reshape(1)).item()
                 skipped = torch.tensor([float(self.loader.skipped_samples)], device=self.device)
                 if self.ctx.enabled:
