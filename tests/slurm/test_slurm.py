@@ -107,7 +107,11 @@ def test_usr2_checkpoints_requeues_and_resumes_with_the_same_losses(
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:09d}'} at step {step}" in log
     assert "restart 1" in log, "the requeued job ran the script again"
     assert _training_steps(run_dir) == list(range(1, STEPS + 1)), "every step exactly once"
-    assert train_losses(run_dir) == train_losses(_run_dir(reference))
+    # Equal up to the last bit of float32: the logged loss is a mean over ranks, and gloo's all-reduce
+    # across 4 ranks on 2 nodes may sum in a different order from run to run (measured: 1-ulp differences
+    # at isolated steps, in the uninterrupted run too, with the steps after them equal again, so the
+    # training state itself is identical).
+    assert train_losses(run_dir) == pytest.approx(train_losses(_run_dir(reference)), rel=1e-6, abs=0)
     print(f"USR2 to completion after requeue: {time.monotonic() - signalled_at:.0f}s")
 
 
