@@ -86,3 +86,17 @@ def test_newest_picks_the_latest_run_under_a_folder(tmp_path, capsys):
     assert report_main([str(tmp_path / "outputs"), "--newest", "--no-plots"]) == 0
     assert str(tmp_path / "outputs" / "day" / "new" / "report" / "summary.md") in capsys.readouterr().out
     assert report_main([str(tmp_path / "outputs" / "day" / "new" / "report"), "--newest"]) == 2
+
+
+def test_module_entry_points_run(tmp_path):
+    """``python -m clip_train.report`` and ``python -m clip_train.eval`` start as the docs show."""
+    import subprocess
+    import sys
+
+    _write_run(tmp_path / "run", steps=3, torn=False)
+    done = subprocess.run([sys.executable, "-m", "clip_train.report", str(tmp_path / "run"), "--no-plots"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip().endswith("summary.md"), done.stderr
+    done = subprocess.run([sys.executable, "-m", "clip_train.eval", "--help"], capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert done.returncode == 0 and all(t in done.stdout for t in ("zeroshot", "retrieval", "linear-probe"))
