@@ -239,3 +239,46 @@ def test_linear_probe_cli_separates_colours(model_and_checkpoint, folder, capsys
     assert set(result["per_class_top1"]) == set(CLASSES)
     assert eval_main(["linear-probe", "--checkpoint", str(run), "--train-data", str(images), "--no-progress"]) == 2
     assert "--test-fraction" in capsys.readouterr().err
+
+
+def _hook_in_rank(rank, init_file, cfg, model, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = DistributedContext(rank, rank, 2, torch.device("cpu"))
+        hook = ZeroShotHook(cfg, clip_train.get_tokenizer("tiny"), ctx)
+        queue.put((rank, hook.run(model, torch.device("cpu"))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hook_over_two_gloo_ranks_equals_one_process(model_and_checkpoint, folder, tmp_path):
+    """Each rank scores its share; all_reduce (zero-shot) and all_gather (retrieval) give one process's numbers."""
+    import multiprocessing
+
+    model, _ = model_and_checkpoint
+    images, classes, templates, _ = folder
+    pattern, _, _ = _write_captioned_shards(tmp_path / "shards", model)
+    cfg = TrainConfig()
+    cfg.data.num_workers = 0
+    cfg.eval.zeroshot = [ZeroShotSetConfig(data=str(images), classnames=str(classes), templates=str(templates),
+                                           batch_size=4)]
+    cfg.eval.retrieval = [RetrievalSetConfig(data=pattern, batch_size=3)]
+    single = ZeroShotHook(cfg, clip_train.get_tokenizer("tiny"), DistributedContext(0, 0, 1, torch.device("cpu")))
+    expected = single.run(model, torch.device("cpu"))
+
+    mp = multiprocessing.get_context("fork")
+    queue = mp.Queue()
+    procs = [mp.Process(target=_hook_in_rank, args=(r, tmp_path / "pg", cfg, model, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank in (0, 1):
+        assert results[rank].keys() == expected.keys()
+        for key, value in expected.items():
+            assert results[rank][key] == pytest.approx(value, abs=1e-6), (rank, key)
