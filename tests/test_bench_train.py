@@ -66,8 +66,12 @@ def test_tiny_cpu_run_reports_json(tmp_path: Path, capsys: pytest.CaptureFixture
     pytest.importorskip("open_clip")
     out = tmp_path / "runs.jsonl"
     argv = ["--model", "tiny", "--batch", "8", "--precision", "fp32", "--device", "cpu", "--steps", "2",
-            "--warmup", "1", "--no-isolate", "--peak-tflops", "0.5", "--out", str(out)]  # fmt: skip
-    bench_train.main(argv)
+            "--warmup", "1", "--no-isolate", "--threads", "1", "--peak-tflops", "0.5", "--out", str(out)]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        bench_train.main(argv)
+    finally:
+        torch.set_num_threads(threads)  # --no-isolate set it in this process
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("[bench.train] ours") and "samples/s" in line for line in lines[:-1])
     report = json.loads(lines[-1])
@@ -79,6 +83,7 @@ def test_tiny_cpu_run_reports_json(tmp_path: Path, capsys: pytest.CaptureFixture
         result = results[impl]
         assert "error" not in result, result
         assert result["samples_per_s"] == pytest.approx(8 / result["step_s"])
+        assert result["cpu_s_per_step"] > 0
         assert result["mfu"] == pytest.approx(report["flops_per_step"] / result["step_s"] / 0.5e12)
         # Random captions against random images: the loss starts near ln(B) and must stay finite.
         assert 0 < result["loss_value"] < 2 * torch.log(torch.tensor(8.0)).item()
@@ -101,6 +106,7 @@ def test_mfu_is_null_on_cpu_without_a_peak() -> None:
         (["--model", "tiny", "--impl", "ours,fastest"], "--impl: unknown"),
         (["--model", "tiny", "--device", "cpu", "--find-max-batch"], "--find-max-batch needs --device cuda"),
         (["--model", "tiny", "--peak-tflops", "-1"], "--peak-tflops must be positive"),
+        (["--model", "tiny", "--threads", "-2"], "--threads must be 0"),
     ],
 )
 def test_bad_input_is_a_one_line_error(argv: list[str], message: str) -> None:

@@ -264,6 +264,8 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     from clip_train.models.registry import get_model_config
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -276,12 +278,12 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         step(images, tokens)
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = None
     for _ in range(args.steps):
         value = step(images, tokens)
     _sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -290,6 +292,8 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
         "impl": impl,
         "step_s": elapsed / args.steps,
         "samples_per_s": args.batch * args.steps / elapsed,
+        # CPU seconds of this process per step: on a shared CPU, less sensitive to other jobs than wall time.
+        "cpu_s_per_step": cpu / args.steps,
         "peak_mem_bytes": peak,
         "peak_mem_gib": round(peak / 2**30, 3),
         "loss_value": float(value) if value is not None else None,
@@ -300,7 +304,7 @@ def _child_command(impl: str, args: argparse.Namespace, batch: int, steps: int, 
     command = [
         sys.executable, "-m", "clip_train.bench.train", "--child", impl, "--model", args.model,
         "--batch", str(batch), "--precision", args.precision, "--device", args.device,
-        "--steps", str(steps), "--warmup", str(warmup), "--seed", str(args.seed),
+        "--steps", str(steps), "--warmup", str(warmup), "--seed", str(args.seed), "--threads", str(args.threads),
     ]  # fmt: skip
     return command + (["--compile"] if args.compile else [])
 
@@ -369,6 +373,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--find-max-batch", action="store_true", help="double the batch until OOM (CUDA only)"
     )
     parser.add_argument("--max-batch-limit", type=int, default=1 << 20, help="stop --find-max-batch here")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--no-isolate", action="store_true", help="measure in this process (quick checks only)"
@@ -379,6 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "steps", "rounds"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise CliError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
     if args.warmup < 0:
         raise CliError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
@@ -413,6 +420,7 @@ def _summarise(impl: str, runs: list[dict], flops: dict, peak: float | None) -> 
         "step_s": step_s,
         "step_s_all": [round(r["step_s"], 5) for r in ok],
         "samples_per_s": statistics.median(r["samples_per_s"] for r in ok),
+        "cpu_s_per_step": statistics.median(r["cpu_s_per_step"] for r in ok),
         "achieved_tflops": achieved / 1e12,
         "mfu": achieved / (peak * 1e12) if peak else None,
         "peak_mem_gib": max(r["peak_mem_gib"] for r in ok),
@@ -453,7 +461,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
             else:
                 print(f"[bench.train] {impl:9s} {setting}: {result['step_s'] * 1e3:.1f} ms/step, "
                       f"{result['samples_per_s']:.1f} samples/s, peak {result['peak_mem_gib']:.2f} GiB, "
-                      f"loss {result['loss_value']:.4f}", flush=True)  # fmt: skip
+                      f"{result['cpu_s_per_step'] * 1e3:.1f} CPU-ms/step, loss {result['loss_value']:.4f}",
+                      flush=True)  # fmt: skip
     results = [_summarise(impl, impl_runs, flops, peak) for impl, impl_runs in runs.items()]
     report.update({
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
