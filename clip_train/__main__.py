@@ -85,12 +85,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except (ConfigError, CheckpointError, CheckpointCorrupt, ValueError, FileNotFoundError) as err:
         log.error("clip_train: error: %s", err)
         sys.exit(EXIT_BAD_INPUT)
-    except torch.distributed.DistError as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        log.error("clip_train: error: rank %d lost contact with the other ranks (%s); one of them died or hung. "
-                  "Restart the job: it resumes from the newest checkpoint", launch_env().rank, first_line[:300])
-        sys.exit(EXIT_PEER_LOST)
     except RuntimeError as err:
+        if isinstance(err, torch.distributed.DistError) or "/gloo/" in str(err):
+            _lost_peer(err)
         from clip_train.train.trainer import TrainingDiverged  # the trainer module is loaded by now
 
         if not isinstance(err, TrainingDiverged):
@@ -99,6 +96,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(EXIT_DIVERGED)
     # Hydra's sweepers (e.g. Optuna) optimise the returned value.
     return next((v for k, v in results.items() if k.endswith("_top1")), None)
+
+
+def _lost_peer(err: RuntimeError) -> None:
+    """A failed collective (NCCL raises DistError; gloo a RuntimeError from its transport): one line, exit 5."""
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    log.error("clip_train: error: rank %d lost contact with the other ranks (%s); one of them died or hung. "
+              "Restart the job: it resumes from the newest checkpoint", launch_env().rank, first_line[:300])
+    sys.exit(EXIT_PEER_LOST)
 
 
 def main() -> None:

@@ -83,6 +83,10 @@ def disarm() -> None:
     """
     if threading.current_thread() is threading.main_thread() and signal.getsignal(PREEMPT_SIGNAL) is _on_signal:
         signal.signal(PREEMPT_SIGNAL, _previous if callable(_previous) else signal.SIG_IGN)
+    # The same for SIGTERM: once the checkpoint is written and the exit code chosen, a repeated SIGTERM
+    # must not turn that exit into death by signal (torchrun still escalates to SIGKILL if we linger).
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_terminate:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def requested() -> bool:
