@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -25,12 +24,12 @@ class MetricsBackend(Protocol):
 
 
 def _plain(value: Any) -> Any:
-    """JSON-friendly scalars (tensors and numpy scalars become Python numbers)."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+    """Python scalars from tensors and numpy scalars.
+
+    A non-finite value stays a float: ``metrics.jsonl`` writes it as ``NaN`` / ``Infinity``, which Python's
+    json, pandas and W&B read back as numbers (a diverging loss must stay plottable and comparable).
+    """
+    return value.item() if hasattr(value, "item") else value
 
 
 class JsonlBackend:
