@@ -6,8 +6,10 @@ Train batches are ``(images uint8 [B, 3, S, S], tokens long [B, L])``; normalise
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
+import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 # A resumed position is only exact if these match the run that saved it.
 _TOPOLOGY_KEYS = ("world_size", "num_workers", "batch_size", "mode", "seed", "num_shards")
+_exit_hook_installed = False
 
 
 class EvalBatch(NamedTuple):
@@ -93,8 +96,28 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, SIGKILL the daemonic children (DataLoader workers) that are still alive.
+
+    Our workers ignore SIGTERM, and multiprocessing's own exit hook stops daemonic children with SIGTERM
+    and then joins them, so a worker left behind (the run stopped on an error, e.g. another worker died,
+    before the DataLoader shut its workers down) would make the main process wait forever. Registered
+    after multiprocessing's hook, so it runs first (atexit is last in, first out).
+    """
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftover:
+        # The DataLoader's SIGCHLD handler would report each kill as a worker failure while exiting.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in leftover:
+        child.kill()
+
+
 def _dataloader(dataset: ShardStream, cfg: DataConfig, persistent: bool = False) -> DataLoader:
+    global _exit_hook_installed
     workers = max(0, cfg.num_workers)
+    if workers and not _exit_hook_installed:
+        atexit.register(_kill_leftover_workers)
+        _exit_hook_installed = True
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=_pin(cfg),
                       prefetch_factor=cfg.prefetch_factor if workers else None,
                       persistent_workers=persistent and workers > 0,
