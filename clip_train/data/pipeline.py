@@ -315,7 +315,7 @@ def _plan_for(sources: list[ShardSource], mode: str, cfg: DataConfig, *, seed: i
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     return StreamPlan(sources, mode, seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                      shards_per_block=cfg.shards_per_block, counts=counts)
+                      shards_per_block=cfg.shards_per_block, counts=counts, batch_size=cfg.batch_size)
 
 
 def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = None, rank: int = 0,

@@ -3,14 +3,14 @@
 Nothing here reads data. Because the plan is deterministic, a worker can jump to any block of its stream
 without replaying what came before, which is what makes exact resume cheap.
 
-Vocabulary: a *unit* is a shard, or one of ``parts`` interleaved slices of a shard (sample ``i`` belongs to
-slice ``i % parts``) when there are fewer shards than workers. A *block* is the group of units a worker
-reads interleaved at one time; a worker's stream is its blocks one after another.
+Vocabulary: a *unit* is a shard, a contiguous range of a shard's samples (epoch mode with known sample
+counts), or one of ``parts`` interleaved slices of a shard (sample ``i`` belongs to slice ``i % parts``;
+epoch mode without counts, when there are fewer shards than workers). A *block* is the group of units a
+worker reads interleaved at one time; a worker's stream is its blocks one after another.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Sequence
@@ -38,12 +38,14 @@ def mix_seed(*values: int) -> int:
 
 @dataclass(frozen=True)
 class Unit:
-    """One shard (``parts == 1``) or the ``part``-th of ``parts`` interleaved slices of it."""
+    """One shard, the ``part``-th of ``parts`` interleaved slices of it, or its samples ``start:stop``."""
 
     url: str
     part: int = 0
     parts: int = 1
     num_samples: int | None = None
+    start: int = 0
+    stop: int | None = None  # None: to the end of the shard
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,15 @@ class StreamPlan:
     Modes: ``resampled`` (blocks of shards drawn with replacement, weighted by source, endless), ``epoch``
     (each epoch shuffles the shard list and splits it across all ranks' workers; a worker that runs out
     before its batch quota pads from the rest of the epoch's units) and ``eval`` (no shuffling, one pass).
+
+    In epoch mode with known sample counts and ``batch_size``, the shuffled shard list is cut into one
+    contiguous run of samples per worker, each at least that worker's batch quota, so no worker needs to
+    pad and clean data is seen exactly once per epoch (only bad samples can make a worker pad).
     """
 
     def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, rank: int, world_size: int,
                  num_workers: int, shards_per_block: int = 4, counts: Sequence[int] | None = None,
-                 salt: int = 0) -> None:
+                 salt: int = 0, batch_size: int | None = None) -> None:
         if mode not in ("resampled", "epoch", "eval"):
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
@@ -79,6 +85,7 @@ class StreamPlan:
         self.world_size = world_size
         self.num_workers = max(1, num_workers)
         self.shards_per_block = max(1, shards_per_block)
+        self.batch_size = batch_size
         self.weights = [s.weight for s in self.sources]
         self._assignments: dict = {}  # epoch -> assignment; recomputed in each worker, never pickled
 
@@ -115,30 +122,41 @@ class StreamPlan:
             order = [i for i in order if self.counts[i] > 0]
         if self.mode != "eval":
             random.Random(mix_seed(self.seed, self.salt, epoch, 0xE90C)).shuffle(order)
+        if self.mode == "epoch" and self.counts is not None and self.batch_size is not None:
+            return self._cut_by_quota(order)
         workers = self.num_global_workers
         parts = max(1, math.ceil(workers / max(1, len(order))))
-        units: list[Unit] = []
-        for i in order:
-            for p in range(parts):
-                n = None
-                if self.counts is not None:
-                    n = self.counts[i] // parts + (1 if p < self.counts[i] % parts else 0)
-                units.append(Unit(self.urls[i], p, parts, n))
-        owner: list[int] = []
-        if self.counts is None:
-            owner = [j % workers for j in range(len(units))]
-        else:
-            # Longest-first greedy: each unit goes to the least-loaded worker, so workers differ by at most
-            # about one shard's worth of samples and little must be padded or dropped to equalise ranks.
-            owner = [0] * len(units)
-            load = [(0, g) for g in range(workers)]
-            for j in sorted(range(len(units)), key=lambda j: -(units[j].num_samples or 0)):
-                total, g = heapq.heappop(load)
-                owner[j] = g
-                heapq.heappush(load, (total + (units[j].num_samples or 0), g))
         per_worker: list[list[Unit]] = [[] for _ in range(workers)]
-        for j, unit in enumerate(units):  # keep the shuffled order inside each worker
-            per_worker[owner[j]].append(unit)
+        units = [Unit(self.urls[i], p, parts) for i in order for p in range(parts)]
+        for j, unit in enumerate(units):
+            per_worker[j % workers].append(unit)
+        return tuple(tuple(u) for u in per_worker)
+
+    def _cut_by_quota(self, order: Sequence[int]) -> tuple[tuple[Unit, ...], ...]:
+        """Consecutive sample ranges of the shuffled shards, one run per global worker.
+
+        Worker ``g`` gets its batch quota's worth of samples plus an even share of the epoch's surplus (the
+        samples beyond ``batches_per_rank`` global batches), which absorbs bad samples before any padding.
+        Only the shards at the seams are split, so at most ``workers - 1`` shards are read by two workers.
+        """
+        assert self.counts is not None and self.batch_size is not None
+        workers = self.num_global_workers
+        per_rank = self.batches_per_rank(self.batch_size, None)
+        demand = [self.worker_quota(per_rank, g % self.num_workers) * self.batch_size for g in range(workers)]
+        surplus = sum(self.counts[i] for i in order) - sum(demand)
+        lengths = [d + surplus // workers + (1 if g < surplus % workers else 0) for g, d in enumerate(demand)]
+        per_worker: list[list[Unit]] = [[] for _ in range(workers)]
+        g, room = 0, lengths[0]
+        for i in order:
+            start, count = 0, self.counts[i]
+            while start < count:
+                while room == 0:
+                    g, room = g + 1, lengths[g + 1]
+                take = min(room, count - start)
+                whole = start == 0 and take == count
+                per_worker[g].append(Unit(self.urls[i], num_samples=take, start=start,
+                                          stop=None if whole else start + take))
+                start, room = start + take, room - take
         return tuple(tuple(u) for u in per_worker)
 
     def worker_units(self, epoch: int, logical: int) -> tuple[Unit, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
@@ -25,6 +26,8 @@ def read_unit(unit: Unit, handler: Callable[[Exception], bool]) -> Iterator[Samp
     streams = url_opener([{"url": unit.url}], handler=handler)
     files = tar_file_expander(streams, handler=handler)
     samples = group_by_keys(files, handler=handler)
+    if unit.start or unit.stop is not None:  # a range: the samples before it are read as bytes, not decoded
+        samples = islice(samples, unit.start, unit.stop)
     if unit.parts == 1:
         return samples
     return (s for i, s in enumerate(samples) if i % unit.parts == unit.part)

@@ -53,6 +53,25 @@ def test_epoch_mode_splits_shards_over_ranks_and_workers_without_duplicates(make
     assert Counter(seen) == Counter(captions)  # every sample exactly once across 2 ranks x 2 workers
 
 
+@pytest.mark.parametrize("sizes", [[7, 13, 5, 11, 9], [23, 17]], ids=["uneven", "fewer_shards_than_workers"])
+def test_epoch_mode_never_repeats_a_sample_with_uneven_shards(make_shards, tokenizer, captions_of, sizes):
+    # The shuffled shards are cut into one run per worker that covers its batch quota: no worker pads
+    # from another's shards, so an epoch of clean data has no sample twice (the remainder is dropped).
+    pattern, captions = make_shards(sizes)
+    seen = []
+    for rank in range(2):
+        loader = build_train_loader(config(pattern, resampled=False, batch_size=4), 16, tokenizer,
+                                    rank=rank, world_size=2)
+        for epoch in range(2):
+            batches = [captions_of(tokens) for _, tokens in loader]
+            assert len(batches) == len(loader) == sum(sizes) // 8
+            if epoch == 0:
+                seen += [c for batch in batches for c in batch]
+    repeated = [c for c, n in Counter(seen).items() if n > 1]
+    assert not repeated, f"seen twice in one epoch: {repeated}"
+    assert len(seen) == sum(sizes) // 8 * 8 and set(seen) <= set(captions)
+
+
 def test_epoch_mode_gives_every_rank_the_same_number_of_batches(make_shards, tokenizer):
     pattern, _ = make_shards([7, 13, 5, 11, 9])  # 45 samples in uneven shards
     counts = []
