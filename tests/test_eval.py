@@ -282,3 +282,101 @@ def test_hook_over_two_gloo_ranks_equals_one_process(model_and_checkpoint, folde
         assert results[rank].keys() == expected.keys()
         for key, value in expected.items():
             assert results[rank][key] == pytest.approx(value, abs=1e-6), (rank, key)
+
+
+@pytest.mark.parametrize("name, reference, count", [("openai", "OPENAI_IMAGENET_TEMPLATES", 80),
+                                                    ("simple", "SIMPLE_IMAGENET_TEMPLATES", 7)])
+def test_builtin_templates_are_openais_prompt_sets(name, reference, count):
+    from open_clip import zero_shot_metadata
+
+    from clip_train.eval.templates import load_templates
+
+    ours = load_templates(name)
+    assert len(ours) == count
+    assert [t.format("goldfish") for t in ours] == [t("goldfish") for t in getattr(zero_shot_metadata, reference)]
+
+
+SHARD_CLASSES = ["cat", "dog", "car", "tree", "boat", "house", "bird"]  # 7 > 5: top-5 can miss
+
+
+def _labelled_shards(root) -> tuple[str, list[np.ndarray], list[int]]:
+    """Three shards of 32 px images with an integer class in ``cls`` (4 per class, 28 in all)."""
+    rng = np.random.default_rng(2)
+    arrays, labels = [], []
+    with ManifestShardWriter(str(root), samples_per_shard=10) as writer:
+        for i in range(4 * len(SHARD_CLASSES)):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            label = i % len(SHARD_CLASSES)
+            writer.write({"__key__": f"{i:04d}", "png": _png(pixels), "cls": str(label)})
+            arrays.append(pixels)
+            labels.append(label)
+    return writer.pattern, arrays, labels
+
+
+def _expected_zeroshot(model, arrays, labels, templates) -> dict:
+    heads = torch.stack([F.normalize(_encode_texts(model, [t.format(c) for t in templates]).mean(0), dim=0)
+                         for c in SHARD_CLASSES], dim=1)
+    logits = _encode_images(model, arrays) @ heads
+    target = torch.tensor(labels)
+    top1 = logits.argmax(dim=1) == target
+    top5 = (logits.topk(5, dim=1).indices == target[:, None]).any(dim=1)
+    per_class = {c: top1[target == i].double().mean().item() for i, c in enumerate(SHARD_CLASSES)}
+    return {"top1": top1.double().mean().item(), "top5": top5.double().mean().item(),
+            "mean_per_class_top1": sum(per_class.values()) / len(per_class), "per_class_top1": per_class}
+
+
+def test_zeroshot_cli_on_shards_with_a_class_field_and_builtin_templates(model_and_checkpoint, tmp_path, capsys):
+    from clip_train.eval.templates import load_templates
+
+    model, run = model_and_checkpoint
+    pattern, arrays, labels = _labelled_shards(tmp_path / "shards")
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(SHARD_CLASSES) + "\n")
+    result = _run(["zeroshot", "--checkpoint", str(run), "--data", pattern, "--classnames", str(names),
+                   "--templates", "simple", "--batch-size", "8", "--no-progress"], capsys)
+    expected = _expected_zeroshot(model, arrays, labels, load_templates("simple"))
+    assert result["samples"] == 28 and result["classes"] == 7 and result["templates"] == 7
+    for key in ("top1", "top5", "mean_per_class_top1"):
+        assert result[key] == pytest.approx(expected[key]), key
+    assert result["top5"] < 1.0 or expected["top5"] == 1.0
+    for name in SHARD_CLASSES:
+        assert result["per_class_top1"][name] == pytest.approx(expected["per_class_top1"][name])
+    # Shards carry no class names: without --classnames the CLI says so in one line.
+    assert eval_main(["zeroshot", "--checkpoint", str(run), "--data", pattern, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--classnames" in err
+
+
+def test_zeroshot_and_retrieval_under_torchrun_equal_one_process(model_and_checkpoint, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    model, run = model_and_checkpoint
+    labelled, _, _ = _labelled_shards(tmp_path / "labelled")
+    captioned, _, _ = _write_captioned_shards(tmp_path / "captioned", model)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(SHARD_CLASSES) + "\n")
+    tasks = {
+        "zeroshot": ["zeroshot", "--checkpoint", str(run), "--data", labelled, "--classnames", str(names),
+                     "--templates", "simple", "--batch-size", "4", "--num-workers", "0"],
+        "retrieval": ["retrieval", "--checkpoint", str(run), "--data", captioned, "--batch-size", "2",
+                      "--num-workers", "0"],
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    for task, argv in tasks.items():
+        single = _run([*argv, "--no-progress"], capsys)
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "clip_train.eval", *argv, "--no-progress"],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        json_lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        assert len(json_lines) == 1, done.stdout  # rank 0 alone prints the combined result
+        both = json.loads(json_lines[0])
+        assert both["world_size"] == 2
+        metrics = [k for k in single if k.startswith(("top", "mean_per_class", "image_to_text", "text_to_image"))]
+        assert metrics, single
+        for key in [*metrics, "samples", "images", "texts"]:
+            if key in single:
+                assert both[key] == pytest.approx(single[key], abs=1e-6), (task, key)

@@ -146,5 +146,8 @@ class SampleDecoder:
 
     def __call__(self, sample: dict[str, object], rng: random.Random | None = None
                  ) -> tuple[np.ndarray, str, int]:
-        text = self.caption(sample)  # cheap checks first: no image decode for a sample that will be dropped
-        return self.image(sample, rng), text, self.label(sample)
+        label = self.label(sample)
+        # Cheap checks first: no image decode for a sample that will be dropped. A labelled sample
+        # (classification shards such as ImageNet's, which often have no caption) needs no caption.
+        text = "" if label >= 0 and self.text_key not in sample else self.caption(sample)
+        return self.image(sample, rng), text, label

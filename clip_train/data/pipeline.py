@@ -348,11 +348,14 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
 
 
 def build_eval_loader(cfg: Any, image_size: int, tokenizer: Callable | None = None, rank: int = 0,
-                      world_size: int = 1) -> EvalLoader:
-    """The eval loader over ``cfg.val_shards``: resize shorter side + center crop, no shuffling, one pass."""
+                      world_size: int = 1, option: str = "data.val_shards") -> EvalLoader:
+    """The eval loader over ``cfg.val_shards``: resize shorter side + center crop, no shuffling, one pass.
+
+    Samples with a class label in ``cfg.label_key`` need no caption. ``option`` is how errors name the shards.
+    """
     cfg = as_data_config(cfg)
-    sources = resolve_sources(_shard_spec(cfg.val_shards, "val"), "data.val_shards")
-    check_first_shard(sources, "data.val_shards", cfg.image_key, cfg.text_key)
+    sources = resolve_sources(_shard_spec(cfg.val_shards, "val"), option)
+    check_first_shard(sources, option, cfg.image_key, cfg.text_key, label_key=cfg.label_key)
     plan = _plan_for(sources, "eval", cfg, seed=0, rank=rank, world_size=world_size)
     decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=False, max_pixels=cfg.max_image_pixels,
                             label_key=cfg.label_key)

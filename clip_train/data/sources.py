@@ -182,11 +182,13 @@ def resolve_sources(spec: Any, name: str = "data.train_shards") -> list[ShardSou
 
 
 def check_first_shard(sources: Sequence[ShardSource], name: str = "data.train_shards",
-                      image_key: str | None = None, text_key: str | None = None, probe: int = 20) -> None:
+                      image_key: str | None = None, text_key: str | None = None, probe: int = 20,
+                      label_key: str | None = None) -> None:
     """Read the start of the first local shard, so a wrong file type or wrong keys fail before training.
 
-    With ``image_key``/``text_key``, at least one of the first ``probe`` samples must have both; a shard
-    whose samples all lack them points at a wrong ``data.image_key``/``data.text_key``, not at bad data.
+    With ``image_key``/``text_key``, at least one of the first ``probe`` samples must have both (or, with
+    ``label_key``, an image and a class label); a shard whose samples all lack them points at a wrong
+    ``data.image_key``/``data.text_key``, not at bad data.
     """
     for source in sources:
         local = [u for u in source.urls if not is_remote(u)]
@@ -210,8 +212,10 @@ def check_first_shard(sources: Sequence[ShardSource], name: str = "data.train_sh
         if image_key is None or text_key is None or not samples:
             continue
         images = [k.strip().lower() for k in image_key.split(";") if k.strip()]
-        if not any(text_key.lower() in s and any(k in s for k in images) for s in samples):
+        described = [k.lower() for k in (text_key, label_key) if k]
+        if not any(any(k in s for k in described) and any(k in s for k in images) for s in samples):
             found = sorted({k for s in samples for k in s if not k.startswith("__")})
+            wanted = f"a caption ({text_key})" + (f" or a class ({label_key})" if label_key else "")
             raise ValueError(f"{name}={source.pattern!r}: none of the first {len(samples)} samples of {path} has "
-                             f"both an image ({image_key}) and a caption ({text_key}); they hold "
+                             f"both an image ({image_key}) and {wanted}; they hold "
                              f"{', '.join(found) or 'nothing'}: set data.image_key / data.text_key")

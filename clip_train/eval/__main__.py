@@ -2,6 +2,8 @@
 
 Each task prints a progress bar on stderr and, as its last line on stdout, one JSON object with the
 results (also written to ``--output FILE`` when given). Bad input exits with status 2 and a one-line error.
+Zero-shot and retrieval also run under ``torchrun --nproc_per_node=N -m clip_train.eval ...``: each rank
+reads its share of the set, and rank 0 prints the combined result.
 
     python -m clip_train.eval zeroshot --checkpoint outputs/run --data /data/imagenet/val \\
         --classnames imagenet_classes.txt --templates openai
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -56,7 +59,8 @@ class _Context:
         from clip_train.train.precision import autocast
 
         self.args = args
-        self.device = _device(args.device)
+        self.rank, self.world_size = args.rank, args.world_size
+        self.device = args.dist_device or _device(args.device)
         self.model = load_model(args.checkpoint, name=args.model, device=self.device)
         self.tokenizer = get_tokenizer(context_length=self.model.context_length)
         self.image_size = self.model.image_size
@@ -67,7 +71,12 @@ class _Context:
 
     def header(self, task: str) -> dict:
         return {"task": task, "checkpoint": str(self.args.checkpoint), "model": self.model.config.name,
-                "device": str(self.device), "precision": self.args.precision}
+                "device": str(self.device), "precision": self.args.precision, "world_size": self.world_size}
+
+    def progress(self, total: int | None, desc: str):
+        """Rank 0's bar, over rank 0's share of the set."""
+        share = -(-total // self.world_size) if total else None
+        return _progress(share, desc, self.rank == 0 and not self.args.no_progress)
 
 
 def run_zeroshot(args: argparse.Namespace) -> dict:
@@ -78,8 +87,8 @@ def run_zeroshot(args: argparse.Namespace) -> dict:
     spec = ClassificationSpec(args.data, args.classnames, args.templates).resolved()
     templates = load_templates(spec.templates)
     ctx = _Context(args)
-    data = LabelledImages(spec.data, ctx.image_size, args.batch_size, class_key=args.class_key,
-                          num_workers=args.num_workers, max_samples=args.max_samples)
+    data = LabelledImages(spec.data, ctx.image_size, args.batch_size, class_key=args.class_key, rank=ctx.rank,
+                          world_size=ctx.world_size, num_workers=args.num_workers, max_samples=args.max_samples)
     if spec.classnames is not None:
         classnames = load_classnames(spec.classnames)
     elif data.is_folder:  # an ImageFolder names its classes: "golden_retriever" -> "golden retriever"
@@ -91,7 +100,7 @@ def run_zeroshot(args: argparse.Namespace) -> dict:
                          f"{len(classnames)} names; give one name per folder, in sorted folder order")
     with ctx.autocast():
         classifier = zeroshot_classifier(ctx.model, ctx.tokenizer, classnames, templates, ctx.device)
-        with _progress(data.total_samples, "zero-shot", not args.no_progress) as bar:
+        with ctx.progress(data.total_samples, "zero-shot") as bar:
             scores = zeroshot_accuracy(ctx.model, classifier, _counted(data, bar), ctx.preprocess, ctx.device)
     if scores["samples"] == 0:
         raise ValueError(f"no labelled samples in {spec.data} (shards need an integer '{args.class_key}' field)")
@@ -112,9 +121,9 @@ def run_retrieval(args: argparse.Namespace) -> dict:
     from clip_train.eval.retrieval import embed_captioned, retrieval_recall
 
     ctx = _Context(args)
-    data = CaptionedImages(args.data, ctx.image_size, args.batch_size, num_workers=args.num_workers,
-                           image_key=args.image_key, text_key=args.text_key)
-    with ctx.autocast(), _progress(data.total_samples, "retrieval", not args.no_progress) as bar:
+    data = CaptionedImages(args.data, ctx.image_size, args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                           num_workers=args.num_workers, image_key=args.image_key, text_key=args.text_key)
+    with ctx.autocast(), ctx.progress(data.total_samples, "retrieval") as bar:
         images, texts, owner = embed_captioned(ctx.model, ctx.tokenizer, data, ctx.preprocess, ctx.device,
                                                progress=bar.update)
     if len(images) == 0:
@@ -130,6 +139,8 @@ def run_linear_probe(args: argparse.Namespace) -> dict:
     from clip_train.eval.data import ClassificationSpec, LabelledImages
     from clip_train.eval.linear_probe import image_features, linear_probe, stratified_split
 
+    if args.world_size > 1:
+        raise ValueError("linear-probe runs in one process (the fit is not distributed); start it without torchrun")
     if (args.test_data is None) == (args.test_fraction is None):
         raise ValueError("give either --test-data DIR_OR_SHARDS or --test-fraction F (a split of --train-data)")
     ctx = _Context(args)
@@ -212,18 +223,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one task. Under ``torchrun`` every rank scores its share and rank 0 prints the result."""
     args = build_parser().parse_args(argv)
     from clip_train.models import CheckpointError
+    from clip_train.train.distributed import init_distributed, shutdown
 
     start = time.perf_counter()
+    args.rank, args.world_size, args.dist_device = 0, 1, None
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if args.device not in ("auto", "cpu", "cuda"):
+                raise ValueError(f"under torchrun --device is auto, cpu or cuda (each rank takes its own GPU), "
+                                 f"not {args.device!r}")
+            dist_ctx = init_distributed(args.device)
+            args.rank, args.world_size, args.dist_device = dist_ctx.rank, dist_ctx.world_size, dist_ctx.device
         result = args.run(args)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"clip_train.eval {args.task}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        shutdown()
+    if args.rank != 0:
+        return 0
     result["seconds"] = round(time.perf_counter() - start, 2)
     if args.output:
         Path(args.output).expanduser().parent.mkdir(parents=True, exist_ok=True)

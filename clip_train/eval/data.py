@@ -99,7 +99,7 @@ class LabelledImages:
             from clip_train.tokenizer import get_tokenizer
 
             self._loader = build_eval_loader(cfg, image_size, tokenizer or get_tokenizer(context_length=2),
-                                             rank=rank, world_size=world_size)
+                                             rank=rank, world_size=world_size, option=option)
 
     @property
     def total_samples(self) -> int | None:
