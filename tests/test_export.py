@@ -84,6 +84,37 @@ def test_hf_processor_matches_our_tokenizer_and_normalisation(tmp_path):
     assert (hf_pixels - our_pixels).abs().max().item() < 1e-4
 
 
+def _smooth_image(width: int, height: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([127 + 100 * np.sin(x / width * 3 * np.pi), 127 + 100 * np.cos(y / height * 2 * np.pi),
+                     (x + y) / (width + height) * 255], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size, fmt", [((96, 64), "PNG"), ((75, 130), "PNG"), ((640, 480), "JPEG")])
+def test_hf_processor_resizes_and_crops_larger_images_like_our_eval_transform(tmp_path, size, fmt):
+    import io
+
+    from PIL import Image
+
+    from clip_train.data.decode import SampleDecoder
+
+    export(clip_train.create_model("tiny"), "hf", tmp_path / "hf")
+    processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
+    buffer = io.BytesIO()
+    Image.fromarray(_smooth_image(*size)).save(buffer, format=fmt)
+    data = buffer.getvalue()
+    hf_pixels = processor.image_processor(Image.open(io.BytesIO(data)), return_tensors="pt").pixel_values
+    ours = SampleDecoder(32, train=False).image({fmt.lower().replace("jpeg", "jpg"): data}, None)
+    our_pixels = normalize_on_device(torch.tensor(np.array(ours)).permute(2, 0, 1)[None])
+    assert hf_pixels.shape == our_pixels.shape == (1, 3, 32, 32)
+    diff = (hf_pixels - our_pixels).abs()
+    level = 1 / 255 / 0.26  # one grey level after CLIP's normalisation, about 0.015
+    if size == (96, 64):  # whole multiples of 32: the same sampling grid, rounding apart
+        assert diff.max().item() < 1.01 * level
+    else:  # transformers rounds the resized side and crop offset to whole pixels: a sub-pixel shift
+        assert diff.mean().item() < 2.5 * level
+
+
 def test_open_clip_export_loads_by_dir_and_by_name(tmp_path, inputs):
     torch.manual_seed(0)
     model = _trained_like(clip_train.create_model("tiny"))
@@ -190,3 +221,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert export_main([str(tmp_path / "m.safetensors"), "--format", "safetensors", "--out",
                         str(tmp_path / "x.pt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+def test_hf_directory_imports_by_name_and_a_wrong_name_is_refused(tmp_path, inputs):
+    torch.manual_seed(0)
+    model = _trained_like(clip_train.create_model("tiny"))
+    export(model, "hf", tmp_path / "hf")
+    named = clip_train.create_model("tiny", pretrained=tmp_path / "hf").eval()
+    for a, b in zip(_features(model, *inputs), _features(named, *inputs)):
+        assert (a - b).abs().max().item() < TOL
+    with pytest.raises(clip_train.models.CheckpointError, match="shape|missing|unexpected"):
+        clip_train.create_model("ViT-B-32", pretrained=tmp_path / "hf")
