@@ -122,3 +122,43 @@ def test_demo_dataset_builds_once_into_the_cache_and_loads(tmp_path, monkeypatch
     for batch in build_eval_loader(DataConfig(val_shards="demo", num_workers=0, batch_size=100), 32, tokenizer):
         labels.update(batch.labels.tolist())
     assert sorted(labels) == list(range(10)) and sum(labels.values()) == 299
+
+
+def test_make_shards_from_tsv_splits_by_size_and_the_loader_counts_from_the_manifest(tmp_path, tokenizer,
+                                                                                     captions_of):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with open(tmp_path / "pairs.tsv", "w") as f:
+        f.write("url\ttext\n")
+        for i in range(6):
+            (photos / f"{i}.png").write_bytes(image_bytes(i, (200, 150)))  # ~90 KB of noise each
+            f.write(f"photos/{i}.png\tnoise image {i}\n")
+    out = tmp_path / "shards"
+    assert make_shards_main([str(tmp_path / "pairs.tsv"), str(out), "--image-col", "url", "--max-shard-mb", "0.2",
+                             "--no-progress"]) == 0
+    manifest = json.loads((out / "shards.json").read_text())
+    sizes = [s["num_samples"] for s in manifest["shards"]]
+    assert len(sizes) > 1 and sum(sizes) == 6  # a new shard whenever the next image would pass 0.2 MB
+    assert all(s["bytes"] < 0.2e6 + 120_000 for s in manifest["shards"])  # at most one image over
+    pattern = str(out / f"{{00000..{len(sizes) - 1:05d}}}.tar")
+    loader = build_train_loader(DataConfig(train_shards=pattern, num_workers=0, batch_size=2, resampled=False),
+                                16, tokenizer)
+    assert len(loader) == 3
+    assert sorted(c for _, t in loader for c in captions_of(t)) == sorted(f"noiseimage{i}" for i in range(6))
+
+
+def test_demo_command_writes_loadable_shards_and_refuses_a_full_folder(tmp_path, capsys, tokenizer):
+    from clip_train.data.demo import load_classnames
+    from clip_train.data.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    train = next(line for line in printed.splitlines() if line.startswith("train:")).split("=", 1)[1].strip("'")
+    loader = build_train_loader(DataConfig(train_shards=train, num_workers=0, batch_size=32, resampled=False),
+                                32, tokenizer)
+    images, _ = next(iter(loader))
+    assert images.shape == (32, 3, 32, 32)
+    classnames, _ = load_classnames(str(out))
+    assert classnames[:3] == ["zero", "one", "two"]
+    assert demo_main([str(out)]) == 2 and "not empty" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter
 from itertools import islice
 
 import pytest
@@ -117,3 +119,44 @@ def test_dict_and_omegaconf_configs_are_accepted(make_shards, tokenizer):
         assert images.shape[0] == 2
     with pytest.raises(ValueError, match="unknown data option"):
         build_train_loader({"train_shards": pattern, "batchsize": 2}, 16, tokenizer)
+
+
+@pytest.fixture
+def http_root():
+    """A local HTTP server over a folder (webdataset fetches http URLs with curl)."""
+    import functools
+    import http.server
+    import threading
+
+    servers = []
+
+    def serve(folder) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("scheme", ["pipe", "http"])
+def test_pipe_and_http_shards_are_streamed_end_to_end(make_shards, tokenizer, captions_of, http_root, scheme):
+    import shutil
+
+    if scheme == "http" and shutil.which("curl") is None:
+        pytest.skip("webdataset reads http(s) URLs with curl, which is not installed")
+    pattern, captions = make_shards([6, 5, 7])
+    folder = os.path.dirname(pattern)
+    name = os.path.basename(pattern)
+    url = f"pipe:cat {folder}/{name}" if scheme == "pipe" else f"{http_root(folder)}/{name}"
+    manifest = f"{folder}/shards.json" if scheme == "pipe" else f"{http_root(folder)}/shards.json"
+    cfg = DataConfig(train_shards=url, manifest=manifest, resampled=False, num_workers=2, batch_size=3)
+    loader = build_train_loader(cfg, 16, tokenizer)
+    seen = [c for _, tokens in loader for c in captions_of(tokens)]
+    assert len(loader) == 6 and len(seen) == 18
+    assert Counter(seen) == Counter(captions)  # every sample once, read through the command / the server
