@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -55,16 +56,27 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(cache_dir: Path, tm
     assert train_losses(resumed) == reference
 
 
-def test_two_rank_torchrun_writes_metrics_once(cache_dir: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_two_rank_torchrun_agrees_on_a_timestamped_run_dir_and_writes_metrics_once(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    # ${now:} resolves in each process; with microseconds the two ranks' own values always differ, so
+    # a single run dir proves that the ranks took rank 0's.
     result = run_cli([*FAST_DEMO, "train.max_steps=4", "train.log_every_n_steps=2", "data.batch_size=8",
-                      "ckpt.every_n_steps=0", f"hydra.run.dir={run_dir}"], cache_dir, torchrun_procs=2, cwd=tmp_path)
+                      "ckpt.every_n_steps=0", "hydra.run.dir=runs/${now:%H-%M-%S-%f}"], cache_dir,
+                     torchrun_procs=2, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
     lines = read_metrics(run_dir)
-    assert [m["step"] for m in lines] == [2, 4]
-    assert all(m["world_size"] == 2 and m["global_batch_size"] == 16 for m in lines)
+    assert [m["step"] for m in lines] == [2, 4]  # rank 0 alone writes: each step once
+    for m in lines:
+        assert m["world_size"] == 2 and m["global_batch_size"] == 16
+        assert math.isfinite(m["loss"]) and m["lr"] > 0 and m["skipped_samples"] == 0
+        assert 0 < m["temperature"] < 1 and m["samples_per_s"] > 0
+        assert m["data_wait_s"] >= 0 and m["compute_s"] > 0 and 0 <= m["data_wait_fraction"] <= 1
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-    assert not (tmp_path / ".hydra").exists() and not (tmp_path / "outputs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no stray .hydra/ or outputs/
     assert (run_dir / "checkpoints" / ckpt.step_dir_name(4)).is_dir()
 
 
@@ -82,3 +94,63 @@ def test_wandb_offline_run_is_written_and_resumed_with_the_same_id(cache_dir: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")}
     assert ids == {run_id}
+
+
+def test_bf16_checkpoint_holds_every_part_and_resume_path_or_none(cache_dir: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = [*FAST_DEMO, "train.precision=bf16", "data.batch_size=8", "ckpt.every_n_steps=0"]
+    result = run_cli([*args, "train.max_steps=2", f"hydra.run.dir={first}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(math.isfinite(loss) for loss in train_losses(first).values())
+    step_dir = first / "checkpoints" / ckpt.step_dir_name(2)
+    saved = torch.load(step_dir / ckpt.STATE_FILE, weights_only=True)  # plain containers and tensors only
+    assert {"model", "optimizer", "scheduler", "scaler", "train_state", "per_rank", "world_size",
+            "wandb_run_id", "config", "model_config"} <= set(saved)
+    assert saved["train_state"]["step"] == 2 and saved["scheduler"]["last_epoch"] == 2
+    assert type(saved["config"]) is dict and saved["config"]["train"]["precision"] == "bf16"
+    (rank0,) = saved["per_rank"]
+    assert {"python", "numpy", "torch"} <= set(rank0["rng"])
+    assert rank0["dataloader"]["samples_seen"] == 16 and rank0["dataloader"]["world_size"] == 1
+
+    # ckpt.resume=PATH continues a given checkpoint in another run dir.
+    result = run_cli([*args, "train.max_steps=3", f"ckpt.resume={step_dir}", f"hydra.run.dir={second}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 2" in result.stdout + result.stderr
+    assert list(train_losses(second)) == [3]
+
+    # ckpt.resume=none starts afresh even where checkpoints exist.
+    result = run_cli([*args, "train.max_steps=1", "ckpt.resume=none", f"hydra.run.dir={first}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" not in result.stdout + result.stderr
+    assert list(train_losses(first)) == [1]
+
+
+def test_siglip_run_starts_from_the_paper_temperature_and_bias(cache_dir: Path, tmp_path: Path) -> None:
+    # lr 1e-6: Adam moves a parameter by about lr per step, so two steps leave the initial values readable.
+    result = run_cli([*FAST_DEMO, "loss=siglip", "optim.lr=1e-6", "data.batch_size=8", "train.max_steps=2",
+                      "ckpt.every_n_steps=0", f"hydra.run.dir={tmp_path}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    assert lines[0]["temperature"] == pytest.approx(0.1, rel=1e-4)  # logit_scale = ln 10
+    model = torch.load(tmp_path / "checkpoints" / ckpt.step_dir_name(2) / ckpt.STATE_FILE, weights_only=True)["model"]
+    assert model["logit_scale"].item() == pytest.approx(math.log(10), abs=1e-5)
+    assert model["logit_bias"].item() == pytest.approx(-10.0, abs=1e-5)
+
+
+def test_bad_samples_in_the_shards_reach_metrics_as_skipped_samples(cache_dir: Path, tmp_path: Path) -> None:
+    from tests.data.data_helpers import good_sample, write_tar
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):  # each shard: 12 good samples and 4 that cannot be decoded
+        samples = [good_sample(s * 100 + i) for i in range(12)]
+        samples += [{"__key__": f"bad{s}{i}", "png": b"<html>404</html>", "txt": b"gone"} for i in range(4)]
+        write_tar(str(shards / f"{s:05d}.tar"), samples)
+    run_dir = tmp_path / "run"
+    result = run_cli([*FAST_DEMO, f"data.train_shards='{shards}/{{00000..00001}}.tar'", "data.batch_size=8",
+                      "train.max_steps=6", "ckpt.every_n_steps=0", f"hydra.run.dir={run_dir}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [m["skipped_samples"] for m in read_metrics(run_dir) if "loss" in m]
+    assert len(skipped) == 6 and skipped == sorted(skipped)  # a running total
+    assert skipped[-1] > 0  # 48 good samples trained on from shards that are a quarter bad
