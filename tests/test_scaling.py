@@ -298,9 +298,9 @@ def test_sharded_checkpoint_round_trip_and_fallback(one_rank_group, tmp_path: Pa
 
 
 def test_fsdp_on_two_ranks_matches_ddp_and_its_checkpoint_resumes(tmp_path: Path) -> None:
-    """An FSDP run saves sharded checkpoints; a DDP run resumed from FSDP's step-2 checkpoint (ckpt.resume=auto
-    in a copy of the run dir) then logs the same losses for steps 3-4 as the FSDP run did: sharded training
-    steps equal replicated ones, and the sharded checkpoint carries the whole model and optimizer state."""
+    """An FSDP run logs the losses of a DDP run of the same config and saves sharded checkpoints; from its
+    step-2 checkpoint (ckpt.resume=auto in a copy of the run dir) both an FSDP and a DDP run log the same
+    losses for steps 3-4: the sharded checkpoint carries the whole model and optimizer state."""
     cache_dir = tmp_path / "cache"
     args = [*FAST_DEMO, "data.batch_size=8", "train.max_steps=4", "ckpt.every_n_steps=2", "ckpt.keep_last=0"]
     fsdp = tmp_path / "fsdp"
@@ -313,14 +313,22 @@ def test_fsdp_on_two_ranks_matches_ddp_and_its_checkpoint_resumes(tmp_path: Path
     assert sorted(p.name for p in (step2 / sharded_io.SHARDED_DIR).iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"]
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(fsdp, resumed, symlinks=True)
-    shutil.rmtree(resumed / "checkpoints" / ckpt_io.step_dir_name(4))
-    result = run_cli([*args, "train.strategy=ddp", f"hydra.run.dir={resumed}"], cache_dir, torchrun_procs=2,
+    ddp = tmp_path / "ddp"
+    result = run_cli([*args, "train.strategy=ddp", f"hydra.run.dir={ddp}"], cache_dir, torchrun_procs=2,
                      cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr + result.stdout
-    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == [1, 2, 3, 4]
-    resumed_losses = train_losses(resumed)
-    for step in (3, 4):
-        assert resumed_losses[step] == pytest.approx(reference[step], rel=1e-5), step
+    for step, loss in train_losses(ddp).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
+
+    for strategy in ("fsdp", "ddp"):
+        resumed = tmp_path / f"resumed_{strategy}"
+        shutil.copytree(fsdp, resumed, symlinks=True)
+        shutil.rmtree(resumed / "checkpoints" / ckpt_io.step_dir_name(4))
+        result = run_cli([*args, f"train.strategy={strategy}", f"hydra.run.dir={resumed}"], cache_dir,
+                         torchrun_procs=2, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "at step 2" in result.stderr + result.stdout
+        assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == [1, 2, 3, 4]
+        resumed_losses = train_losses(resumed)
+        for step in (3, 4):
+            assert resumed_losses[step] == pytest.approx(reference[step], rel=1e-5), (strategy, step)
