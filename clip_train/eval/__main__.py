@@ -2,8 +2,8 @@
 
 Each task prints a progress bar on stderr and, as its last line on stdout, one JSON object with the
 results (also written to ``--output FILE`` when given). Bad input exits with status 2 and a one-line error.
-Zero-shot and retrieval also run under ``torchrun --nproc_per_node=N -m clip_train.eval ...``: each rank
-reads its share of the set, and rank 0 prints the combined result.
+Zero-shot and retrieval also run under ``torchrun --nproc_per_node=N -m clip_train.eval ...`` (or srun):
+each rank reads its share of the set, and rank 0 prints the combined result.
 
     python -m clip_train.eval zeroshot --checkpoint outputs/run --data /data/imagenet/val \\
         --classnames imagenet_classes.txt --templates openai
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -226,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run one task. Under ``torchrun`` every rank scores its share and rank 0 prints the result."""
     args = build_parser().parse_args(argv)
     from clip_train.models import CheckpointError
-    from clip_train.train.distributed import init_distributed, shutdown
+    from clip_train.train.distributed import init_distributed, launch_env, shutdown
 
     start = time.perf_counter()
     args.rank, args.world_size, args.dist_device = 0, 1, None
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launch_env().world_size > 1:  # torchrun, or an srun step with one task per rank
             if args.device not in ("auto", "cpu", "cuda"):
                 raise ValueError(f"under torchrun --device is auto, cpu or cuda (each rank takes its own GPU), "
                                  f"not {args.device!r}")
