@@ -348,9 +348,10 @@ def test_zeroshot_cli_on_shards_with_a_class_field_and_builtin_templates(model_a
 
 
 def test_zeroshot_and_retrieval_under_torchrun_equal_one_process(model_and_checkpoint, tmp_path, capsys):
-    import os
     import subprocess
     import sys
+
+    from tests.cli_helpers import cli_env
 
     model, run = model_and_checkpoint
     labelled, _, _ = _labelled_shards(tmp_path / "labelled")
@@ -363,8 +364,7 @@ def test_zeroshot_and_retrieval_under_torchrun_equal_one_process(model_and_check
         "retrieval": ["retrieval", "--checkpoint", str(run), "--data", captioned, "--batch-size", "2",
                       "--num-workers", "0"],
     }
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = cli_env(tmp_path / "cache")  # one thread per rank, no inherited rank variables
     for task, argv in tasks.items():
         single = _run([*argv, "--no-progress"], capsys)
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
