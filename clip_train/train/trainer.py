@@ -224,12 +224,10 @@ class Trainer:
                 start_step=self.state.step,
             ),
         ]
-        wandb_cfg = self.cfg.logger.wandb
-        if wandb_cfg.mode != "disabled":
-            wandb = WandbBackend(
-                self.run_dir, wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity, wandb_cfg.name,
-                list(wandb_cfg.tags), self.resolved_config, self.wandb_run_id,
-            )
+        wandb = WandbBackend.from_config(
+            self.cfg.logger.wandb, self.run_dir, self.resolved_config, self.wandb_run_id
+        )
+        if wandb is not None:  # logger.wandb and the WANDB_* environment decide
             self.wandb_run_id = wandb.run_id
             backends.append(wandb)
         self.metrics = MetricsProcessor(backends)
