@@ -138,11 +138,13 @@ class ZeroShotSetConfig:
 
     name: str = "zeroshot"
     data: str = "???"
-    """An ImageFolder directory, or shards (brace pattern) whose samples carry a class index."""
+    """An ImageFolder directory, or shards (brace pattern, or a folder of .tar) whose samples carry a class index."""
     classnames: str = "???"
-    """A file with one class name per line (line i names class i)."""
+    """A file with one class name per line: line i names class i of shards; an ImageFolder's folders are
+    matched to the names by name (or by sorted position when no folder is a name); a mismatch is refused."""
     templates: str = "openai"
-    """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}."""
+    """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}
+    or {c} (CLIP_benchmark's files)."""
     class_key: str = "cls"
     """Shards only: the sample field holding the class index."""
     batch_size: int = 256

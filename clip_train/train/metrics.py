@@ -189,7 +189,7 @@ class WandbBackend:
     @classmethod
     def from_config(
         cls, cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: str | None
-    ) -> "WandbBackend | None":
+    ) -> WandbBackend | None:
         """The backend ``logger.wandb`` and the ``WANDB_*`` environment ask for, or None when W&B is off."""
         settings = resolve_wandb_init(cfg, run_dir, run_id)
         return None if settings is None else cls(settings, config)
