@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clip_train.checkpoint_paths import resolve_training_checkpoint
 from clip_train.config import TrainConfig
 from clip_train.data import build_train_loader, normalize_on_device
 from clip_train.loss import ClipLoss, SigLipLoss
@@ -179,7 +180,7 @@ class Trainer:
             return None
         if resume == "auto":
             return ckpt_io.find_resumable(self.checkpoint_dir)
-        return ckpt_io.resolve_checkpoint_path(Path(resume))
+        return resolve_training_checkpoint(resume)
 
     def maybe_resume(self) -> None:
         path = broadcast_object(self._checkpoint_to_resume() if self.ctx.is_main else None, self.ctx)
