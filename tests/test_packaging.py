@@ -44,16 +44,35 @@ logger:
 """
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    source = tmp_path_factory.mktemp("source")
+def _copy_source(dest: Path) -> Path:
     for item in _SOURCE_ITEMS:
         if (REPO / item).is_dir():
-            shutil.copytree(REPO / item, source / item, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(REPO / item, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy2(REPO / item, source / item)
-    out = tmp_path_factory.mktemp("wheelhouse")
+            shutil.copy2(REPO / item, dest / item)
+    return dest
+
+
+def _fresh_venv(venv: Path) -> Path:
+    """A new virtual environment that sees the shared environment's packages but not its clip_train."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        check=True, capture_output=True, text=True).stdout.strip())
+    (site_packages / "shared_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def _pip_install(python: Path, *args: str) -> None:
     # No build isolation: it would fetch setuptools from the network; the shared environment has it.
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
+                    "--quiet", *args], check=True, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    source = _copy_source(tmp_path_factory.mktemp("source"))
+    out = tmp_path_factory.mktemp("wheelhouse")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                     "-w", str(out), str(source)], check=True, capture_output=True, text=True, timeout=120)
     (built,) = out.glob("clip_train-*.whl")
@@ -62,14 +81,8 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed_python(wheel: Path, tmp_path_factory) -> Path:
-    venv = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        check=True, capture_output=True, text=True).stdout.strip())
-    (site_packages / "shared_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
-                   check=True, capture_output=True, text=True, timeout=120)
+    python = _fresh_venv(tmp_path_factory.mktemp("venv"))
+    _pip_install(python, str(wheel))
     return python
 
 
@@ -126,6 +139,19 @@ def test_a_fresh_install_trains_the_demo_from_another_directory_with_a_users_con
     composed = yaml.safe_load(printed.stdout)
     assert composed["logger"]["wandb"]["project"] == "from-the-user-config-dir"
     assert composed["model"]["name"] == "tiny" and composed["train"]["max_steps"] == 2  # demo's, then mine
+
+
+def test_an_editable_install_reads_the_checkouts_configs(tmp_path: Path) -> None:
+    source = _copy_source(tmp_path / "checkout")
+    (source / "configs" / "experiment" / "edited.yaml").write_text(USER_EXPERIMENT)  # a config added in place
+    python = _fresh_venv(tmp_path / "venv")
+    _pip_install(python, "-e", str(source))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    printed = subprocess.run([str(python), "-m", "clip_train", "+experiment=edited", "--cfg", "job"], check=False,
+                             cwd=elsewhere, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert yaml.safe_load(printed.stdout)["logger"]["wandb"]["project"] == "from-the-user-config-dir"
 
 
 def test_a_checkout_reads_its_own_configs_directory() -> None:
