@@ -175,6 +175,8 @@ class WandbBackend:
         import wandb
 
         self._wandb = wandb
+        if settings.dir is not None:
+            Path(settings.dir).expanduser().mkdir(parents=True, exist_ok=True)  # logger.wandb.dir may be new
         try:
             self.run = wandb.init(**asdict(settings), config=config)
         except wandb.errors.UsageError as err:
