@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from clip_train.config import ConfigError, TrainConfig, register_configs, validate
+from clip_train.config_source import hydra_config_path
 from clip_train.models.pretrained import CheckpointError
 from clip_train.train import preemption
 from clip_train.train.checkpoint import CheckpointCorrupt
@@ -74,7 +75,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         shutdown()
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+# The checkout's configs/ when run from source, else the copy inside the installed package (pkg://).
+@hydra.main(config_path=hydra_config_path(), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)

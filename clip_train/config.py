@@ -100,15 +100,29 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases, from rank 0 only."""
+    """Weights & Biases, from rank 0 only. A key left null defers to the standard ``WANDB_*`` variable, so
+    ``WANDB_MODE=offline`` (or ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_DIR``, ...) works as with any W&B
+    script; a key set here overrides the environment."""
 
-    mode: str = "disabled"
-    """``online``, ``offline`` (a local run under the run dir that ``wandb sync`` uploads) or ``disabled``."""
-    project: str = "clip_train"
+    mode: Optional[str] = None
+    """``online``, ``offline`` (a local run under the run dir that ``wandb sync`` uploads) or ``disabled``;
+    null: ``WANDB_MODE``, else ``default_mode``."""
+    default_mode: str = "disabled"
+    """The mode when neither ``mode`` nor ``WANDB_MODE`` sets one: ``disabled`` (logger=default) or ``online``
+    (logger=wandb)."""
+    project: Optional[str] = None
+    """null: ``WANDB_PROJECT``, else ``clip_train``."""
     entity: Optional[str] = None
+    """null: ``WANDB_ENTITY``, else the account's default entity."""
     name: Optional[str] = None
-    """Run name; defaults to the run directory's name."""
-    tags: List[str] = field(default_factory=list)
+    """Run name; null: ``WANDB_NAME``, else the run directory's name."""
+    group: Optional[str] = None
+    """null: ``WANDB_RUN_GROUP``."""
+    tags: Optional[List[str]] = None
+    """null: ``WANDB_TAGS`` (comma-separated)."""
+    dir: Optional[str] = None
+    """Where W&B writes its ``wandb/`` folder; null: ``WANDB_DIR``, else the run directory. A resumed run
+    continues the W&B run id stored in its checkpoint; a fresh one takes ``WANDB_RUN_ID`` when set."""
 
 
 @dataclass
@@ -124,11 +138,13 @@ class ZeroShotSetConfig:
 
     name: str = "zeroshot"
     data: str = "???"
-    """An ImageFolder directory, or shards (brace pattern) whose samples carry a class index."""
+    """An ImageFolder directory, or shards (brace pattern, or a folder of .tar) whose samples carry a class index."""
     classnames: str = "???"
-    """A file with one class name per line (line i names class i)."""
+    """A file with one class name per line: line i names class i of shards; an ImageFolder's folders are
+    matched to the names by name (or by sorted position when no folder is a name); a mismatch is refused."""
     templates: str = "openai"
-    """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}."""
+    """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}
+    or {c} (CLIP_benchmark's files)."""
     class_key: str = "cls"
     """Shards only: the sample field holding the class index."""
     batch_size: int = 256
@@ -188,11 +204,13 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         "loss.name": (cfg.loss.name, ("clip", "siglip")),
         "loss.implementation": (cfg.loss.implementation, ("tiled", "exact")),
         "optim.name": (cfg.optim.name, ("adamw", "stable_adamw")),
-        "logger.wandb.mode": (cfg.logger.wandb.mode, ("online", "offline", "disabled")),
+        "logger.wandb.mode": (cfg.logger.wandb.mode, (None, "online", "offline", "disabled")),
+        "logger.wandb.default_mode": (cfg.logger.wandb.default_mode, ("online", "offline", "disabled")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            names = ", ".join("null" if choice is None else choice for choice in allowed)
+            raise ConfigError(f"{key}={value!r} is not one of {names}")
     if cfg.train.precision == "fp16" and device_type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); on CPU use bf16 or fp32")
     if cfg.train.max_steps < 1:

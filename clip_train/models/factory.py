@@ -8,6 +8,7 @@ import os
 import torch
 from omegaconf import OmegaConf
 
+from clip_train.checkpoint_paths import resolve_weights
 from clip_train.models.clip import CLIP
 from clip_train.models.config import ModelConfig
 from clip_train.models.pretrained import config_from_state_dict, load_weights_into, read_weights
@@ -33,7 +34,7 @@ def create_model(
             checkpoint, or a clip_train checkpoint. Files in OpenAI's layout select QuickGELU.
         device: where to put the model.
     """
-    weights = read_weights(pretrained) if pretrained is not None else None
+    weights = read_weights(resolve_weights(pretrained)) if pretrained is not None else None
     if name is not None:
         cfg = get_model_config(name)
     elif weights is not None:
@@ -52,7 +53,7 @@ def create_model_from_config(
     cfg: ModelConfig, init_temperature: float = 0.07, init_logit_bias: float | None = None
 ) -> CLIP:
     """Build the model a (Hydra) ``ModelConfig`` describes, loading ``cfg.pretrained`` when set."""
-    weights = read_weights(cfg.pretrained) if cfg.pretrained else None
+    weights = read_weights(resolve_weights(cfg.pretrained)) if cfg.pretrained else None
     if weights is not None and weights.openai_layout and not cfg.quick_gelu:
         cfg = dataclasses.replace(cfg, quick_gelu=True)
     model = CLIP(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clip_train.checkpoint_paths import resolve_training_checkpoint
 from clip_train.config import TrainConfig
 from clip_train.data import build_train_loader, normalize_on_device
 from clip_train.loss import ClipLoss, SigLipLoss
@@ -179,7 +180,7 @@ class Trainer:
             return None
         if resume == "auto":
             return ckpt_io.find_resumable(self.checkpoint_dir)
-        return ckpt_io.resolve_checkpoint_path(Path(resume))
+        return resolve_training_checkpoint(resume)
 
     def maybe_resume(self) -> None:
         path = broadcast_object(self._checkpoint_to_resume() if self.ctx.is_main else None, self.ctx)
@@ -224,12 +225,10 @@ class Trainer:
                 start_step=self.state.step,
             ),
         ]
-        wandb_cfg = self.cfg.logger.wandb
-        if wandb_cfg.mode != "disabled":
-            wandb = WandbBackend(
-                self.run_dir, wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity, wandb_cfg.name,
-                list(wandb_cfg.tags), self.resolved_config, self.wandb_run_id,
-            )
+        wandb = WandbBackend.from_config(
+            self.cfg.logger.wandb, self.run_dir, self.resolved_config, self.wandb_run_id
+        )
+        if wandb is not None:  # logger.wandb and the WANDB_* environment decide
             self.wandb_run_id = wandb.run_id
             backends.append(wandb)
         self.metrics = MetricsProcessor(backends)
