@@ -79,3 +79,24 @@ class DataConfig:
 
     eval_batch_size: Optional[int] = None
     """Batch size of the eval loader; None = ``batch_size``."""
+
+    connect_timeout_s: float = 10.0
+    """Remote shards (s3://, gs://, http(s)://): seconds to wait for a connection before the try fails."""
+
+    read_timeout_s: float = 60.0
+    """Remote shards (also ``pipe:`` commands): seconds without a byte after which the try fails."""
+
+    read_retries: int = 3
+    """Tries after a failed one (a timeout, a dropped connection) before the shard is abandoned and counted in
+    ``skipped_shards``; each retry resumes at the byte reached. Any progress resets the count."""
+
+    retry_backoff_s: float = 1.0
+    """Wait before the first retry; it doubles with each further one."""
+
+    max_failed_shards_in_row: int = 16
+    """Shards in a row that cannot be read (abandoned after their retries, with no usable sample between
+    them) after which a worker stops the run with one line: the store is unreachable, not flaky."""
+
+    stall_timeout_s: float = 300.0
+    """When the loader has delivered no batch for this long, it warns naming the shards it is waiting on
+    (and again each period); 0 disables the warning."""
