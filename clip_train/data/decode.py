@@ -63,6 +63,7 @@ class SkipCounter:
             return
         self.shards += 1
         self.last_shard_error = reason
+        reason = reason[len(url) + 2:] if reason.startswith(url + ": ") else reason
         log.warning("%s: abandoned shard %s (%s); %d shard(s) skipped so far. Shards that stall or drop are "
                     "retried data.read_retries times with data.read_timeout_s per read", self.where, url,
                     reason, self.shards)

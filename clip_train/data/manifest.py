@@ -143,8 +143,8 @@ def sample_counts(urls: Sequence[str], manifest: str | None = None, options: Rem
     known = sum(c is not None for c in counts)
     if known == len(counts):
         return counts  # type: ignore[return-value]
-    if known == 0:
-        return None
+    if known == 0 or len(unknown) < len(counts) - known:
+        return None  # nothing known, or an http/pipe shard without a count (counting it would read it all)
     gaps = [i for i, c in enumerate(counts) if c is None]
     origin = ", ".join(f"{n} from {where}" for where, n in sources.items()) or "from the manifest"
     for i in gaps:
