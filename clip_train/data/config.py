@@ -21,7 +21,8 @@ class DataConfig:
 
     train_shards: Any = None
     """WebDataset shards to train on: a brace pattern (``/data/laion/{00000..41407}.tar``), a glob, a list of
-    patterns, a ``.txt`` file listing one shard per line, ``pipe:``/http(s) URLs, or a list of
+    patterns, a ``.txt`` file listing one shard per line, ``s3://``/``gs://`` patterns, globs or folder
+    prefixes (credentials and ``AWS_ENDPOINT_URL`` from the environment), ``pipe:``/http(s) URLs, or a list of
     ``{shards: ..., weight: w}`` sources mixed by weight (resampled mode). ``demo`` = the built-in digits."""
 
     val_shards: Optional[str] = None
