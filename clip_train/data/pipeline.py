@@ -13,6 +13,7 @@ import multiprocessing
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -193,7 +194,9 @@ class TrainLoader:
     def _next_batch(self) -> Any:
         """The next batch from the workers, watched: a long wait is reported naming the shards being read."""
         if self._cfg.stall_timeout_s > 0 and self._watchdog is None:
-            self._watchdog = threading.Thread(target=self._watch, name="data-stall-watchdog", daemon=True)
+            # A weak reference, so the watchdog does not keep the loader (and its workers) alive.
+            self._watchdog = threading.Thread(target=TrainLoader._watch, args=(weakref.ref(self),),
+                                              name="data-stall-watchdog", daemon=True)
             self._watchdog.start()
         self._waiting_since = time.monotonic()
         try:
@@ -204,22 +207,34 @@ class TrainLoader:
         finally:
             self._waiting_since = None
 
-    def _watch(self) -> None:
-        """Warn each ``data.stall_timeout_s`` the training loop has waited for one batch (a daemon thread)."""
-        timeout = float(self._cfg.stall_timeout_s)
+    @staticmethod
+    def _watch(loader_ref: weakref.ref) -> None:
+        """Warn each ``data.stall_timeout_s`` the training loop has waited for one batch (a daemon thread that
+        ends with the loader)."""
+        loader = loader_ref()
+        timeout = float(loader._cfg.stall_timeout_s) if loader is not None else 1.0
+        del loader
         warned_for: tuple[float, int] | None = None
         while True:
             time.sleep(min(1.0, timeout / 4))
-            since = self._waiting_since
-            if since is None:
-                continue
-            waited = time.monotonic() - since
-            periods = int(waited // timeout)
-            if periods >= 1 and warned_for != (since, periods):
-                warned_for = (since, periods)
-                log.warning("data: no batch for %.0f s (data.stall_timeout_s=%g); waiting on %s. Slow or stalled "
-                            "shards are abandoned after data.read_retries tries of data.read_timeout_s=%g s",
-                            waited, timeout, self.waiting_on(), self._cfg.read_timeout_s)
+            loader = loader_ref()
+            if loader is None:
+                return
+            warned_for = loader._warn_if_stalled(timeout, warned_for)
+            del loader  # no strong reference while sleeping
+
+    def _warn_if_stalled(self, timeout: float, warned_for: tuple[float, int] | None) -> tuple[float, int] | None:
+        since = self._waiting_since
+        if since is None:
+            return warned_for
+        waited = time.monotonic() - since
+        periods = int(waited // timeout)
+        if periods >= 1 and warned_for != (since, periods):
+            log.warning("data: no batch for %.0f s (data.stall_timeout_s=%g); waiting on %s. Slow or stalled "
+                        "shards are abandoned after data.read_retries tries of data.read_timeout_s=%g s",
+                        waited, timeout, self.waiting_on(), self._cfg.read_timeout_s)
+            return since, periods
+        return warned_for
 
     def waiting_on(self) -> str:
         """Which worker the next batch is due from and the shards it is reading (from the plan: no IPC)."""

@@ -181,7 +181,9 @@ def _http_open_at(url: str, options: RemoteOptions) -> Callable[[int], tuple[IO[
     import urllib3
 
     def open_at(offset: int) -> tuple[IO[bytes], Callable[[], None]]:
-        pool = _pools.setdefault(os.getpid(), urllib3.PoolManager())
+        pool = _pools.get(os.getpid())
+        if pool is None:  # one pool per process: pools are not fork-safe
+            pool = _pools[os.getpid()] = urllib3.PoolManager()
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         response = pool.request("GET", url, headers=headers, preload_content=False, retries=False,
                                 timeout=urllib3.Timeout(connect=options.connect_timeout_s,
@@ -259,8 +261,10 @@ def _transient(exn: Exception) -> bool:
     if isinstance(exn, ShardUnavailable):
         return False
     try:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
 
+        if isinstance(exn, (NoCredentialsError, ParamValidationError)):
+            return False
         if isinstance(exn, ClientError):
             code = str(exn.response.get("Error", {}).get("Code", ""))
             status = int(exn.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -367,9 +371,13 @@ def open_shard(url: str, options: RemoteOptions | None = None) -> IO[bytes]:
         open_at = _http_open_at(url, options)
     elif kind == "pipe":
         open_at = _pipe_open_at(url, options)
-    else:
-        raise ShardUnavailable(f"{url}: unsupported URL scheme {kind!r} (use a path, s3://, gs://, http(s):// "
-                               "or pipe:COMMAND)")
+    else:  # other schemes webdataset knows (hf://, ais://, sftp://...): its opener, without our timeouts
+        import webdataset as wds
+
+        try:
+            return wds.gopen(url, "rb")
+        except Exception as exn:  # noqa: BLE001 - any failure to open is an unavailable shard
+            raise ShardUnavailable(f"{url}: {type(exn).__name__}: {exn}") from None
     return io.BufferedReader(ResumingReader(url, open_at, options, describe), buffer_size=_CHUNK)
 
 

@@ -23,8 +23,10 @@ from clip_train.data.remote import (
     RemoteOptions,
     ShardUnavailable,
     describe_s3_error,
+    gcs_filesystem,
     list_matching,
     open_shard,
+    s3_list,
     scheme,
 )
 
@@ -77,17 +79,19 @@ def _expand_object_store(items: Sequence[str], name: str, pattern: str, options:
             else:
                 concrete.append(item)
         missing, first_missing = 0, None
-        if concrete:
-            prefix = os.path.commonprefix(concrete)
-            if "/" not in prefix.split("://", 1)[1]:
-                prefix = prefix.split("://", 1)[0] + "://" + prefix.split("://", 1)[1].split("/")[0] + "/"
-            from clip_train.data.remote import gcs_filesystem, s3_list
-
+        listed: set[str] = set()
+        by_bucket: dict[str, list[str]] = {}
+        for item in concrete:
+            by_bucket.setdefault(item.split("/", 3)[2] if item.count("/") >= 3 else item, []).append(item)
+        for group in by_bucket.values():
+            prefix = os.path.commonprefix(group)
+            if prefix.count("/") < 3:  # at least s3://bucket/
+                prefix = "/".join(group[0].split("/", 3)[:3]) + "/"
             if scheme(prefix) == "s3":
-                listed = set(s3_list(prefix, options))
+                listed.update(s3_list(prefix, options))
             else:
-                listed = {"gs://" + p for p in gcs_filesystem(options).glob(prefix[len("gs://"):] + "**")}
-            for item in concrete:
+                listed.update("gs://" + p for p in gcs_filesystem(options).glob(prefix[len("gs://"):] + "**"))
+        for item in concrete:
                 if item in listed:
                     found.append(item)
                 else:

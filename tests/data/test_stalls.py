@@ -104,3 +104,19 @@ def test_when_every_shard_stalls_the_run_stops_with_one_line_well_within_a_minut
     waiting = [line for line in output.splitlines() if "no batch for" in line]
     assert waiting and f"http://127.0.0.1:{port}/" in waiting[0] and "worker 0 of rank 0" in waiting[0]
     print(f"stopped after {elapsed:.1f} s", file=sys.stderr)
+
+
+def test_the_stall_watchdog_does_not_keep_a_finished_loader_alive(tmp_path, tokenizer) -> None:
+    import gc
+    import weakref
+
+    from clip_train.data import DataConfig, build_train_loader
+
+    pattern = _good_shards(tmp_path / "good")
+    loader = build_train_loader(DataConfig(train_shards=pattern, batch_size=4, num_workers=0, stall_timeout_s=0.2),
+                                16, tokenizer)
+    next(iter(loader))  # starts the watchdog thread
+    ref = weakref.ref(loader)
+    del loader
+    gc.collect()
+    assert ref() is None
