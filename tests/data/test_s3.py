@@ -164,3 +164,13 @@ def test_train_resume_and_evaluate_from_the_bucket(store, tmp_path) -> None:
     from_s3, from_disk = json.loads(out_s3.read_text()), json.loads(out_local.read_text())
     assert from_s3["samples"] == 12
     assert from_s3["top1"] == from_disk["top1"] and from_s3["per_class_top1"] == from_disk["per_class_top1"]
+
+
+def test_gs_shards_without_gcsfs_are_one_line_naming_the_package() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(ValueError, match=r"gs:// shards need the gcsfs package: pip install gcsfs") as err:
+        resolve_sources("gs://bucket/laion/{00000..00009}.tar")
+    assert "\n" not in str(err.value)
