@@ -318,7 +318,8 @@ class Trainer:
             if step % cfg.train.log_every_n_steps == 0 or step == cfg.train.max_steps:
                 self._check_bad_steps()
                 loss = self._mean_over_ranks(out["loss"].float().reshape(1)).item()
-                skipped = torch.tensor([float(self.loader.skipped_samples)], device=self.device)
+                skipped = torch.tensor([float(self.loader.skipped_samples),
+                                        float(getattr(self.loader, "skipped_shards", 0))], device=self.device)
                 if self.ctx.enabled:
                     dist.all_reduce(skipped)
                 elapsed = time.perf_counter() - window_start
@@ -331,7 +332,8 @@ class Trainer:
                     "data_wait_s": data_wait,
                     "compute_s": elapsed - data_wait,
                     "data_wait_fraction": data_wait / elapsed,
-                    "skipped_samples": int(skipped.item()),
+                    "skipped_samples": int(skipped[0].item()),
+                    "skipped_shards": int(skipped[1].item()),
                     "skipped_steps": self.state.skipped_steps,
                     "world_size": self.ctx.world_size,
                     "global_batch_size": self.global_batch_size,
