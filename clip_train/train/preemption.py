@@ -93,9 +93,8 @@ def disarm() -> None:
     # must not turn that exit into death by signal (torchrun still escalates to SIGKILL if we linger).
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_terminate:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # A Ctrl-C after training keeps its old meaning, except that a first one no longer waits for a step.
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _on_interrupt:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT keeps its handler: a first Ctrl-C now has nothing to wait for and is ignored, a second one
+    # exits at once (never a KeyboardInterrupt traceback from the interpreter's shutdown).
 
 
 def requested() -> bool:
