@@ -8,12 +8,8 @@ lists what each test proves.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
-import pickle
-import shutil
 import signal
 import socket
 import struct
@@ -30,7 +26,7 @@ from clip_train.models import CheckpointError
 from clip_train.train import checkpoint as ckpt
 from clip_train.train import run_lock
 from clip_train.train.optim import cosine_with_warmup
-from tests.cli_helpers import FAST_DEMO, cli_env, read_metrics, run_cli, train_losses
+from tests.cli_helpers import FAST_DEMO, read_metrics, run_cli, train_losses
 from tests.test_reliability import _finish, _kill_group, _logged_step, _start, _wait_for_step
 
 EXIT_PREEMPTED, EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_INTERRUPTED = 3, 2, 6, 130
@@ -202,7 +198,7 @@ def test_resuming_an_older_checkpoint_retires_the_newer_ones_and_auto_continues_
 def small_tmpfs(tmp_path: Path):
     mount_point = tmp_path / "tmpfs"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount_point)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount_point)], check=False,
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); needs root")
@@ -360,8 +356,9 @@ def _checkpoint_of(root: Path, model_state: dict) -> Path:
     return ckpt.write_checkpoint(root, 5, {"model": model_state, "model_config": {"name": "narrow"}})
 
 
-@pytest.mark.parametrize("case", ["header_past_end", "garbage_header", "truncated", "nonfinite_pretrained",
-                                  "hf_pickle_payload", "other_architecture_checkpoint", "nonfinite_checkpoint",
+# Through the training CLI (the other broken-safetensors kinds and non-finite pretrained weights are covered
+# in-process below, through create_model, eval and export).
+@pytest.mark.parametrize("case", ["header_past_end", "hf_pickle_payload", "other_architecture_checkpoint", "nonfinite_checkpoint",
                                   "unknown_key", "bad_type"])
 def test_bad_files_and_keys_are_refused_in_one_line_before_anything_is_written(
     cache_dir: Path, tmp_path: Path, case: str

@@ -72,10 +72,9 @@ def check_safetensors_file(path: Path) -> None:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        entries = [entry for key, entry in header.items() if key != "__metadata__"]  # AttributeError: not a dict
+        ends = [int(entry["data_offsets"][1]) for entry in entries]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
         raise CheckpointError(
             f"cannot read {path}: its safetensors header is not valid JSON describing tensors (garbage, or not a "
             "safetensors file)"

@@ -103,10 +103,10 @@ def read_holder(path: Path) -> Holder | None:
         return None
     try:
         info = json.loads(text)
-        if not isinstance(info, dict):
-            raise ValueError("not an object")
     except ValueError:
-        info = {}  # being written right now, or damaged: only the heartbeat can retire it
+        info = {}
+    if not isinstance(info, dict):  # damaged (a lease is never half-written): only the heartbeat retires it
+        info = {}
     return Holder(info=info, heartbeat_age_s=max(0.0, age))
 
 
@@ -117,9 +117,9 @@ def takeover_reason(holder: Holder, me: dict[str, Any], stale_after_s: float) ->
         return f"it was held by this same SLURM job {me['slurm_job_id']} before a requeue or restart"
     if me.get("torchelastic_run_id") and info.get("torchelastic_run_id") == me["torchelastic_run_id"]:
         return "it was held by this same torchrun job before an elastic restart"
-    if info.get("host") == me["host"] and isinstance(info.get("pid"), int):
-        if not _pid_alive(info["pid"], info.get("pid_start")):
-            return f"its process {info['pid']} on this host is no longer running"
+    same_host = info.get("host") == me["host"] and isinstance(info.get("pid"), int)
+    if same_host and not _pid_alive(info["pid"], info.get("pid_start")):
+        return f"its process {info['pid']} on this host is no longer running"
     if holder.heartbeat_age_s > stale_after_s:
         return f"its heartbeat is {holder.heartbeat_age_s:.0f} s old (more than {stale_after_s:g} s)"
     return None

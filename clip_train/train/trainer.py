@@ -23,8 +23,8 @@ from clip_train.loss import ClipLoss, SigLipLoss
 from clip_train.models import CLIP, create_model_from_config
 from clip_train.models.clip import MAX_LOGIT_SCALE
 from clip_train.models.lock import lock_image_tower, lock_text_tower
-from clip_train.tokenizer import get_tokenizer
 from clip_train.models.pretrained import CheckpointError, check_finite, fit_problems
+from clip_train.tokenizer import get_tokenizer
 from clip_train.train import checkpoint as ckpt_io
 from clip_train.train import preemption, run_lock
 from clip_train.train import resume as resume_rules
