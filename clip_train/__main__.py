@@ -91,7 +91,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
     except preemption.Preempted as stop:
-        log.info("%s; handing the job back to the scheduler", stop)
+        if preemption.interrupted():
+            log.info("%s; stopped by Ctrl-C (exit %d): rerun the same command to resume", stop,
+                     preemption.EXIT_INTERRUPTED)
+        else:
+            log.info("%s; handing the job back to the scheduler", stop)
         preemption.hand_off(launch_env().rank)
         return None
     except (ConfigError, CheckpointError, CheckpointCorrupt, run_lock.RunDirLocked, ValueError,

@@ -454,3 +454,17 @@ def test_a_broken_safetensors_checkpoint_is_one_line_in_eval_and_export(
     errors = _errors(captured.out + captured.err)
     assert len(errors) == 2 and all(str(broken) in line for line in errors), errors
     assert "SafetensorError" not in captured.err and "Traceback" not in captured.err
+
+
+def test_metrics_are_cut_in_place_after_the_resumed_step(tmp_path: Path) -> None:
+    from clip_train.train.metrics import truncate_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)]
+    path.write_text("".join(lines) + '{"step": 7, "lo')  # the last line torn by a kill
+    inode = path.stat().st_ino
+    truncate_metrics_after(path, 3)
+    assert path.read_text() == "".join(lines[:3])
+    assert path.stat().st_ino == inode, "cut in place (no new file: works on a full disk)"
+    truncate_metrics_after(path, 5)
+    assert path.read_text() == "".join(lines[:3])
