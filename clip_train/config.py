@@ -242,8 +242,8 @@ def validate_values(cfg: TrainConfig) -> None:
     optim = cfg.optim
     if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9,0.98]; got {list(optim.betas)}")
-    if not (math.isfinite(optim.lr) and optim.lr >= 0):
-        raise ConfigError(f"optim.lr must be a finite number >= 0, got {optim.lr}")
+    if not optim.lr >= 0:  # NaN fails this too; an infinite lr is left to the non-finite step guard
+        raise ConfigError(f"optim.lr must be a number >= 0, got {optim.lr}")
     _positive("optim.eps", optim.eps)
     _positive("optim.grad_clip_norm", optim.grad_clip_norm, allow_none=True)
     if optim.weight_decay < 0:

@@ -375,12 +375,12 @@ class Trainer:
             saved = (every_ckpt and step % every_ckpt == 0) or step == cfg.train.max_steps
             if saved:
                 self.save_checkpoint()
-            # The preemption signal reaches ranks at slightly different moments; agreeing here makes
-            # every rank stop after this same step (one small all-reduce per step).
             lock = run_lock.current()
-            if lock is not None and lock.lost():
+            if lock is not None and lock.lost():  # another trainer now owns the run dir: write nothing more
                 raise run_lock.RunDirLocked(f"another trainer took over the lock on {self.run_dir}; stopping "
                                             "without writing further")
+            # The preemption signal reaches ranks at slightly different moments; agreeing here makes
+            # every rank stop after this same step (one small all-reduce per step).
             if step < cfg.train.max_steps and any_rank(preemption.requested(), self.ctx):
                 if not saved:
                     self.save_checkpoint()
