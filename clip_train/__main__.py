@@ -174,7 +174,7 @@ def _check_and_lock(overrides: list[str]) -> list[str]:
         message = DiskFull.describe(err) if err.errno == errno.ENOSPC else f"cannot use the run directory: {err}"
         sys.stderr.write(f"clip_train: error: {message}\n")
         sys.exit(EXIT_DISK_FULL if err.errno == errno.ENOSPC else EXIT_BAD_INPUT)
-    kept = [a for a in overrides if not a.startswith("hydra.run.dir=")]
+    kept = [a for a in overrides if not a.lstrip("+").startswith("hydra.run.dir=")]
     return [*kept, preflight.run_dir_override(checked.run_dir)]
 
 
