@@ -6,7 +6,9 @@ unknown key fails at start-up with Hydra's error naming it, and every value is t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -75,6 +77,10 @@ class TrainLoopConfig:
     """Seconds a collective (all-reduce, barrier, rendezvous) may wait for the other ranks before this rank
     fails: a rank that died or hung then ends the job instead of stalling it. Must cover the slowest
     thing one rank does while the others wait (rank 0 writing a checkpoint, a first compile)."""
+    lock_stale_after_s: float = 600.0
+    """The run directory's lock (``clip_train.lock``, held by rank 0) is taken over by a new trainer when its
+    heartbeat is older than this (the holder died on another host). A dead holder on the same host, or the
+    same SLURM job requeued, is taken over at once. See docs/reliability.md."""
     tf32: bool = True
     """Allow TF32 matmuls on GPUs that have them."""
     strategy: str = "ddp"
@@ -227,7 +233,53 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {cfg.train.collective_timeout_s}")
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
+    validate_values(cfg)
     validate_scaling_options(cfg, world_size)
+
+
+def _positive(key: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number, got {value}")
+
+
+def validate_values(cfg: TrainConfig) -> None:
+    """Intervals, the temperature, optimizer settings, worker counts and paths: each refused in one line
+    before any work starts (instead of a ZeroDivisionError or IndexError deep in the run)."""
+    for key, value in (("train.log_every_n_steps", cfg.train.log_every_n_steps),
+                       ("logger.console_every_n_steps", cfg.logger.console_every_n_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1 (log every N steps), got {value}")
+    if cfg.eval.every_n_steps < 0:
+        raise ConfigError(f"eval.every_n_steps must be >= 0 (0: only at the end), got {cfg.eval.every_n_steps}")
+    _positive("loss.temperature", cfg.loss.temperature)
+    _positive("train.lock_stale_after_s", cfg.train.lock_stale_after_s)
+    if cfg.train.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be at least 1, got {cfg.train.max_bad_steps}")
+    optim = cfg.optim
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9,0.98]; got {list(optim.betas)}")
+    if not optim.lr >= 0:  # NaN fails this too; an infinite lr is left to the non-finite step guard
+        raise ConfigError(f"optim.lr must be a number >= 0, got {optim.lr}")
+    _positive("optim.eps", optim.eps)
+    _positive("optim.grad_clip_norm", optim.grad_clip_norm, allow_none=True)
+    if optim.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio is a fraction of optim.lr in [0, 1], got {optim.min_lr_ratio}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0 reads in the training process), got {cfg.data.num_workers}")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer must be >= 0 (0 disables shuffling), got {cfg.data.shuffle_buffer}")
+    if cfg.data.num_workers > 0 and cfg.data.prefetch_factor < 1:
+        raise ConfigError(f"data.prefetch_factor must be at least 1, got {cfg.data.prefetch_factor}")
+    resume = cfg.ckpt.resume
+    if resume not in ("auto", "none") and not Path(resume).expanduser().exists():
+        raise ConfigError(f"ckpt.resume={resume} does not exist; give a step directory, its state.pt, a checkpoints/ "
+                          "directory or a run directory, or ckpt.resume=auto (newest in the run dir) or none")
 
 
 def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:

@@ -89,14 +89,15 @@ def _pin(cfg: DataConfig) -> bool:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGUSR2: those ask the *training process* to checkpoint and stop.
+    """DataLoader workers ignore SIGTERM, SIGUSR2 and SIGINT: those ask the *training process* to checkpoint
+    and stop (a terminal's Ctrl-C reaches the whole process group, workers included).
 
     SLURM signals every process of a job step, workers included. A worker killed by SIGTERM would make
     the main process fail with "DataLoader worker exited unexpectedly" before it could save, and one that
     inherited the main process's handler would announce a preemption it cannot act on. The workers still
     end with the main process: the DataLoader shuts them down, and they exit when their parent dies.
     """
-    for signum in (signal.SIGTERM, signal.SIGUSR2):
+    for signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -24,6 +24,7 @@ def create_model(
     name: str | None = None,
     pretrained: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    allow_nonfinite_weights: bool = False,
 ) -> CLIP:
     """Build a CLIP model.
 
@@ -33,6 +34,8 @@ def create_model(
         pretrained: a local weights file: an OpenAI release, an OpenCLIP state dict or training
             checkpoint, or a clip_train checkpoint. Files in OpenAI's layout select QuickGELU.
         device: where to put the model.
+        allow_nonfinite_weights: load ``pretrained`` even if some weights are NaN or Inf (refused by default:
+            such a file comes from a run that diverged).
     """
     weights = read_weights(resolve_weights(pretrained)) if pretrained is not None else None
     if name is not None:
@@ -45,7 +48,7 @@ def create_model(
         cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
     model = CLIP(cfg)
     if weights is not None:
-        load_weights_into(model, weights, source=str(pretrained))
+        load_weights_into(model, weights, source=str(pretrained), allow_nonfinite=allow_nonfinite_weights)
     return model.to(device)
 
 
@@ -58,5 +61,5 @@ def create_model_from_config(
         cfg = dataclasses.replace(cfg, quick_gelu=True)
     model = CLIP(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
     if weights is not None:
-        load_weights_into(model, weights, source=str(cfg.pretrained))
+        load_weights_into(model, weights, source=str(cfg.pretrained), allow_nonfinite=cfg.allow_nonfinite_weights)
     return model

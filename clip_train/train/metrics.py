@@ -54,18 +54,34 @@ class JsonlBackend:
 
 
 def truncate_metrics_after(path: Path, step: int) -> None:
-    """Drop lines logged after ``step``: a resumed run re-logs them, so each step appears exactly once."""
+    """Drop lines logged after ``step``: a resumed run re-logs them, so each step appears exactly once.
+
+    Lines are appended in step order, so what goes is a tail: the file is cut in place (``os.truncate``),
+    which needs no free space (a rerun on a full disk must get as far as its own clear error). Only a file
+    whose kept lines are not a prefix (edited by hand) is rewritten through a temporary file.
+    """
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    data = path.read_bytes()
+    kept, offset, cut = [], 0, None
+    for raw in data.splitlines(keepends=True):
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
+            keep = json.loads(raw).get("step", 0) <= step and raw.endswith(b"\n")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            keep = False  # a line torn by a kill mid-write
+        if keep:
+            kept.append(raw)
+            if cut is None:
+                offset += len(raw)
+        elif cut is None:
+            cut = offset
+    if cut is None:
+        return
+    if offset == sum(len(line) for line in kept):  # the kept lines are exactly the first `cut` bytes
+        os.truncate(path, cut)
+        return
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_bytes(b"".join(kept))
     os.replace(tmp, path)
 
 
