@@ -1,0 +1,160 @@
+"""Seeing inside a run: the step-time breakdown, TensorBoard, profiler traces, the report's time plot, bench.gpu.
+
+The breakdown tests build the real Trainer in this process (tiny model, built-in digits, a few steps) so that
+a loader can be slowed on purpose; the rest run ``python -m clip_train`` the way users do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip_train.train.timing import EtaEstimator, StepTimer, scheduled_between
+from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli
+
+TIME_KEYS = ("train_s", "step_s", "data_wait_s", "data_wait_max_s", "data_wait_min_s", "compute_s",
+             "forward_backward_s", "optimizer_s", "comm_s", "other_s", "eval_s", "checkpoint_s", "eta_s",
+             "peak_mem_gib")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _config_dir() -> Path:
+    for candidate in (REPO / "configs", REPO / "clip_train" / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("no configs/train.yaml in the repository")
+
+
+def _trainer(run_dir: Path, cache_dir: Path, monkeypatch, overrides: list[str]):
+    """The Trainer of ``python -m clip_train +experiment=demo ...`` built in this process (one CPU rank)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from clip_train.config import register_configs, validate
+    from clip_train.train.distributed import init_distributed
+    from clip_train.train.trainer import Trainer
+
+    monkeypatch.setenv("CLIP_TRAIN_CACHE", str(cache_dir))
+    register_configs()
+    with initialize_config_dir(config_dir=str(_config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*FAST_DEMO, "data.batch_size=16", *overrides])
+    typed = OmegaConf.to_object(cfg)
+    validate(typed, 1, "cpu")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(typed, run_dir, init_distributed("cpu"), resolved_config=OmegaConf.to_container(cfg))
+
+
+class SlowLoader:
+    """The real loader, with ``delay`` seconds of extra wait before each batch (a slow file system)."""
+
+    def __init__(self, loader, delay: float) -> None:
+        self._loader, self.delay = loader, delay
+
+    def __iter__(self):
+        for batch in self._loader:
+            time.sleep(self.delay)
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def _train_lines(run_dir: Path) -> dict[int, dict]:
+    return {m["step"]: m for m in read_metrics(run_dir) if "loss" in m}
+
+
+def test_step_time_keys_add_up_and_data_wait_grows_with_a_slow_loader(tmp_path, cache_dir, monkeypatch):
+    delay = 0.3
+    runs = {}
+    for name, slow in (("fast", False), ("slow", True)):
+        trainer = _trainer(tmp_path / name, cache_dir, monkeypatch,
+                           ["train.max_steps=4", "train.log_every_n_steps=2", "ckpt.every_n_steps=0"])
+        if slow:
+            trainer.loader = SlowLoader(trainer.loader, delay)
+        trainer.train()
+        runs[name] = _train_lines(tmp_path / name)
+    for lines in runs.values():
+        assert sorted(lines) == [2, 4]
+        for step, line in lines.items():
+            for key in TIME_KEYS:
+                assert math.isfinite(line[key]) and line[key] >= 0, (step, key, line[key])
+            # One rank: its data wait is the max and the min; on a CPU the parts add up to the window.
+            assert line["data_wait_max_s"] == line["data_wait_min_s"] == line["data_wait_s"]
+            parts = sum(line[k] for k in ("data_wait_s", "forward_backward_s", "optimizer_s", "comm_s", "other_s"))
+            assert parts == pytest.approx(line["train_s"], rel=1e-6)
+            assert line["compute_s"] == pytest.approx(line["train_s"] - line["data_wait_s"])
+            assert line["samples_per_s"] == pytest.approx(2 * 16 / line["train_s"])
+            assert line["step_s"] == pytest.approx(line["train_s"] / 2)
+            assert line["forward_backward_s"] > 0 and line["optimizer_s"] > 0
+            assert line["comm_s"] < 0.05  # one process: nothing is gathered
+            assert line["eval_s"] == 0 and line["checkpoint_s"] == 0
+            assert 0.01 < line["peak_mem_gib"] < 64  # this process's peak resident set
+        assert lines[4]["eta_s"] == 0 and lines[2]["eta_s"] > 0
+    # The slow loader's wait is in data_wait_s and nowhere else.
+    slow, fast = runs["slow"][4], runs["fast"][4]
+    assert slow["data_wait_s"] >= 2 * delay
+    assert slow["data_wait_fraction"] > fast["data_wait_fraction"]
+    assert slow["data_wait_s"] - fast["data_wait_s"] > 1.5 * delay
+    assert slow["forward_backward_s"] < 2 * delay  # the sleep did not land in the compute keys
+
+
+def test_eval_and_checkpoint_time_stay_out_of_the_throughput_window(tmp_path, cache_dir, monkeypatch):
+    trainer = _trainer(tmp_path / "run", cache_dir, monkeypatch, [
+        "train.max_steps=8", "train.log_every_n_steps=2", "ckpt.every_n_steps=4", "eval.every_n_steps=4",
+        "eval.zeroshot=[{name: zeroshot, data: demo, classnames: demo, templates: demo, batch_size: 256}]",
+    ])
+    trainer.train()
+    lines = _train_lines(tmp_path / "run")
+    evals = [m for m in read_metrics(tmp_path / "run") if "zeroshot_top1" in m]
+    assert [m["step"] for m in evals] == [4, 8]
+    after = lines[6]  # the window that holds the evaluation and the checkpoint of step 4
+    assert after["eval_s"] > 0 and after["checkpoint_s"] > 0
+    for step in (2, 4, 8):
+        assert lines[step]["eval_s"] == 0 and lines[step]["checkpoint_s"] == 0
+    # Had the eval and checkpoint leaked into the window, each of its 2 steps would look this much slower:
+    leak_per_step = (after["eval_s"] + after["checkpoint_s"]) / 2
+    clean = max(lines[4]["step_s"], lines[8]["step_s"])
+    assert leak_per_step > 0.5 * clean, "the eval is too cheap for this test to tell a leak from noise"
+    assert after["step_s"] < clean + 0.5 * leak_per_step
+    assert after["compute_s"] < lines[4]["compute_s"] + after["eval_s"] / 2
+    # The ETA at step 6 counts the final evaluation and checkpoint still to come (each timed once at step 4).
+    assert after["eta_s"] >= 0.99 * (after["eval_s"] + after["checkpoint_s"])
+
+
+def test_eta_counts_the_evaluations_and_checkpoints_to_come():
+    assert scheduled_between(0, 10, 4, 10) == 3  # 4, 8 and the final 10
+    assert scheduled_between(4, 8, 4, 8) == 1
+    assert scheduled_between(3, 10, 0, 10) == 1  # final only
+    assert scheduled_between(10, 10, 4, 10) == 0
+    eta = EtaEstimator(max_steps=100, start_step=0, eval_every=50, ckpt_every=25)
+    eta.add_train(10.0)  # 10 steps in 10 s
+    assert eta.eta_s(10) == pytest.approx(90.0)  # no eval or checkpoint timed yet
+    eta.add("eval", 30.0)
+    eta.add("checkpoint", 4.0)
+    assert eta.eta_s(10) == pytest.approx(90.0 + 2 * 30.0 + 4 * 4.0)
+    assert EtaEstimator(100, 0, None, 0).eta_s(100) == 0
+
+
+def test_step_timer_sums_regions_per_window():
+    timer = StepTimer(torch.device("cpu"))
+    for _ in range(3):
+        with timer.region("forward_backward"):
+            time.sleep(0.01)
+        with timer.host_region("data"):
+            time.sleep(0.02)
+    first = timer.collect()
+    assert first["forward_backward"] >= 0.03 and first["data"] >= 0.06
+    assert timer.collect() == {}  # the next window starts empty
