@@ -244,12 +244,11 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
 def validate_profile(profile: ProfileConfig, max_steps: int) -> None:
     """``train.profile.steps`` is ``[START, END]`` with 1 <= START <= END <= max_steps."""
     steps = profile.steps
-    if steps is not None:
-        if len(steps) != 2 or not 1 <= steps[0] <= steps[1] <= max_steps:
-            raise ConfigError(
-                f"train.profile.steps={list(steps)} must be [START,END] with 1 <= START <= END <= train.max_steps "
-                f"({max_steps}), e.g. train.profile.steps=[10,12]"
-            )
+    if steps is not None and (len(steps) != 2 or not 1 <= steps[0] <= steps[1] <= max_steps):
+        raise ConfigError(
+            f"train.profile.steps={list(steps)} must be [START,END] with 1 <= START <= END <= train.max_steps "
+            f"({max_steps}), e.g. train.profile.steps=[10,12]"
+        )
     if profile.signal_steps < 0:
         raise ConfigError(f"train.profile.signal_steps must be >= 0 (0 ignores SIGURG), got {profile.signal_steps}")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -36,10 +35,10 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr
 )
 
 
-_collective_region: Callable[[], ContextManager[object]] = contextlib.nullcontext
+_collective_region: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def set_collective_region(region: Callable[[], ContextManager[object]] | None) -> None:
+def set_collective_region(region: Callable[[], contextlib.AbstractContextManager] | None) -> None:
     """Run every collective of these helpers inside ``region()`` from now on (``None``: nothing, the default).
 
     Used to time communication apart from compute; the region may be entered from autograd's backward thread.

@@ -21,6 +21,7 @@ import torch
 from clip_train.train.timing import EtaEstimator, StepTimer, scheduled_between
 from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli
 
+REGIONS = ("data", "forward", "loss", "backward", "optimizer")
 TIME_KEYS = ("train_s", "step_s", "data_wait_s", "data_wait_max_s", "data_wait_min_s", "compute_s",
              "forward_backward_s", "optimizer_s", "comm_s", "other_s", "eval_s", "checkpoint_s", "eta_s",
              "peak_mem_gib")
@@ -111,14 +112,23 @@ def test_step_time_keys_add_up_and_data_wait_grows_with_a_slow_loader(tmp_path, 
     assert slow["forward_backward_s"] < 2 * delay  # the sleep did not land in the compute keys
 
 
-def test_eval_and_checkpoint_time_stay_out_of_the_throughput_window(tmp_path, cache_dir, monkeypatch):
-    trainer = _trainer(tmp_path / "run", cache_dir, monkeypatch, [
-        "train.max_steps=8", "train.log_every_n_steps=2", "ckpt.every_n_steps=4", "eval.every_n_steps=4",
-        "eval.zeroshot=[{name: zeroshot, data: demo, classnames: demo, templates: demo, batch_size: 256}]",
-    ])
-    trainer.train()
-    lines = _train_lines(tmp_path / "run")
-    evals = [m for m in read_metrics(tmp_path / "run") if "zeroshot_top1" in m]
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, cache_dir) -> Path:
+    """8 steps logged every 2, an eval and a checkpoint at 4 and 8, TensorBoard on, step 1 profiled."""
+    run_dir = tmp_path_factory.mktemp("eval_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        trainer = _trainer(run_dir, cache_dir, monkeypatch, [
+            "train.max_steps=8", "train.log_every_n_steps=2", "ckpt.every_n_steps=4", "eval.every_n_steps=4",
+            "logger.tensorboard.enabled=true", "train.profile.steps=[1,1]",
+            "eval.zeroshot=[{name: zeroshot, data: demo, classnames: demo, templates: demo, batch_size: 256}]",
+        ])
+        trainer.train()
+    return run_dir
+
+
+def test_eval_and_checkpoint_time_stay_out_of_the_throughput_window(eval_run):
+    lines = _train_lines(eval_run)
+    evals = [m for m in read_metrics(eval_run) if "zeroshot_top1" in m]
     assert [m["step"] for m in evals] == [4, 8]
     after = lines[6]  # the window that holds the evaluation and the checkpoint of step 4
     assert after["eval_s"] > 0 and after["checkpoint_s"] > 0
@@ -158,3 +168,52 @@ def test_step_timer_sums_regions_per_window():
     first = timer.collect()
     assert first["forward_backward"] >= 0.03 and first["data"] >= 0.06
     assert timer.collect() == {}  # the next window starts empty
+
+
+# ---------------------------------------------------------------- a real two-rank run: TensorBoard, traces, report
+
+def _trace_names(path: Path) -> set[str]:
+    trace = json.loads(path.read_text())  # valid JSON, or this raises
+    return {event.get("name") for event in trace["traceEvents"]}
+
+
+def test_tensorboard_event_file_holds_the_metrics_jsonl_values(eval_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = list((eval_run / "tensorboard").iterdir())
+    assert len(event_files) == 1 and event_files[0].name.startswith("events.out.tfevents")
+    events = EventAccumulator(str(eval_run / "tensorboard"))
+    events.Reload()
+    expected: dict[str, dict[int, float]] = {}
+    for record in read_metrics(eval_run):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                expected.setdefault(key, {})[record["step"]] = float(value)
+    assert {"loss", "samples_per_s", "forward_backward_s", "eval_s", "zeroshot_top1"} <= set(expected)
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for key, by_step in expected.items():
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert logged == pytest.approx(by_step, rel=1e-6, abs=1e-30), key  # TensorBoard keeps float32
+
+
+def test_profile_steps_write_a_chrome_trace_naming_the_step_regions(eval_run):
+    assert sorted(p.name for p in (eval_run / "profile").iterdir()) == ["trace_steps1-1_rank0.json"]
+    names = _trace_names(eval_run / "profile" / "trace_steps1-1_rank0.json")
+    assert set(REGIONS) <= names
+
+
+@pytest.mark.slow
+def test_two_ranks_write_a_trace_each_and_time_the_loss_communication(tmp_path, cache_dir):
+    result = run_cli([*FAST_DEMO, f"hydra.run.dir={tmp_path}", "train.max_steps=2", "train.log_every_n_steps=2",
+                      "ckpt.every_n_steps=0", "train.profile.steps=[2,2]"], cache_dir, torchrun_procs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = _train_lines(tmp_path).values()
+    assert line["world_size"] == 2 and line["data_wait_max_rank"] in (0, 1)
+    assert line["data_wait_min_s"] <= line["data_wait_s"] <= line["data_wait_max_s"]
+    assert line["comm_s"] > 0  # the loss's all-gather and its backward reduce, timed apart from compute
+    parts = sum(line[k] for k in ("data_wait_s", "forward_backward_s", "optimizer_s", "comm_s", "other_s"))
+    assert parts == pytest.approx(line["train_s"], rel=1e-6)
+    traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert traces == ["trace_steps2-2_rank0.json", "trace_steps2-2_rank1.json"]
+    for name in traces:
+        assert {*REGIONS, "comm"} <= _trace_names(tmp_path / "profile" / name), name

@@ -43,6 +43,7 @@ from clip_train.train.metrics import (
 from clip_train.train.optim import build_optimizer, build_scheduler
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
+from clip_train.train.profiler import OnDemandProfiler
 from clip_train.train.rng import rng_state, seed_everything, set_rng_state
 from clip_train.train.step import NonFiniteSteps, forward_backward, step_unless_nonfinite
 from clip_train.train.timing import EtaEstimator, StepTimer, peak_memory_bytes
@@ -128,6 +129,7 @@ class Trainer:
         self.zeroshot = ZeroShotHook(cfg, self.tokenizer, ctx)
         self.metrics = MetricsProcessor()
         self.timer = StepTimer(self.device)
+        self.profiler = OnDemandProfiler(cfg.train.profile, run_dir, ctx.rank, self.device, cfg.train.max_steps)
         self.eta: EtaEstimator | None = None
         self.wandb_run_id: str | None = None
         self.global_batch_size = cfg.data.batch_size * ctx.world_size
@@ -339,8 +341,8 @@ class Trainer:
         optimizer = times.get("optimizer", 0.0)
         waits = [data_wait]
         if self.ctx.enabled:
-            gathered = [torch.zeros(1, device=self.device) for _ in range(self.ctx.world_size)]
-            dist.all_gather(gathered, torch.tensor([data_wait], device=self.device))
+            gathered = [torch.zeros(1, dtype=torch.float64, device=self.device) for _ in range(self.ctx.world_size)]
+            dist.all_gather(gathered, torch.tensor([data_wait], dtype=torch.float64, device=self.device))
             waits = [float(t.item()) for t in gathered]
         if self.eta is not None:
             self.eta.add_train(train_s)
@@ -367,9 +369,12 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         set_collective_region(lambda: self.timer.region("comm"))
+        self.profiler.install_signal()
         try:
             return self._train()
         finally:
+            self.profiler.close(self.state.step)
+            self.profiler.restore_signal()
             set_collective_region(None)
 
     def _train(self) -> dict[str, float]:
@@ -388,6 +393,7 @@ class Trainer:
         window_steps = 0
         last_eval: dict[str, float] = {}
         while self.state.step < cfg.train.max_steps:
+            self.profiler.before_step(self.state.step + 1)
             with self.timer.host_region("data"):
                 try:
                     images, tokens = next(batches)
@@ -397,6 +403,7 @@ class Trainer:
             out = self.train_step(images, tokens)
             window_steps += 1
             step = self.state.step
+            self.profiler.after_step(step)
 
             if step % cfg.train.log_every_n_steps == 0 or step == cfg.train.max_steps:
                 self._check_bad_steps()
