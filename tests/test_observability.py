@@ -217,3 +217,36 @@ def test_two_ranks_write_a_trace_each_and_time_the_loss_communication(tmp_path, 
     assert traces == ["trace_steps2-2_rank0.json", "trace_steps2-2_rank1.json"]
     for name in traces:
         assert {*REGIONS, "comm"} <= _trace_names(tmp_path / "profile" / name), name
+
+
+def test_sigurg_to_a_running_job_writes_a_trace_of_the_next_steps(tmp_path, cache_dir):
+    """SIGURG to the whole process group (as ``scancel --signal=URG`` does): the DataLoader worker ignores it,
+    the training process profiles its next ``signal_steps`` steps, then SIGTERM stops the run as usual."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "clip_train", *FAST_DEMO, f"hydra.run.dir={run_dir}", "data.num_workers=1",
+               "train.max_steps=100000", "train.log_every_n_steps=2", "ckpt.every_n_steps=0",
+               "train.profile.signal_steps=2"]
+    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGURG)
+        while not (run_dir / "profile").is_dir() or not list((run_dir / "profile").glob("*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 3, stderr[-3000:]  # SIGTERM's checkpoint-and-exit, not a crash
+    assert "SIGURG received; profiling the next 2 steps" in stderr
+    (trace,) = (run_dir / "profile").glob("*.json")
+    first, last = (int(n) for n in trace.name.removeprefix("trace_steps").removesuffix("_rank0.json").split("-"))
+    assert last == first + 1 and first >= 2
+    assert set(REGIONS) <= _trace_names(trace)
