@@ -250,3 +250,19 @@ def test_sigurg_to_a_running_job_writes_a_trace_of_the_next_steps(tmp_path, cach
     first, last = (int(n) for n in trace.name.removeprefix("trace_steps").removesuffix("_rank0.json").split("-"))
     assert last == first + 1 and first >= 2
     assert set(REGIONS) <= _trace_names(trace)
+
+
+def test_report_plots_where_the_time_went_and_points_at_the_trace(eval_run, capsys):
+    from clip_train.report import main as report_main
+
+    assert report_main([str(eval_run)]) == 0
+    plot = eval_run / "report" / "time_breakdown.png"
+    assert str(plot) in capsys.readouterr().out.split()
+    data = plot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    summary = (eval_run / "report" / "summary.md").read_text()
+    assert "![time_breakdown](time_breakdown.png)" in summary
+    totals = _train_lines(eval_run)
+    eval_total = sum(m["eval_s"] for m in totals.values())
+    assert f"| evaluation | {eval_total:.4g} |" in summary
+    assert f"`{(eval_run / 'profile' / 'trace_steps1-1_rank0.json').resolve()}`" in summary
