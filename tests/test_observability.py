@@ -266,3 +266,33 @@ def test_report_plots_where_the_time_went_and_points_at_the_trace(eval_run, caps
     eval_total = sum(m["eval_s"] for m in totals.values())
     assert f"| evaluation | {eval_total:.4g} |" in summary
     assert f"`{(eval_run / 'profile' / 'trace_steps1-1_rank0.json').resolve()}`" in summary
+
+
+def test_bench_gpu_dry_run_runs_each_entry_on_cpu_or_lists_it_as_needing_cuda(tmp_path, cache_dir, monkeypatch,
+                                                                              capsys):
+    from clip_train.bench import gpu
+
+    monkeypatch.setenv("CLIP_TRAIN_CACHE", str(cache_dir))
+    table = gpu.main(["--dry-run", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.strip().endswith(table.strip().splitlines()[-1])
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| entry", "| ---"))]
+    assert len(rows) == len(gpu.ENTRIES)
+    by_name = {row.split(" | ")[0].removeprefix("| "): row.split(" | ")[1] for row in rows}
+    for entry in gpu.ENTRIES:
+        assert by_name[entry.what] == ("ok" if entry.dry_run_on_cpu else gpu.NEEDS_CUDA), entry.name
+    assert {"nccl_group", "sdpa_flash", "pinned_copies", "compile", "max_batch"} <= {
+        e.name for e in gpu.ENTRIES if not e.dry_run_on_cpu}
+    saved = json.loads((tmp_path / "bench_gpu.json").read_text())
+    train = next(r for r in saved["rows"] if r["name"].startswith("ViT-B/16 bf16 B=256 step vs"))
+    assert "ms/step" in train["result"] and "speed-up" in train["result"]  # parsed from bench.train's JSON
+    assert (tmp_path / "bench_gpu.md").read_text().strip() == table.strip()
+
+
+def test_bench_gpu_without_cuda_says_so_in_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from clip_train.bench import gpu
+
+    with pytest.raises(SystemExit) as stop:
+        gpu.main([])
+    assert stop.value.code == 2 and "--dry-run" in capsys.readouterr().err.strip().splitlines()[-1]
