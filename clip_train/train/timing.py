@@ -116,6 +116,10 @@ class EtaEstimator:
         """One evaluation (``eval``) or checkpoint (``checkpoint``) took ``seconds``."""
         self._durations[kind].append(seconds)
 
+    def total(self, kind: str) -> float:
+        """Seconds spent in every ``eval`` or ``checkpoint`` timed so far."""
+        return sum(self._durations[kind])
+
     def _mean(self, kind: str) -> float:
         values = self._durations[kind]
         return sum(values) / len(values) if values else 0.0

@@ -314,6 +314,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ where the time goes
 
+    def _comm_region(self) -> contextlib.AbstractContextManager:
+        """What the loss's collectives run inside during training steps (see distributed_ops)."""
+        return self.timer.region("comm")
+
     @contextlib.contextmanager
     def _timed(self, kind: str) -> Iterator[None]:
         """Wall time of an evaluation or checkpoint, kept out of the throughput window (``eval_s``, ``checkpoint_s``).
@@ -324,8 +328,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         began = time.perf_counter()
-        with self.timer.host_region(kind):
-            yield
+        set_collective_region(None)  # a collective of the evaluation is evaluation time, not comm_s
+        try:
+            with self.timer.host_region(kind):
+                yield
+        finally:
+            set_collective_region(self._comm_region)
         if self.eta is not None:
             self.eta.add(kind, time.perf_counter() - began)
 
@@ -368,7 +376,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, float]:
-        set_collective_region(lambda: self.timer.region("comm"))
+        set_collective_region(self._comm_region)
         self.profiler.install_signal()
         try:
             return self._train()
@@ -446,6 +454,9 @@ class Trainer:
         if last_eval and self.ctx.is_main:
             summary = ", ".join(f"{key} {value:.4f}" for key, value in last_eval.items())
             log.info("finished %d steps; final %s", self.state.step, summary)
+        if self.ctx.is_main and self.eta is not None:
+            log.info("time in evaluations %.1f s, in checkpoints %.1f s (those after the last metrics line included)",
+                     self.eta.total("eval"), self.eta.total("checkpoint"))
         return last_eval
 
     def evaluate(self) -> dict[str, float]:
