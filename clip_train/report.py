@@ -10,6 +10,7 @@ matplotlib, an optional dependency (``pip install 'clip-train[report]'``); ``--n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -112,7 +113,7 @@ def _plot_time_breakdown(path: Path, metrics: RunMetrics) -> bool:
     import matplotlib.pyplot as plt
 
     steps = sorted({step for key, _ in parts for step, _ in metrics.series[key]})
-    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
     width = 0.8 * (min(gaps) if gaps else 1)
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     bottom = [0.0] * len(steps)
@@ -144,8 +145,9 @@ def _time_lines(metrics: RunMetrics) -> list[str]:
     peak = metrics.series.get("peak_mem_gib")
     if peak:
         lines.append(f"| peak memory | {max(v for _, v in peak):.3g} GiB | |")
-    lines += ["", "Sums over the logged windows (an evaluation or checkpoint after the last logged step is not "
-              "in them). On a GPU the device regions are CUDA-event times and can overlap the host's data wait.", ""]
+    note = ("Sums over the logged windows (an evaluation or checkpoint after the last logged step is not in them). "
+            "On a GPU the device regions are CUDA-event times and can overlap the host's data wait.")
+    lines += ["", note, ""]
     return lines
 
 

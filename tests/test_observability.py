@@ -296,3 +296,12 @@ def test_bench_gpu_without_cuda_says_so_in_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         gpu.main([])
     assert stop.value.code == 2 and "--dry-run" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("steps", [[0, 2], [3, 2], [1, 2, 3], [5, 9]])
+def test_a_bad_profile_window_is_one_line_naming_the_key(steps):
+    from clip_train.config import ConfigError, ProfileConfig, validate_profile
+
+    with pytest.raises(ConfigError, match=r"train\.profile\.steps=.*\[START,END\]"):
+        validate_profile(ProfileConfig(steps=steps), max_steps=8)
+    validate_profile(ProfileConfig(steps=[2, 8]), max_steps=8)

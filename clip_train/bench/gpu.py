@@ -14,8 +14,8 @@ is spent is listed as skipped, so the table always comes out):
   (``torch.cuda.set_sync_debug_mode("error")``), and a short ``python -m clip_train`` run on the GPU with
   a profiler window (step-time keys, Chrome trace, CUDA memory snapshot);
 - **benchmarks** (each the existing command in a fresh process, as listed in ``docs/benchmarks.md``):
-  ViT-B/16 bf16 train step at B = 256 against OpenCLIP (MFU, samples/s), the same compiled, the largest batch
-  per GPU for both, the loss at B = 65,536 bf16 against OpenCLIP, and the data pipeline with 8 workers.
+  ViT-B/16 bf16 train step at B = 256 against OpenCLIP (MFU, samples/s), the loss at B = 65,536 bf16 against
+  OpenCLIP, the data pipeline with 8 workers, the largest batch per GPU for both, and the step compiled.
 
 ``--dry-run`` checks this command's own plumbing on a CPU: every entry that can runs its setup at a tiny
 size on the CPU (the benchmark CLIs in this process, the tiny model, a few samples), the others are listed
@@ -91,7 +91,7 @@ def _bench_json(module: str, argv: list[str], ctx: Context, in_process: Callable
             in_process(argv)
         lines = out.getvalue().strip().splitlines()
     else:
-        proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, check=False,
                               timeout=max(ctx.seconds_left(), 30), env=dict(os.environ, PYTHONUNBUFFERED="1"))
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
@@ -254,7 +254,7 @@ def check_sdpa_flash(ctx: Context) -> tuple[str, str]:
     images, tokens = _batch(cfg, 8, ctx.device)
     # Only the flash kernel allowed: a mask tensor, a wrong layout or an unsupported dtype would raise.
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), autocast("bf16", ctx.device):
-        image_features, text_features, scale = model(images, tokens)
+        image_features, text_features, _ = model(images, tokens)
         (image_features.float().sum() + text_features.float().sum()).backward()
     return "image and text towers (causal) run forward+backward on the flash kernel alone", "in-process"
 
@@ -322,9 +322,10 @@ def check_compile(ctx: Context) -> tuple[str, str]:
 
 
 def check_no_host_sync(ctx: Context) -> tuple[str, str]:
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import clip_train
     from clip_train.config import register_configs
     from clip_train.train.distributed import DistributedContext
     from clip_train.train.trainer import Trainer
@@ -332,14 +333,13 @@ def check_no_host_sync(ctx: Context) -> tuple[str, str]:
     register_configs()
     overrides = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "data.num_workers=2",
                  "eval.zeroshot=[]", "data.batch_size=64"]
-    config_dir = Path(__file__).resolve().parents[2] / "configs"
-    with contextlib.ExitStack() as stack:
-        if config_dir.is_dir():
-            from hydra import initialize_config_dir
-
-            stack.enter_context(initialize_config_dir(config_dir=str(config_dir), version_base="1.3"))
-        else:  # configs shipped inside the package
-            stack.enter_context(initialize_config_module("clip_train.configs", version_base="1.3"))
+    package = Path(clip_train.__file__).resolve().parent
+    # The repository's configs/, or the copy shipped inside the package.
+    config_dir = next((d for d in (package.parent / "configs", package / "configs") if (d / "train.yaml").is_file()),
+                      None)
+    if config_dir is None:
+        raise FileNotFoundError(f"no configs/train.yaml next to or inside {package}")
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     dctx = DistributedContext(rank=0, local_rank=0, world_size=1, device=ctx.device)
     trainer = Trainer(OmegaConf.to_object(cfg), ctx.scratch / "sync_run", dctx, OmegaConf.to_container(cfg))
@@ -362,7 +362,7 @@ def check_training_run(ctx: Context) -> tuple[str, str]:
     argv = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "train.max_steps=40",
             "train.log_every_n_steps=10", "data.num_workers=4", "eval.every_n_steps=20", "ckpt.every_n_steps=20",
             "logger.tensorboard.enabled=true", "train.profile.steps=[31,32]", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "clip_train", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "clip_train", *argv], capture_output=True, text=True, check=False,
                           timeout=max(ctx.seconds_left(), 60))
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -392,9 +392,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("train_vit_b16", "ViT-B/16 bf16 B=256 step vs OpenCLIP (MFU)", bench_train_step, True),
     Entry("loss_65536", "loss B=65,536 bf16 vs OpenCLIP", bench_loss, True),
     Entry("data_8_workers", "data pipeline, 8 workers, 224 px", bench_data, True),
+    Entry("max_batch", "largest ViT-B/16 bf16 batch per GPU", bench_max_batch, False),
     Entry("train_vit_b16_compile", "ViT-B/16 bf16 B=256 step, torch.compile",
           lambda ctx: bench_train_step(ctx, compile_=True), False),
-    Entry("max_batch", "largest ViT-B/16 bf16 batch per GPU", bench_max_batch, False),
 )
 
 
@@ -415,7 +415,7 @@ def run_entries(entries: Sequence[Entry], ctx: Context) -> list[Row]:
         try:
             result, command = entry.run(ctx)
             row = Row(entry.what, "ok", result, command)
-        except Exception as err:  # one failing entry must not hide the others' figures
+        except Exception as err:  # noqa: BLE001 -- one failing entry must not hide the others' figures
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             row = Row(entry.what, "FAILED", f"{type(err).__name__}: {first_line[:300]}")
         row.seconds = time.monotonic() - began
