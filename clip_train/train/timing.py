@@ -19,6 +19,7 @@ import resource
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.profiler import record_function
@@ -32,6 +33,7 @@ class StepTimer:
         self._host: dict[str, float] = defaultdict(float)
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._spare: list[torch.cuda.Event] = []
+        self._lap: tuple[str, record_function, Any] | None = None
 
     def _event(self) -> torch.cuda.Event:
         event = self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
@@ -55,6 +57,25 @@ class StepTimer:
                     yield
                 finally:
                     self._host[name] += time.perf_counter() - began
+
+    def begin(self, name: str) -> None:
+        """Start region ``name``, ending the one :meth:`begin` started before (a lap timer for straight code)."""
+        self.end()
+        label = record_function(name)
+        label.__enter__()
+        self._lap = (name, label, self._event() if self.cuda else time.perf_counter())
+
+    def end(self) -> None:
+        """End the region :meth:`begin` started, if any."""
+        if self._lap is None:
+            return
+        name, label, start = self._lap
+        self._lap = None
+        if self.cuda:
+            self._pending.append((name, start, self._event()))
+        else:
+            self._host[name] += time.perf_counter() - start
+        label.__exit__(None, None, None)
 
     @contextlib.contextmanager
     def host_region(self, name: str) -> Iterator[None]:

@@ -262,25 +262,21 @@ class Trainer:
         return self.loss_fn(image_features, text_features, logit_scale)
 
     def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        timer = self.timer
         # forward_backward_s: the copy to the device, forward, loss and backward (less the loss's
         # collectives, which time themselves as comm_s; DDP's all-reduce overlaps backward and stays in it).
-        with timer.region("forward_backward"):
-            images = normalize_on_device(images.to(self.device, non_blocking=True), torch.float32)
-            tokens = tokens.to(self.device, non_blocking=True)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(
-                self.ddp_model, self._loss, images, tokens,
-                accum_steps=self.cfg.train.accum_steps, precision=self.cfg.train.precision,
-                scale_loss=self.scaler.scale, plain_model=self.model,
-            )
-        with timer.region("comm"):
-            self.parallel.sync_grads()
-        with timer.region("optimizer"):
-            return self._optimizer_step(loss)
+        self.timer.begin("forward_backward")
+        images = normalize_on_device(images.to(self.device, non_blocking=True), torch.float32)
+        tokens = tokens.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(
+            self.ddp_model, self._loss, images, tokens,
+            accum_steps=self.cfg.train.accum_steps, precision=self.cfg.train.precision,
+            scale_loss=self.scaler.scale, plain_model=self.model,
+        )
+        self.timer.begin("comm")
+        self.parallel.sync_grads()
 
-    def _optimizer_step(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Unscale, clip, step (or skip a non-finite step), schedule, clamp the temperature."""
+        self.timer.begin("optimizer")
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip_norm or math.inf
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
@@ -296,6 +292,7 @@ class Trainer:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         self.state.step += 1
+        self.timer.end()
         return {"loss": loss, "grad_norm": grad_norm}
 
     def _check_bad_steps(self) -> None:
