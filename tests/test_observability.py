@@ -6,6 +6,7 @@ a loader can be slowed on purpose; the rest run ``python -m clip_train`` the way
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -202,54 +203,72 @@ def test_profile_steps_write_a_chrome_trace_naming_the_step_regions(eval_run):
     assert set(REGIONS) <= names
 
 
-@pytest.mark.slow
-def test_two_ranks_write_a_trace_each_and_time_the_loss_communication(tmp_path, cache_dir):
-    result = run_cli([*FAST_DEMO, f"hydra.run.dir={tmp_path}", "train.max_steps=2", "train.log_every_n_steps=2",
-                      "ckpt.every_n_steps=0", "train.profile.steps=[2,2]"], cache_dir, torchrun_procs=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = _train_lines(tmp_path).values()
-    assert line["world_size"] == 2 and line["data_wait_max_rank"] in (0, 1)
-    assert line["data_wait_min_s"] <= line["data_wait_s"] <= line["data_wait_max_s"]
-    assert line["comm_s"] > 0  # the loss's all-gather and its backward reduce, timed apart from compute
-    parts = sum(line[k] for k in ("data_wait_s", "forward_backward_s", "optimizer_s", "comm_s", "other_s"))
-    assert parts == pytest.approx(line["train_s"], rel=1e-6)
-    traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
-    assert traces == ["trace_steps2-2_rank0.json", "trace_steps2-2_rank1.json"]
-    for name in traces:
-        assert {*REGIONS, "comm"} <= _trace_names(tmp_path / "profile" / name), name
+def _job_processes(root: int) -> list[int]:
+    """``root`` and all its descendants (torchrun puts each rank in a session of its own, so no one process
+    group holds the job: like ``pkill -f clip_train``, signal every process)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
 
 
-def test_sigurg_to_a_running_job_writes_a_trace_of_the_next_steps(tmp_path, cache_dir):
-    """SIGURG to the whole process group (as ``scancel --signal=URG`` does): the DataLoader worker ignores it,
-    the training process profiles its next ``signal_steps`` steps, then SIGTERM stops the run as usual."""
+def test_sigurg_to_a_torchrun_job_profiles_every_rank_and_the_loss_communication_is_timed(tmp_path, cache_dir):
+    """SIGURG to every process of a job (the torchrun agent, two ranks, their DataLoader workers), as
+    ``pkill -URG -f clip_train`` does: the agent and the workers ignore it, each rank profiles its next
+    ``signal_steps`` steps into its own trace; then SIGTERM stops the job as usual."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "clip_train", *FAST_DEMO, f"hydra.run.dir={run_dir}", "data.num_workers=1",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "clip_train", *FAST_DEMO, f"hydra.run.dir={run_dir}", "data.num_workers=1",
                "train.max_steps=100000", "train.log_every_n_steps=2", "ckpt.every_n_steps=0",
                "train.profile.signal_steps=2"]
     proc = subprocess.Popen(command, cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    profile = run_dir / "profile"
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300
         metrics = run_dir / "metrics.jsonl"
         while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGURG)
-        while not (run_dir / "profile").is_dir() or not list((run_dir / "profile").glob("*.json")):
+        processes = _job_processes(proc.pid)
+        assert len(processes) >= 5  # the agent, 2 ranks, a DataLoader worker each
+        for pid in processes:
+            os.kill(pid, signal.SIGURG)
+        while len(list(profile.glob("*.json"))) < 2 if profile.is_dir() else True:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(1.0)  # a step or two more, logged after the profiled ones
+        assert proc.poll() is None and set(_job_processes(proc.pid)) >= set(processes), "SIGURG ended a process"
+        os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to the ranks
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _job_processes(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 3, stderr[-3000:]  # SIGTERM's checkpoint-and-exit, not a crash
-    assert "SIGURG received; profiling the next 2 steps" in stderr
-    (trace,) = (run_dir / "profile").glob("*.json")
-    first, last = (int(n) for n in trace.name.removeprefix("trace_steps").removesuffix("_rank0.json").split("-"))
-    assert last == first + 1 and first >= 2
-    assert set(REGIONS) <= _trace_names(trace)
+    assert stderr.count("SIGURG received; profiling the next 2 steps") == 2, stderr[-3000:]
+    traces = sorted(profile.glob("*.json"))
+    assert [t.name.rsplit("_", 1)[1] for t in traces] == ["rank0.json", "rank1.json"]
+    for trace in traces:
+        first, last = (int(n) for n in trace.name.removeprefix("trace_steps").rsplit("_", 1)[0].split("-"))
+        assert last == first + 1 and first >= 2
+        assert {*REGIONS, "comm"} <= _trace_names(trace), trace.name
+    for line in _train_lines(run_dir).values():
+        assert line["world_size"] == 2 and line["data_wait_max_rank"] in (0, 1)
+        assert line["data_wait_min_s"] <= line["data_wait_s"] <= line["data_wait_max_s"]
+        assert line["comm_s"] > 0  # the loss's all-gather and its backward reduce, timed apart from compute
+        parts = sum(line[k] for k in ("data_wait_s", "forward_backward_s", "optimizer_s", "comm_s", "other_s"))
+        assert parts == pytest.approx(line["train_s"], rel=1e-6)
 
 
 def test_report_plots_where_the_time_went_and_points_at_the_trace(eval_run, capsys):
