@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from clip_train.train.timing import EtaEstimator, StepTimer, scheduled_between
-from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli
+from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics
 
 REGIONS = ("data", "forward", "loss", "backward", "optimizer")
 TIME_KEYS = ("train_s", "step_s", "data_wait_s", "data_wait_max_s", "data_wait_min_s", "compute_s",
