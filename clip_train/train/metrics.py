@@ -132,7 +132,12 @@ class TensorboardBackend:
     """
 
     def __init__(self, run_dir: Path, start_step: int = 0) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # ValueError: the CLI reports it in one line with exit code 2
+            raise ValueError(
+                "logger.tensorboard.enabled=true needs the tensorboard package: pip install tensorboard"
+            ) from None
 
         self.log_dir = run_dir / TENSORBOARD_DIR
         self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step + 1 if start_step else None)
