@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,8 +125,34 @@ def eval_run(tmp_path_factory, cache_dir) -> Path:
             "logger.tensorboard.enabled=true", "train.profile.steps=[1,1]",
             "eval.zeroshot=[{name: zeroshot, data: demo, classnames: demo, templates: demo, batch_size: 256}]",
         ])
-        trainer.train()
+        console, logger = _ConsoleLines(), logging.getLogger("clip_train")
+        level = logger.level
+        logger.addHandler(console)
+        logger.setLevel(logging.INFO)
+        try:
+            trainer.train()
+        finally:
+            logger.removeHandler(console)
+            logger.setLevel(level)
+    (run_dir / "console.txt").write_text("\n".join(console.lines))
     return run_dir
+
+
+class _ConsoleLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_console_line_shows_the_breakdown_peak_memory_and_an_eta(eval_run):
+    console = (eval_run / "console.txt").read_text().splitlines()
+    line = next(text for text in console if text.startswith("step 6/8 |"))
+    assert re.search(r"\| data wait \d+% \| fwd\+bwd \d+% \| optim \d+% \| comm \d+% \| peak mem \d+\.\d\d GiB "
+                     r"\| ETA \d\d:\d\d:\d\d$", line), line
+    assert any(text.startswith("time in evaluations ") for text in console)
 
 
 def test_eval_and_checkpoint_time_stay_out_of_the_throughput_window(eval_run):
