@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from clip_train.train.precision import autocast
+from clip_train.train.timing import LapLabels
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 """``loss_fn(image_features, text_features, logit_scale, direct_grads)``: with ``direct_grads`` false the loss
@@ -42,17 +42,21 @@ def forward_backward(
     """
     device = images.device
     plain_model = plain_model or model
+    labels = LapLabels()
     if accum_steps == 1:
-        with record_function("forward"), autocast(precision, device):
+        labels.begin("forward")
+        with autocast(precision, device):
             image_features, text_features, logit_scale = model(images, tokens)
-        with record_function("loss"):
-            loss = loss_fn(image_features, text_features, logit_scale, True)
-        with record_function("backward"):
-            scale_loss(loss).backward()
+        labels.begin("loss")
+        loss = loss_fn(image_features, text_features, logit_scale, True)
+        labels.begin("backward")
+        scale_loss(loss).backward()
+        labels.end()
         return loss.detach()
 
+    labels.begin("forward")
     image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
-    with record_function("forward"), torch.no_grad(), autocast(precision, device):
+    with torch.no_grad(), autocast(precision, device):
         cached = [plain_model(i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
     cached_images = [c[0] for c in cached]
     cached_texts = [c[1] for c in cached]
@@ -62,16 +66,18 @@ def forward_backward(
         # DDP all-reduces gradients only after the last sub-batch.
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with record_function("forward"), autocast(precision, device):
+            labels.begin("forward")
+            with autocast(precision, device):
                 image_k, text_k, logit_scale = model(image_chunks[k], token_chunks[k])
-            with record_function("loss"):
-                all_images = torch.cat(cached_images[:k] + [image_k] + cached_images[k + 1 :])
-                all_texts = torch.cat(cached_texts[:k] + [text_k] + cached_texts[k + 1 :])
-                # The temperature's (and SigLIP bias's) gradient comes from the loss itself, not through the
-                # features: take it in one sub-batch only, or it would be counted accum_steps times.
-                loss = loss_fn(all_images, all_texts, logit_scale, k == 0)
-            with record_function("backward"):
-                scale_loss(loss).backward()
+            labels.begin("loss")
+            all_images = torch.cat(cached_images[:k] + [image_k] + cached_images[k + 1 :])
+            all_texts = torch.cat(cached_texts[:k] + [text_k] + cached_texts[k + 1 :])
+            # The temperature's (and SigLIP bias's) gradient comes from the loss itself, not through the
+            # features: take it in one sub-batch only, or it would be counted accum_steps times.
+            loss = loss_fn(all_images, all_texts, logit_scale, k == 0)
+            labels.begin("backward")
+            scale_loss(loss).backward()
+            labels.end()
         if k == 0:
             loss_value = loss.detach()
     return loss_value
