@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test train test-slurm lint clean
+.PHONY: test train test-slurm bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ train: $(STAMP)
 	$(PY) -m clip_train +experiment=demo
 	@echo "Run report (loss, temperature, lr, samples/s and zero-shot accuracy plots; summary.md):"
 	$(PY) -m clip_train.report --newest outputs
+
+# Every GPU benchmark and CUDA-only check in under 8 minutes on one H100/H200; prints a markdown table for
+# docs/benchmarks.md (python -m clip_train.bench.gpu --dry-run checks the plumbing on a CPU).
+bench-gpu: $(STAMP)
+	$(PY) -m clip_train.bench.gpu --out outputs/bench_gpu
 
 lint: $(STAMP)
 	$(PY) -m ruff check clip_train tests

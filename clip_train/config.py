@@ -56,6 +56,23 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler traces of chosen steps, into ``RUN_DIR/profile/`` (one Chrome trace per rank)."""
+
+    steps: Optional[List[int]] = None
+    """``[START, END]``: profile steps START to END (inclusive, numbered as in ``metrics.jsonl``); null: none."""
+    signal_steps: int = 5
+    """Steps profiled from the next step on when a rank receives SIGURG (``kill -URG PID``); 0 ignores it."""
+    memory_snapshot: bool = True
+    """On CUDA, also record the allocator's history over the profiled steps and dump a memory snapshot
+    (``*.pickle``, for https://pytorch.org/memory_viz)."""
+    record_shapes: bool = False
+    """Record input shapes of each operator (larger traces)."""
+    with_stack: bool = False
+    """Record Python stacks of each operator (much larger traces, more overhead)."""
+
+
+@dataclass
 class TrainLoopConfig:
     """The loop itself: length, precision, devices, seeds."""
 
@@ -90,6 +107,8 @@ class TrainLoopConfig:
     """torch.compile every transformer block / ResNet stage (first steps are slow while it compiles)."""
     channels_last: bool = False
     """ResNet and timm conv towers: NHWC memory format for the image tower (faster convolutions on tensor cores)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Profiler traces on demand (``train.profile.steps=[START,END]`` or SIGURG); see docs/observability.md."""
 
 
 @dataclass
@@ -132,8 +151,17 @@ class WandbConfig:
 
 
 @dataclass
+class TensorboardConfig:
+    """TensorBoard event files from rank 0, under ``RUN_DIR/tensorboard/`` (``tensorboard --logdir RUN_DIR``)."""
+
+    enabled: bool = False
+    """Write every ``metrics.jsonl`` value as a TensorBoard scalar too."""
+
+
+@dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
     console_every_n_steps: Optional[int] = None
     """Console progress line every N steps; defaults to ``train.log_every_n_steps``."""
 
@@ -234,6 +262,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
     validate_values(cfg)
+    validate_profile(cfg.train.profile, cfg.train.max_steps)
     validate_scaling_options(cfg, world_size)
 
 
@@ -280,6 +309,18 @@ def validate_values(cfg: TrainConfig) -> None:
     if resume not in ("auto", "none") and not Path(resume).expanduser().exists():
         raise ConfigError(f"ckpt.resume={resume} does not exist; give a step directory, its state.pt, a checkpoints/ "
                           "directory or a run directory, or ckpt.resume=auto (newest in the run dir) or none")
+
+
+def validate_profile(profile: ProfileConfig, max_steps: int) -> None:
+    """``train.profile.steps`` is ``[START, END]`` with 1 <= START <= END <= max_steps."""
+    steps = profile.steps
+    if steps is not None and (len(steps) != 2 or not 1 <= steps[0] <= steps[1] <= max_steps):
+        raise ConfigError(
+            f"train.profile.steps={list(steps)} must be [START,END] with 1 <= START <= END <= train.max_steps "
+            f"({max_steps}), e.g. train.profile.steps=[10,12]"
+        )
+    if profile.signal_steps < 0:
+        raise ConfigError(f"train.profile.signal_steps must be >= 0 (0 ignores SIGURG), got {profile.signal_steps}")
 
 
 def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:

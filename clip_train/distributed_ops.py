@@ -13,11 +13,15 @@ makes the per-parameter gradient wrong by a factor tied to the world size. The h
 
 Every helper degrades to a no-op in a single process (``torch.distributed`` not initialised, or a group of
 one), so the losses run unchanged on a laptop.
+
+The trainer times these transfers (``comm_s`` in ``metrics.jsonl``) by handing :func:`set_collective_region`
+a context manager that every collective here runs inside; by default it does nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +33,18 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(
     dist, "reduce_scatter_tensor", None
 )
+
+
+_collective_region: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def set_collective_region(region: Callable[[], contextlib.AbstractContextManager] | None) -> None:
+    """Run every collective of these helpers inside ``region()`` from now on (``None``: nothing, the default).
+
+    Used to time communication apart from compute; the region may be entered from autograd's backward thread.
+    """
+    global _collective_region
+    _collective_region = region or contextlib.nullcontext
 
 
 def world_info(group: ProcessGroup | None = None) -> tuple[int, int]:
@@ -54,7 +70,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         ctx.group, ctx.world, ctx.rank, ctx.rows = group, world, rank, tensor.shape[0]
         tensor = tensor.contiguous()
         out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        _all_gather_single(out, tensor, group=group)
+        with _collective_region():
+            _all_gather_single(out, tensor, group=group)
         return out
 
     @staticmethod
@@ -65,10 +82,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl":
             out = grad.new_empty((ctx.rows, *grad.shape[1:]))
-            _reduce_scatter_single(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            with _collective_region():
+                _reduce_scatter_single(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
             return out, None
         summed = grad.clone()  # autograd may still reference ``grad``: never reduce it in place
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        with _collective_region():
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
         return summed[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].clone(), None
 
 
@@ -93,7 +112,8 @@ def all_gather_no_grad(tensor: torch.Tensor, group: ProcessGroup | None = None) 
         return tensor
     tensor = tensor.contiguous()
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-    _all_gather_single(out, tensor, group=group)
+    with _collective_region():
+        _all_gather_single(out, tensor, group=group)
     return out
 
 
@@ -125,5 +145,8 @@ def ring_send_recv(
 
 def wait_all(works: Sequence[dist.Work] | None) -> None:
     """Block until every work in ``works`` has completed (``None`` or empty: nothing to wait for)."""
-    for work in works or ():
-        work.wait()
+    if not works:
+        return
+    with _collective_region():  # the part of a ring transfer that compute did not hide
+        for work in works:
+            work.wait()

@@ -1,13 +1,16 @@
 """``python -m clip_train.report RUN_DIR``: plots and a markdown summary of a run, from its ``metrics.jsonl``.
 
 Writes into ``RUN_DIR/report/`` (or ``--out``): one PNG per curve that the run logged (loss, temperature,
-learning rate, samples/s, evaluation metrics) and ``summary.md`` linking them. The plots need matplotlib,
-an optional dependency (``pip install 'clip-train[report]'``); ``--no-plots`` writes the summary alone.
+learning rate, samples/s, evaluation metrics), a stacked plot of where each logged window's time went
+(data wait, forward+backward, optimizer, communication, other, evaluation, checkpoint) and ``summary.md``
+linking them, with the run's time totals and the profiler traces under ``RUN_DIR/profile/``. The plots need
+matplotlib, an optional dependency (``pip install 'clip-train[report]'``); ``--no-plots`` writes the summary alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -24,6 +27,17 @@ TRAIN_PLOTS = (
 )
 # Evaluation metrics: anything the eval hook logs that reads as an accuracy or a recall.
 EVAL_SUFFIXES = ("_top1", "_top5", "recall@1", "recall@5", "recall@10", "mean_recall")
+# The parts of a logged window's wall time, bottom to top of the stacked plot (keys of the training lines).
+TIME_PARTS = (
+    ("data_wait_s", "data wait"),
+    ("forward_backward_s", "forward+backward"),
+    ("optimizer_s", "optimizer"),
+    ("comm_s", "communication"),
+    ("other_s", "other"),
+    ("eval_s", "evaluation"),
+    ("checkpoint_s", "checkpoint"),
+)
+PROFILE_DIR = "profile"
 
 
 class ReportError(ValueError):
@@ -88,6 +102,69 @@ def _plot(path: Path, title: str, curves: dict[str, list[tuple[int, float]]], lo
     plt.close(fig)
 
 
+def _plot_time_breakdown(path: Path, metrics: RunMetrics) -> bool:
+    """Stacked bars: each logged window's seconds split into TIME_PARTS. False when the run logged none."""
+    parts = [(key, label) for key, label in TIME_PARTS if key in metrics.series]
+    if not parts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({step for key, _ in parts for step, _ in metrics.series[key]})
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    width = 0.8 * (min(gaps) if gaps else 1)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    bottom = [0.0] * len(steps)
+    for key, label in parts:
+        by_step = dict(metrics.series[key])
+        heights = [by_step.get(step, 0.0) for step in steps]
+        # Each bar ends at the step that closed its window.
+        ax.bar(steps, heights, width=-width, align="edge", bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_title("Where the time went (seconds per logged window)")
+    ax.set_xlabel("step (end of window)")
+    ax.set_ylabel("seconds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _time_lines(metrics: RunMetrics) -> list[str]:
+    """The run's time totals per part (sums over the logged windows) and their shares."""
+    totals = [(label, sum(v for _, v in metrics.series[key])) for key, label in TIME_PARTS if key in metrics.series]
+    whole = sum(total for _, total in totals)
+    if not totals or whole <= 0:
+        return []
+    lines = ["## Where the time went", "", "| part | seconds | share |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {total:.4g} | {100 * total / whole:.1f}% |" for label, total in totals]
+    peak = metrics.series.get("peak_mem_gib")
+    if peak:
+        lines.append(f"| peak memory | {max(v for _, v in peak):.3g} GiB | |")
+    note = ("Sums over the logged windows (an evaluation or checkpoint after the last logged step is not in them). "
+            "On a GPU the device regions are CUDA-event times and can overlap the host's data wait.")
+    lines += ["", note, ""]
+    return lines
+
+
+def _profile_lines(run_dir: Path) -> list[str]:
+    """Where the profiler traces and memory snapshots of the run are, and how to open them."""
+    folder = run_dir / PROFILE_DIR
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".pickle")) if folder.is_dir() else []
+    if not files:
+        return []
+    lines = ["## Profiler traces", ""]
+    for file in files:
+        kind = "memory snapshot (https://pytorch.org/memory_viz)" if file.suffix == ".pickle" else (
+            "Chrome trace (https://ui.perfetto.dev or chrome://tracing)")
+        lines.append(f"- `{file.resolve()}`: {kind}")
+    return lines + [""]
+
+
 def _check_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -146,6 +223,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
         if eval_keys:
             _plot(out / "eval.png", "Evaluation", {k: metrics.series[k] for k in eval_keys}, False)
             written.append(out / "eval.png")
+        if _plot_time_breakdown(out / "time_breakdown.png", metrics):
+            written.append(out / "time_breakdown.png")
 
     lines = [f"# Run report: `{run_dir.resolve().name}`", "", f"Run directory: `{run_dir.resolve()}`", ""]
     loss = metrics.series.get("loss", [])
@@ -174,6 +253,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
             best_step, best = max(points, key=lambda p: p[1])
             lines.append(f"| `{key}` | {_fmt(points[-1][1])} (step {points[-1][0]}) | {_fmt(best)} ({best_step}) |")
         lines.append("")
+    lines += _time_lines(metrics)
+    lines += _profile_lines(run_dir)
     lines += _config_lines(run_dir)
     if written:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in written] + [""]

@@ -1,4 +1,4 @@
-"""One metrics processor with pluggable backends: ``metrics.jsonl``, the console, Weights & Biases.
+"""One metrics processor with pluggable backends: ``metrics.jsonl``, the console, Weights & Biases, TensorBoard.
 
 Only rank 0 builds backends; every other rank gets a processor that drops what it is given.
 """
@@ -85,8 +85,14 @@ def truncate_metrics_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _share(metrics: dict[str, Any], key: str) -> float:
+    """``key``'s seconds as a percentage of the window's training time (``train_s``)."""
+    total = _plain(metrics.get("train_s", 0.0)) or 0.0
+    return 100.0 * (_plain(metrics.get(key, 0.0)) or 0.0) / total if total > 0 else 0.0
+
+
 class ConsoleBackend:
-    """A progress line: step, loss, throughput and ETA."""
+    """A progress line: step, loss, throughput, where the step's time went, peak memory and ETA."""
 
     def __init__(self, max_steps: int, every_n_steps: int, start_step: int = 0) -> None:
         self.max_steps = max_steps
@@ -101,11 +107,14 @@ class ConsoleBackend:
             return
         if step % self.every_n_steps and step != self.max_steps:
             return
-        done = step - self._start_step
-        elapsed = time.monotonic() - self._start
-        eta = elapsed / max(done, 1) * (self.max_steps - step)
+        if "eta_s" in metrics:  # the trainer's estimate, which counts the evaluations and checkpoints to come
+            eta = _plain(metrics["eta_s"])
+        else:
+            done = step - self._start_step
+            eta = (time.monotonic() - self._start) / max(done, 1) * (self.max_steps - step)
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | temperature %.4f | %.0f samples/s | data wait %.0f%% | ETA %s",
+            "step %d/%d | loss %.4f | lr %.2e | temperature %.4f | %.0f samples/s | data wait %.0f%% | "
+            "fwd+bwd %.0f%% | optim %.0f%% | comm %.0f%% | peak mem %.2f GiB | ETA %s",
             step,
             self.max_steps,
             _plain(metrics["loss"]),
@@ -113,7 +122,11 @@ class ConsoleBackend:
             _plain(metrics.get("temperature", 0.0)),
             _plain(metrics.get("samples_per_s", 0.0)),
             100 * _plain(metrics.get("data_wait_fraction", 0.0)),
-            time.strftime("%H:%M:%S", time.gmtime(eta)),
+            _share(metrics, "forward_backward_s"),
+            _share(metrics, "optimizer_s"),
+            _share(metrics, "comm_s"),
+            _plain(metrics.get("peak_mem_gib", 0.0)),
+            _format_duration(eta),
         )
 
     def close(self) -> None:
@@ -182,6 +195,46 @@ def resolve_wandb_init(
         id=run_id,  # None: WANDB_RUN_ID, else a new id, which the checkpoint then keeps
         resume=None if env.get("WANDB_RESUME") else "allow",
     )
+
+
+def _format_duration(seconds: float) -> str:
+    """``H:MM:SS``, with days in front past 24 hours (``2d 03:04:05``)."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {clock}" if days else clock
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorboardBackend:
+    """Every numeric value of each ``metrics.jsonl`` record as a TensorBoard scalar of the same name.
+
+    Written by rank 0 under ``RUN_DIR/tensorboard/`` and flushed at every record. On resume, ``purge_step``
+    tells TensorBoard to drop what an earlier attempt logged after the checkpoint, as ``metrics.jsonl`` does.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int = 0) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # ValueError: the CLI reports it in one line with exit code 2
+            raise ValueError(
+                "logger.tensorboard.enabled=true needs the tensorboard package: pip install tensorboard"
+            ) from None
+
+        self.log_dir = run_dir / TENSORBOARD_DIR
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            value = _plain(value)
+            if isinstance(value, (int, float)):  # bools too, as 0/1
+                self._writer.add_scalar(key, float(value), global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class WandbBackend:

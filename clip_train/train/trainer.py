@@ -6,10 +6,12 @@ wires them together and keeps the training state that a checkpoint must carry.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from torch import nn
 from clip_train.checkpoint_paths import resolve_training_checkpoint
 from clip_train.config import TrainConfig
 from clip_train.data import build_train_loader, normalize_on_device
+from clip_train.distributed_ops import set_collective_region
 from clip_train.loss import ClipLoss, SigLipLoss
 from clip_train.models import CLIP, create_model_from_config
 from clip_train.models.clip import MAX_LOGIT_SCALE
@@ -36,14 +39,17 @@ from clip_train.train.metrics import (
     ConsoleBackend,
     JsonlBackend,
     MetricsProcessor,
+    TensorboardBackend,
     WandbBackend,
     truncate_metrics_after,
 )
 from clip_train.train.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
+from clip_train.train.profiler import OnDemandProfiler
 from clip_train.train.rng import rng_state, seed_everything, set_rng_state
 from clip_train.train.step import NonFiniteSteps, forward_backward, step_unless_nonfinite
+from clip_train.train.timing import EtaEstimator, StepTimer, peak_memory_bytes
 from clip_train.train.zeroshot_hook import ZeroShotHook
 
 log = logging.getLogger("clip_train")
@@ -125,6 +131,9 @@ class Trainer:
         )
         self.zeroshot = ZeroShotHook(cfg, self.tokenizer, ctx)
         self.metrics = MetricsProcessor()
+        self.timer = StepTimer(self.device)
+        self.profiler = OnDemandProfiler(cfg.train.profile, run_dir, ctx.rank, self.device, cfg.train.max_steps)
+        self.eta: EtaEstimator | None = None
         self.wandb_run_id: str | None = None
         self.global_batch_size = cfg.data.batch_size * ctx.world_size
 
@@ -257,6 +266,8 @@ class Trainer:
         if wandb is not None:  # logger.wandb and the WANDB_* environment decide
             self.wandb_run_id = wandb.run_id
             backends.append(wandb)
+        if self.cfg.logger.tensorboard.enabled:
+            backends.append(TensorboardBackend(self.run_dir, start_step=self.state.step))
         self.metrics = MetricsProcessor(backends)
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
@@ -276,6 +287,9 @@ class Trainer:
         return self.loss_fn(image_features, text_features, logit_scale)
 
     def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        # forward_backward_s: the copy to the device, forward, loss and backward (less the loss's
+        # collectives, which time themselves as comm_s; DDP's all-reduce overlaps backward and stays in it).
+        self.timer.begin("forward_backward")
         images = normalize_on_device(images.to(self.device, non_blocking=True), torch.float32)
         tokens = tokens.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,8 +298,10 @@ class Trainer:
             accum_steps=self.cfg.train.accum_steps, precision=self.cfg.train.precision,
             scale_loss=self.scaler.scale, plain_model=self.model,
         )
+        self.timer.begin("comm")
         self.parallel.sync_grads()
 
+        self.timer.begin("optimizer")
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip_norm or math.inf
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
@@ -301,6 +317,7 @@ class Trainer:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         self.state.step += 1
+        self.timer.end()
         return {"loss": loss, "grad_norm": grad_norm}
 
     def _check_bad_steps(self) -> None:
@@ -317,29 +334,106 @@ class Trainer:
                 "last checkpoint with a lower optim.lr, or optim=stable_adamw"
             )
 
+    # ------------------------------------------------------------------ where the time goes
+
+    def _comm_region(self) -> contextlib.AbstractContextManager:
+        """What the loss's collectives run inside during training steps (see distributed_ops)."""
+        return self.timer.region("comm")
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str) -> Iterator[None]:
+        """Wall time of an evaluation or checkpoint, kept out of the throughput window (``eval_s``, ``checkpoint_s``).
+
+        The device first finishes the queued training work, so that stays in the window it belongs to (these
+        steps synchronise anyway).
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        began = time.perf_counter()
+        set_collective_region(None)  # a collective of the evaluation is evaluation time, not comm_s
+        try:
+            with self.timer.host_region(kind):
+                yield
+        finally:
+            set_collective_region(self._comm_region)
+        if self.eta is not None:
+            self.eta.add(kind, time.perf_counter() - began)
+
+    def _step_time_metrics(self, window_s: float, window_steps: int) -> dict[str, float]:
+        """The window's time breakdown (one gather of the data wait across ranks; call on logging steps)."""
+        times = self.timer.collect()
+        data_wait = times.get("data", 0.0)
+        eval_s, checkpoint_s = times.get("eval", 0.0), times.get("checkpoint", 0.0)
+        train_s = max(window_s - eval_s - checkpoint_s, 1e-9)
+        comm = times.get("comm", 0.0)
+        # The loss's collectives run inside forward_backward's region: count them once, as comm.
+        forward_backward = max(times.get("forward_backward", 0.0) - comm, 0.0)
+        optimizer = times.get("optimizer", 0.0)
+        waits = [data_wait]
+        if self.ctx.enabled:
+            gathered = [torch.zeros(1, dtype=torch.float64, device=self.device) for _ in range(self.ctx.world_size)]
+            dist.all_gather(gathered, torch.tensor([data_wait], dtype=torch.float64, device=self.device))
+            waits = [float(t.item()) for t in gathered]
+        if self.eta is not None:
+            self.eta.add_train(train_s)
+        return {
+            "train_s": train_s,
+            "step_s": train_s / max(window_steps, 1),
+            "data_wait_s": data_wait,
+            "data_wait_fraction": data_wait / train_s,
+            "data_wait_max_s": max(waits),
+            "data_wait_min_s": min(waits),
+            "data_wait_max_rank": waits.index(max(waits)),
+            "compute_s": train_s - data_wait,
+            "forward_backward_s": forward_backward,
+            "optimizer_s": optimizer,
+            "comm_s": comm,
+            "other_s": max(train_s - data_wait - forward_backward - optimizer - comm, 0.0),
+            "eval_s": eval_s,
+            "checkpoint_s": checkpoint_s,
+            "peak_mem_gib": peak_memory_bytes(self.device) / 2**30,
+            "eta_s": self.eta.eta_s(self.state.step) if self.eta is not None else 0.0,
+        }
+
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, float]:
+        set_collective_region(self._comm_region)
+        self.profiler.install_signal()
+        try:
+            return self._train()
+        finally:
+            self.profiler.close(self.state.step)
+            self.profiler.restore_signal()
+            set_collective_region(None)
+
+    def _train(self) -> dict[str, float]:
         self.maybe_resume()
         self.bad_steps = NonFiniteSteps(self.device, consecutive=self.state.consecutive_bad_steps)
         self._open_metrics()
         cfg = self.cfg
+        self.eta = EtaEstimator(
+            cfg.train.max_steps, self.state.step, cfg.eval.every_n_steps if self.zeroshot.enabled else None,
+            cfg.ckpt.every_n_steps,
+        )
         self.ddp_model.train()
         batches = iter(self.loader)
+        self.timer.collect()  # a fresh window
         window_start = time.perf_counter()
-        window_steps, data_wait = 0, 0.0
+        window_steps = 0
         last_eval: dict[str, float] = {}
         while self.state.step < cfg.train.max_steps:
-            wait_start = time.perf_counter()
-            try:
-                images, tokens = next(batches)
-            except StopIteration:  # epoch mode: every rank ends its epoch on the same batch count
-                batches = iter(self.loader)
-                images, tokens = next(batches)
-            data_wait += time.perf_counter() - wait_start
+            self.profiler.before_step(self.state.step + 1)
+            with self.timer.host_region("data"):
+                try:
+                    images, tokens = next(batches)
+                except StopIteration:  # epoch mode: every rank ends its epoch on the same batch count
+                    batches = iter(self.loader)
+                    images, tokens = next(batches)
             out = self.train_step(images, tokens)
             window_steps += 1
             step = self.state.step
+            self.profiler.after_step(step)
 
             if step % cfg.train.log_every_n_steps == 0 or step == cfg.train.max_steps:
                 self._check_bad_steps()
@@ -348,31 +442,31 @@ class Trainer:
                                         float(getattr(self.loader, "skipped_shards", 0))], device=self.device)
                 if self.ctx.enabled:
                     dist.all_reduce(skipped)
-                elapsed = time.perf_counter() - window_start
+                timing = self._step_time_metrics(time.perf_counter() - window_start, window_steps)
                 self.metrics.log(step, {
                     "loss": loss,
                     "lr": self.scheduler.get_last_lr()[0],
                     "temperature": 1.0 / self.model.logit_scale.exp().item(),
                     "grad_norm": out["grad_norm"].item(),
-                    "samples_per_s": window_steps * self.global_batch_size / elapsed,
-                    "data_wait_s": data_wait,
-                    "compute_s": elapsed - data_wait,
-                    "data_wait_fraction": data_wait / elapsed,
+                    "samples_per_s": window_steps * self.global_batch_size / timing["train_s"],
+                    **timing,
                     "skipped_samples": int(skipped[0].item()),
                     "skipped_shards": int(skipped[1].item()),
                     "skipped_steps": self.state.skipped_steps,
                     "world_size": self.ctx.world_size,
                     "global_batch_size": self.global_batch_size,
                 })
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                window_start, window_steps = time.perf_counter(), 0
 
             every_eval = cfg.eval.every_n_steps
             if self.zeroshot.enabled and ((every_eval and step % every_eval == 0) or step == cfg.train.max_steps):
-                last_eval = self.evaluate()
+                with self._timed("eval"):
+                    last_eval = self.evaluate()
             every_ckpt = cfg.ckpt.every_n_steps
             saved = (every_ckpt and step % every_ckpt == 0) or step == cfg.train.max_steps
             if saved:
-                self.save_checkpoint()
+                with self._timed("checkpoint"):
+                    self.save_checkpoint()
             lock = run_lock.current()
             if lock is not None and lock.lost():  # another trainer now owns the run dir: write nothing more
                 raise run_lock.RunDirLocked(f"another trainer took over the lock on {self.run_dir}; stopping "
@@ -388,6 +482,9 @@ class Trainer:
         if last_eval and self.ctx.is_main:
             summary = ", ".join(f"{key} {value:.4f}" for key, value in last_eval.items())
             log.info("finished %d steps; final %s", self.state.step, summary)
+        if self.ctx.is_main and self.eta is not None:
+            log.info("time in evaluations %.1f s, in checkpoints %.1f s (those after the last metrics line included)",
+                     self.eta.total("eval"), self.eta.total("checkpoint"))
         return last_eval
 
     def evaluate(self) -> dict[str, float]:
