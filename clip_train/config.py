@@ -20,7 +20,8 @@ class LossConfig:
     """The contrastive objective."""
 
     name: str = "clip"
-    """``clip`` (symmetric InfoNCE, softmax) or ``siglip`` (pairwise sigmoid)."""
+    """``clip`` (symmetric InfoNCE, softmax), ``siglip`` (pairwise sigmoid) or ``coca`` (InfoNCE + captioning;
+    needs a CoCa model)."""
     temperature: float = 0.07
     """Initial temperature; the model's ``logit_scale`` starts at ln(1 / temperature)."""
     learn_temperature: bool = True
@@ -31,6 +32,10 @@ class LossConfig:
     """Rows/columns per tile of the tiled loss."""
     init_bias: float = -10.0
     """SigLIP only: initial ``logit_bias``."""
+    caption_loss_weight: float = 2.0
+    """CoCa only: weight of the captioning cross-entropy (OpenCLIP's ``--coca-caption-loss-weight``)."""
+    clip_loss_weight: float = 1.0
+    """CoCa only: weight of the contrastive term (OpenCLIP's ``--coca-contrastive-loss-weight``); 0 trains captioning only."""
 
 
 @dataclass
@@ -185,7 +190,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     choices = {
         "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-        "loss.name": (cfg.loss.name, ("clip", "siglip")),
+        "loss.name": (cfg.loss.name, ("clip", "siglip", "coca")),
         "loss.implementation": (cfg.loss.implementation, ("tiled", "exact")),
         "optim.name": (cfg.optim.name, ("adamw", "stable_adamw")),
         "logger.wandb.mode": (cfg.logger.wandb.mode, ("online", "offline", "disabled")),
