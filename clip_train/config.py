@@ -206,6 +206,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a multiple of train.accum_steps={cfg.train.accum_steps}"
         )
+    validate_coca(cfg)
     if cfg.data.batch_size * world_size < 2:
         raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; raise data.batch_size")
     if cfg.data.batch_size < 1:
@@ -215,6 +216,26 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
     validate_scaling_options(cfg, world_size)
+
+
+def validate_coca(cfg: TrainConfig) -> None:
+    """``loss=coca`` and a CoCa model (one with ``model.multimodal``) go together."""
+    is_coca = cfg.model.multimodal is not None
+    if cfg.loss.name == "coca" and not is_coca:
+        raise ConfigError(
+            f"loss=coca trains a captioning decoder but model {cfg.model.name} has none (model.multimodal is null); "
+            "pick a CoCa model (model=coca_tiny, or model=openclip model.name=coca_ViT-B-32) or loss=clip"
+        )
+    if is_coca and cfg.loss.name != "coca":
+        raise ConfigError(
+            f"model {cfg.model.name} is a CoCa model; train it with loss=coca "
+            "(loss.caption_loss_weight=0 leaves only the contrastive term)"
+        )
+    if is_coca and cfg.train.accum_steps != 1:
+        raise ConfigError(
+            f"train.accum_steps={cfg.train.accum_steps}: gradient accumulation is not supported with loss=coca yet "
+            "(its captioning term is per sub-batch); use train.accum_steps=1"
+        )
 
 
 def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:

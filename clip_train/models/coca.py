@@ -13,6 +13,7 @@ dicts load unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,16 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
-from clip_train.models.layers import Attention, LayerNorm, Mlp, ResidualAttentionBlock
+from clip_train.models.clip import MAX_LOGIT_SCALE, build_image_tower, build_text_tower
+from clip_train.models.config import ModelConfig
+from clip_train.models.layers import (
+    Attention,
+    LayerNorm,
+    Mlp,
+    ResidualAttentionBlock,
+    make_act_layer,
+    make_norm_layer,
+)
 
 
 class CrossAttention(Attention):
@@ -142,3 +152,150 @@ class MultimodalDecoder(nn.Module):
                 x = self_block(x, is_causal=True)
                 x = cross_block(x, image_tokens)
         return self.ln_final(x) @ self.text_projection
+
+
+class CocaOutput(NamedTuple):
+    """What ``CoCa.forward`` returns: CLIP's three outputs first, then what the captioning loss needs."""
+
+    image_features: torch.Tensor
+    """L2-normalised image embeddings ``(N, embed_dim)``."""
+    text_features: torch.Tensor
+    """L2-normalised text embeddings ``(N, embed_dim)`` (the text tower's class token)."""
+    logit_scale: torch.Tensor
+    """``exp(logit_scale)``, at most 100."""
+    caption_logits: torch.Tensor
+    """Next-token logits ``(N, L - 1, vocab)`` for the caption's first ``L - 1`` tokens (teacher forcing)."""
+    caption_labels: torch.Tensor
+    """The ids those logits should predict: the caption shifted by one, ``(N, L - 1)``."""
+
+
+class CoCa(nn.Module):
+    """An image tower with an attentional pooler, a text tower with a class token, and the captioning decoder.
+
+    ``encode_image``/``encode_text`` give the contrastive embeddings as CLIP's do, so zero-shot evaluation and
+    retrieval work unchanged; ``forward(image, text)`` returns a :class:`CocaOutput` for ``CocaLoss``;
+    ``caption_logits`` is the decoder step that ``clip_train.generate`` calls.
+    """
+
+    def __init__(self, cfg: ModelConfig, init_temperature: float = 0.07, init_logit_bias: float | None = None) -> None:
+        super().__init__()
+        if cfg.multimodal is None:
+            raise ValueError(f"model {cfg.name} has no multimodal decoder config (model.multimodal); it is not CoCa")
+        if not cfg.is_vit:
+            raise ValueError(f"CoCa needs a CLIP ViT image tower (its tokens feed the decoder); {cfg.name} has another")
+        self.config = cfg
+        self.visual = build_image_tower(cfg)
+        self.text = build_text_tower(cfg)
+        multimodal = cfg.multimodal
+        self.text_decoder = MultimodalDecoder(
+            width=multimodal.width,
+            layers=multimodal.layers,
+            heads=multimodal.heads,
+            # OpenCLIP sizes the decoder's vocabulary from the text tower's config, not multimodal_cfg's.
+            vocab_size=cfg.text.vocab_size,
+            context_length=multimodal.context_length,
+            mlp_ratio=multimodal.mlp_ratio,
+            ls_init_value=multimodal.ls_init_value,
+            act_layer=make_act_layer(cfg.quick_gelu, multimodal.act_approximate),
+            norm_layer=make_norm_layer(multimodal.norm_eps),
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        if init_logit_bias is None:
+            init_logit_bias = cfg.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        self.context_length = cfg.text.context_length
+        self.vocab_size = cfg.text.vocab_size
+        self.pad_id = cfg.text.pad_id
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def text_tower(self) -> nn.Module:
+        return self.text
+
+    # ------------------------------------------------------------------------------------------ towers
+
+    def image_latent_and_tokens(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image embedding ``(N, embed_dim)`` (unnormalised) and the tokens the decoder attends to.
+
+        With the attentional pooler (OpenCLIP's CoCa ViTs) its first query's output is the embedding and the
+        other queries' outputs are the decoder's tokens; without it, the class token and the patch tokens.
+        """
+        visual = self.visual
+        x = visual.forward_features(image)
+        if visual.attn_pool is not None:
+            x = visual.ln_post(visual.attn_pool(x))
+        elif not visual.final_ln_after_pool:
+            x = visual.ln_post(x)
+        if visual.pool_type == "tok":
+            pooled, tokens = x[:, 0], x[:, 1:]
+        elif visual.pool_type == "avg":
+            pooled, tokens = x[:, 1:].mean(dim=1), x[:, 1:]
+        else:
+            pooled, tokens = x, x
+        if visual.attn_pool is None and visual.final_ln_after_pool:
+            pooled = visual.ln_post(pooled)
+        return pooled @ visual.proj, tokens
+
+    def text_latent_and_tokens(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text embedding ``(N, embed_dim)`` (unnormalised; the appended class token's output after
+        ``ln_final``) and the caption tokens' outputs ``(N, L, width)`` before ``ln_final``, the decoder's input."""
+        tower = self.text
+        length = text.shape[1]
+        if length > tower.context_length:
+            raise ValueError(f"got {length} tokens per row, the model's context length is {tower.context_length}")
+        x = tower.token_embedding(text)
+        x = torch.cat([x, tower.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+        x = x + tower.positional_embedding[: length + 1].to(x.dtype)
+        x = tower.transformer(x, attn_mask=tower._class_token_mask(text, x.dtype))
+        pooled = tower.ln_final(x[:, -1])
+        projection = tower.text_projection
+        if isinstance(projection, nn.Linear):
+            pooled = projection(pooled)
+        elif projection is not None:
+            pooled = pooled @ projection
+        return pooled, x[:, :-1]
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Image embeddings ``(N, embed_dim)`` from images normalised with CLIP's mean/std."""
+        features = self.image_latent_and_tokens(image)[0]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Text embeddings ``(N, embed_dim)`` from token ids ``(N, L)``."""
+        features = self.text_latent_and_tokens(tokens)[0]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    # ------------------------------------------------------------------------------------------ decoder
+
+    def caption_logits(self, image_tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(N, L, vocab)`` after each of the ``L`` caption tokens, given the image tokens."""
+        return self.text_decoder(image_tokens, self.text_latent_and_tokens(text)[1])
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> CocaOutput:
+        """Contrastive features, the softmax scale and teacher-forced caption logits with their labels."""
+        image_latent, image_tokens = self.image_latent_and_tokens(image)
+        text_latent, text_tokens = self.text_latent_and_tokens(text)
+        # The decoder sees tokens 0..L-2 and predicts tokens 1..L-1.
+        logits = self.text_decoder(image_tokens, text_tokens[:, :-1])
+        return CocaOutput(
+            F.normalize(image_latent, dim=-1),
+            F.normalize(text_latent, dim=-1),
+            self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(),
+            logits,
+            text[:, 1:],
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that AdamW should not decay besides gains and biases (all 1-D tensors)."""
+        names = {"logit_scale", "logit_bias", "text.positional_embedding", "text.token_embedding.weight",
+                 "text.cls_emb", "visual.class_embedding", "visual.positional_embedding"}
+        return {n for n, _ in self.named_parameters() if n in names}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward instead of storing them, in all three transformers."""
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+        self.text_decoder.grad_checkpointing = enable

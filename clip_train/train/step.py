@@ -10,9 +10,10 @@ from torch import nn
 
 from clip_train.train.precision import autocast
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
-"""``loss_fn(image_features, text_features, logit_scale, direct_grads)``: with ``direct_grads`` false the loss
-must detach the parameters it reads directly (temperature, SigLIP bias), whose gradient is taken once."""
+LossFn = Callable[..., torch.Tensor]
+"""``loss_fn(image_features, text_features, logit_scale, direct_grads, *extra)``: with ``direct_grads`` false the
+loss must detach the parameters it reads directly (temperature, SigLIP bias), whose gradient is taken once.
+``extra`` is whatever the model returns after its first three outputs (CoCa: caption logits and labels)."""
 
 
 def forward_backward(
@@ -39,8 +40,8 @@ def forward_backward(
     plain_model = plain_model or model
     if accum_steps == 1:
         with autocast(precision, device):
-            image_features, text_features, logit_scale = model(images, tokens)
-        loss = loss_fn(image_features, text_features, logit_scale, True)
+            image_features, text_features, logit_scale, *extra = model(images, tokens)
+        loss = loss_fn(image_features, text_features, logit_scale, True, *extra)
         scale_loss(loss).backward()
         return loss.detach()
 
