@@ -28,6 +28,8 @@ from clip_train.tokenizer import ClipTokenizer
 START_OF_TEXT_ID = 49406
 END_OF_TEXT_ID = 49407
 METHODS = ("greedy", "beam")
+DEFAULT_MAX_LENGTH = 30
+"""OpenCLIP's default ``seq_len`` for CoCa captions."""
 EXIT_BAD_INPUT = 2
 
 
@@ -113,7 +115,7 @@ def generate(
     *,
     method: str = "beam",
     num_beams: int = 6,
-    max_length: int = 30,
+    max_length: int | None = None,
     min_length: int = 5,
     length_penalty: float = 1.0,
     sot_token_id: int = START_OF_TEXT_ID,
@@ -126,7 +128,8 @@ def generate(
         model: a CoCa model (``clip_train.models.coca.CoCa``); it runs in eval mode and is restored after.
         method: ``"beam"`` (beam search with ``num_beams`` beams) or ``"greedy"`` (argmax at every step;
             the same as ``"beam"`` with one beam).
-        max_length: most tokens per caption, start and end tokens included (OpenCLIP's ``seq_len``: 30).
+        max_length: most tokens per caption, start and end tokens included; default: OpenCLIP's 30, or the
+            decoder's context length if that is shorter.
         min_length: the end token is not allowed before the caption has this many tokens (start included).
         length_penalty: beam search ranks finished captions by summed log-probability divided by their
             generated length to this power (1.0: mean log-probability per token; 0: no normalisation).
@@ -137,6 +140,8 @@ def generate(
     if not hasattr(model, "caption_logits"):
         raise ValueError(f"{type(model).__name__} has no captioning decoder; generation needs a CoCa model")
     decoder_limit = model.text_decoder.context_length
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, decoder_limit)
     if not 2 <= max_length <= decoder_limit:
         raise ValueError(f"max_length must be between 2 and the decoder's context length {decoder_limit}, got {max_length}")
     if min_length >= max_length:
@@ -187,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights: an OpenCLIP state dict, a clip_train run dir, checkpoint or weights file")
     parser.add_argument("--method", choices=METHODS, default="beam")
     parser.add_argument("--num-beams", type=int, default=6)
-    parser.add_argument("--max-length", type=int, default=30, help="tokens per caption, start and end included")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per caption, start and end included (default 30, or the decoder's context)")
     parser.add_argument("--min-length", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return parser

@@ -14,7 +14,7 @@ dicts load unchanged.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -26,41 +26,12 @@ from clip_train.models.config import ModelConfig
 from clip_train.models.layers import (
     Attention,
     LayerNorm,
+    LayerScale,
     Mlp,
     ResidualAttentionBlock,
     make_act_layer,
     make_norm_layer,
 )
-
-
-class CrossAttention(Attention):
-    """Multi-head attention whose queries come from ``x`` and keys/values from ``context``.
-
-    Queries, keys and values all have the decoder's width, so the three projections stay packed in one
-    ``in_proj_weight`` exactly as ``nn.MultiheadAttention`` (and therefore OpenCLIP) stores them.
-    """
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        batch, length, width = x.shape
-        head_dim = width // self.heads
-        w_q, w_kv = self.in_proj_weight.split([width, 2 * width])
-        b_q, b_kv = self.in_proj_bias.split([width, 2 * width])
-        q = F.linear(x, w_q, b_q).view(batch, length, self.heads, head_dim).transpose(1, 2)
-        kv = F.linear(context, w_kv, b_kv).view(batch, context.shape[1], 2, self.heads, head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, context length, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
-
-
-class LayerScale(nn.Module):
-    """A learned per-channel gain on a residual branch (Touvron et al. 2021), stored as ``gamma``."""
-
-    def __init__(self, width: int, init_value: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((width,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
 
 
 class CrossAttentionBlock(nn.Module):
@@ -72,12 +43,13 @@ class CrossAttentionBlock(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         ls_init_value: float | None = None,
-        act_layer: type[nn.Module] = nn.GELU,
-        norm_layer: type[nn.Module] = LayerNorm,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
     ) -> None:
         super().__init__()
         self.ln_1 = norm_layer(width)
-        self.attn = CrossAttention(width, heads)
+        # Queries, keys and values all have the decoder's width: one packed in_proj_weight, as OpenCLIP stores it.
+        self.attn = Attention(width, heads)
         self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.ln_1_kv = norm_layer(width)
         self.ln_2 = norm_layer(width)
@@ -85,7 +57,7 @@ class CrossAttentionBlock(nn.Module):
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls_1(self.attn(self.ln_1(x), self.ln_1_kv(context)))
+        x = x + self.ls_1(self.attn(self.ln_1(x), context=self.ln_1_kv(context)))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
@@ -105,19 +77,16 @@ class MultimodalDecoder(nn.Module):
         context_length: int = 76,
         mlp_ratio: float = 4.0,
         ls_init_value: float | None = None,
-        act_layer: type[nn.Module] = nn.GELU,
-        norm_layer: type[nn.Module] = LayerNorm,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = LayerNorm,
     ) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.context_length = context_length
         self.grad_checkpointing = False
-        block_kwargs = {"act_layer": act_layer, "norm_layer": norm_layer}
-        if ls_init_value is not None:
-            block_kwargs["ls_init_value"] = ls_init_value
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_ratio, **block_kwargs) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, mlp_ratio, act_layer, norm_layer, ls_init_value) for _ in range(layers)
         )
         self.cross_attn = nn.ModuleList(
             CrossAttentionBlock(width, heads, mlp_ratio, ls_init_value, act_layer, norm_layer) for _ in range(layers)

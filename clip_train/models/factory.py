@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clip_train.models.clip import CLIP
+from clip_train.models.coca import CoCa
 from clip_train.models.config import ModelConfig
 from clip_train.models.pretrained import config_from_state_dict, load_weights_into, read_weights
 from clip_train.models.registry import get_model_config
@@ -17,6 +18,11 @@ from clip_train.models.registry import get_model_config
 def _as_model_config(stored: dict) -> ModelConfig:
     """A ModelConfig from the plain dict a clip_train checkpoint stores (unknown keys are an error)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), stored))  # type: ignore[return-value]
+
+
+def model_class(cfg: ModelConfig) -> type[CLIP] | type[CoCa]:
+    """CoCa for a config with a multimodal decoder (``cfg.multimodal``), CLIP otherwise."""
+    return CoCa if cfg.multimodal is not None else CLIP
 
 
 def create_model(
@@ -42,7 +48,7 @@ def create_model(
         raise ValueError("create_model needs an architecture name, or pretrained weights to infer it from")
     if weights is not None and weights.openai_layout:
         cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
-    model = CLIP(cfg)
+    model = model_class(cfg)(cfg)
     if weights is not None:
         load_weights_into(model, weights, source=str(pretrained))
     return model.to(device)
@@ -55,7 +61,7 @@ def create_model_from_config(
     weights = read_weights(cfg.pretrained) if cfg.pretrained else None
     if weights is not None and weights.openai_layout and not cfg.quick_gelu:
         cfg = dataclasses.replace(cfg, quick_gelu=True)
-    model = CLIP(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
+    model = model_class(cfg)(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
     if weights is not None:
         load_weights_into(model, weights, source=str(cfg.pretrained))
     return model

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
 
 QUICKGELU_SUFFIX = "-quickgelu"
 
@@ -42,6 +42,18 @@ _ARCHITECTURES: dict[str, ModelConfig] = {
         embed_dim=64,
         vision=VisionConfig(image_size=32, layers=[2], width=64, patch_size=8),
         text=TextConfig(context_length=16, width=64, heads=1, layers=2),
+    ),
+    # The tiny model made CoCa (configs/model/coca_tiny.yaml): an attentional pooler of 9 queries (the first is
+    # the image embedding, 8 feed the decoder), a text class token, a 2-layer captioning decoder.
+    "coca_tiny": ModelConfig(
+        embed_dim=64,
+        vision=VisionConfig(
+            image_size=32, layers=[2], width=64, patch_size=8, head_width=32,
+            attentional_pool=True, attn_pooler_queries=9, attn_pooler_heads=2,
+        ),
+        text=TextConfig(context_length=16, width=64, heads=2, layers=2, embed_cls=True),
+        custom_text=True,
+        multimodal=MultimodalConfig(context_length=16, width=64, heads=2, layers=2, attn_pooler_heads=2),
     ),
 }
 for _name, _cfg in _ARCHITECTURES.items():
