@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
+from open_clip.coca_model import CoCa as OpenClipCoCa  # noqa: E402
 from open_clip.loss import CoCaLoss as OpenClipCoCaLoss  # noqa: E402
 from open_clip.transformer import MultimodalTransformer  # noqa: E402
 
+import clip_train  # noqa: E402
+from clip_train.generate import END_OF_TEXT_ID, START_OF_TEXT_ID, generate  # noqa: E402
+from clip_train.load import load_model  # noqa: E402
 from clip_train.loss import CocaLoss  # noqa: E402
-from clip_train.models.coca import MultimodalDecoder  # noqa: E402
+from clip_train.models import CheckpointError, config_from_state_dict  # noqa: E402
+from clip_train.models.coca import CoCa, MultimodalDecoder  # noqa: E402
+from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig  # noqa: E402
+from tests.cli_helpers import FAST_DEMO, REPO, cli_env, run_cli, train_losses  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ decoder
 
@@ -88,3 +98,211 @@ def test_coca_loss_defaults_are_open_clips_training_defaults_and_padding_is_igno
     assert loss(image, text, scale, shifted, labels).item() == pytest.approx(before.item(), rel=1e-12)
     with pytest.raises(ValueError, match="do not match labels"):
         loss(image, text, scale, logits, labels[:, :-1])
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+
+# Two small CoCa shapes, written both as OpenCLIP's config dicts and as our ModelConfig: with the attentional
+# pooler (as coca_ViT-B-32 / -L-14) and without it (as coca_base: the decoder reads the patch tokens).
+TINY_OPEN_CLIP = {
+    "attn_pool": dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=2, width=48, patch_size=8, head_width=16, attentional_pool=True,
+                        attn_pooler_queries=9, attn_pooler_heads=4, output_tokens=True),
+        text_cfg=dict(context_length=12, vocab_size=100, width=32, heads=4, layers=2, embed_cls=True,
+                      output_tokens=True),
+        multimodal_cfg=dict(context_length=12, vocab_size=100, width=32, heads=4, layers=2),
+    ),
+    "patch_tokens_quickgelu": dict(
+        embed_dim=24,
+        quick_gelu=True,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16, output_tokens=True),
+        text_cfg=dict(context_length=10, vocab_size=90, width=32, heads=2, layers=1, embed_cls=True,
+                      output_tokens=True),
+        multimodal_cfg=dict(context_length=10, vocab_size=90, width=32, heads=4, layers=2),
+    ),
+}
+TINY_OURS = {
+    "attn_pool": ModelConfig(
+        name="tiny_attn_pool", embed_dim=32, custom_text=True,
+        vision=VisionConfig(image_size=32, layers=[2], width=48, patch_size=8, head_width=16, attentional_pool=True,
+                            attn_pooler_queries=9, attn_pooler_heads=4),
+        text=TextConfig(context_length=12, vocab_size=100, width=32, heads=4, layers=2, embed_cls=True),
+        multimodal=MultimodalConfig(context_length=12, vocab_size=100, width=32, heads=4, layers=2),
+    ),
+    "patch_tokens_quickgelu": ModelConfig(
+        name="tiny_patch_tokens", embed_dim=24, custom_text=True, quick_gelu=True,
+        vision=VisionConfig(image_size=32, layers=[1], width=32, patch_size=16, head_width=16),
+        text=TextConfig(context_length=10, vocab_size=90, width=32, heads=2, layers=1, embed_cls=True),
+        multimodal=MultimodalConfig(context_length=10, vocab_size=90, width=32, heads=4, layers=2),
+    ),
+}
+
+
+def _padded_captions(batch: int, length: int, vocab: int) -> torch.Tensor:
+    """Random captions ``[sot-like id, words..., eot-like id, 0...]`` of different lengths."""
+    text = torch.randint(3, vocab - 1, (batch, length))
+    for row in range(batch):
+        end = 3 + row * 2 % (length - 3)
+        text[row, 0], text[row, end], text[row, end + 1 :] = 1, vocab - 1, 0
+    return text
+
+
+@pytest.mark.parametrize("shape", sorted(TINY_OPEN_CLIP))
+def test_tiny_coca_equals_open_clips_on_the_same_weights(shape: str, tmp_path: Path) -> None:
+    reference = OpenClipCoCa(**copy.deepcopy(TINY_OPEN_CLIP[shape])).eval()
+    torch.nn.init.normal_(reference.text_decoder.text_projection, std=0.2)  # OpenCLIP leaves it uninitialised
+    path = tmp_path / "open_clip_coca.pt"
+    torch.save(reference.state_dict(), path)
+    ours = CoCa(TINY_OURS[shape])
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    clip_train.models.pretrained.load_weights_into(ours, clip_train.models.read_weights(path))  # strict
+    ours.eval()
+
+    cfg = TINY_OPEN_CLIP[shape]
+    images = torch.randn(3, 3, 32, 32)
+    text = _padded_captions(3, cfg["text_cfg"]["context_length"], cfg["text_cfg"]["vocab_size"])
+    with torch.no_grad():
+        expected = reference(images, text)
+        got = ours(images, text)
+        torch.testing.assert_close(got.image_features, expected["image_features"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.text_features, expected["text_features"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.caption_logits, expected["logits"], rtol=0, atol=1e-4)
+        assert torch.equal(got.caption_labels, expected["labels"])
+        torch.testing.assert_close(got.logit_scale, expected["logit_scale"])
+        torch.testing.assert_close(ours.encode_image(images, normalize=True), reference.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.encode_text(text, normalize=True), reference.encode_text(text), atol=1e-5, rtol=0)
+
+
+def test_coca_state_dict_is_not_guessed_without_a_name() -> None:
+    with torch.device("meta"):
+        state_dict = CoCa(clip_train.models.get_model_config("coca_tiny")).state_dict()
+    with pytest.raises(CheckpointError, match="pass the model name"):
+        config_from_state_dict(state_dict)
+
+
+def test_coca_loss_and_model_go_together() -> None:
+    from clip_train.config import ConfigError, TrainConfig, validate
+
+    cfg = TrainConfig()
+    cfg.model = clip_train.models.get_model_config("coca_tiny")
+    cfg.train.precision = "fp32"
+    with pytest.raises(ConfigError, match="train it with loss=coca"):
+        validate(cfg, world_size=1, device_type="cpu")
+    cfg.loss.name = "coca"
+    validate(cfg, world_size=1, device_type="cpu")
+    cfg.train.accum_steps = 2
+    with pytest.raises(ConfigError, match="accum_steps=2"):
+        validate(cfg, world_size=1, device_type="cpu")
+    cfg.train.accum_steps = 1
+    cfg.model = clip_train.models.get_model_config("tiny")
+    with pytest.raises(ConfigError, match="has none"):
+        validate(cfg, world_size=1, device_type="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def argmax_loop(model: CoCa, image: torch.Tensor, max_length: int) -> list[int]:
+    """Greedy captioning written out with the model's teacher-forced forward: feed the caption so far plus
+    a placeholder token, take the argmax of the last position's logits; close the caption at ``max_length``."""
+    caption = [START_OF_TEXT_ID]
+    with torch.no_grad():
+        while len(caption) < max_length - 1:
+            logits = model(image[None], torch.tensor([caption + [0]])).caption_logits[0, -1]
+            caption.append(int(logits.argmax()))
+            if caption[-1] == END_OF_TEXT_ID:
+                return caption
+    return caption + [END_OF_TEXT_ID]
+
+
+def _strip_padding(row: torch.Tensor) -> list[int]:
+    ids = row.tolist()
+    return ids[: ids.index(END_OF_TEXT_ID) + 1]
+
+
+def _check_well_formed(tokens: torch.Tensor, max_length: int) -> None:
+    assert tokens.shape[1] <= max_length
+    for row in tokens.tolist():
+        assert row[0] == START_OF_TEXT_ID and row.count(END_OF_TEXT_ID) == 1
+        end = row.index(END_OF_TEXT_ID)
+        assert all(t == 0 for t in row[end + 1 :]) and START_OF_TEXT_ID not in row[1:]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def trained_run(cache_dir: Path, tmp_path_factory) -> Path:
+    """A few steps of the digits demo with the tiny CoCa and loss=coca, under the Hydra app."""
+    run_dir = tmp_path_factory.mktemp("coca_run")
+    args = [*FAST_DEMO, "model=coca_tiny", "loss=coca", "train.max_steps=8", "data.batch_size=16",
+            "optim.warmup_steps=2", "ckpt.every_n_steps=0", f"hydra.run.dir={run_dir}"]
+    result = run_cli(args, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_loss_coca_trains_the_tiny_coca_under_the_app(trained_run: Path) -> None:
+    losses = train_losses(trained_run)
+    assert sorted(losses) == list(range(1, 9))
+    # Captioning starts near 2 * ln(49408) = 21.6 plus the contrastive ln(16) = 2.8, and falls fast.
+    assert 20 < losses[1] < 30
+    assert losses[8] < losses[1] - 3
+
+
+def test_greedy_equals_an_argmax_loop_and_beam_one_equals_greedy(trained_run: Path) -> None:
+    model = load_model(trained_run)
+    assert isinstance(model, CoCa)
+    images = torch.randn(3, 3, 32, 32)
+    greedy = generate(model, images, method="greedy", min_length=0, max_length=12)
+    _check_well_formed(greedy, 12)
+    for image, row in zip(images, greedy):
+        assert _strip_padding(row) == argmax_loop(model, image, max_length=12)
+    assert torch.equal(generate(model, images, method="beam", num_beams=1, min_length=0, max_length=12), greedy)
+
+    beams = generate(model, images, method="beam", num_beams=4)
+    _check_well_formed(beams, 16)
+    assert model.training is False  # load_model's eval mode is kept
+    tokenizer = clip_train.get_tokenizer(context_length=16)
+    captions = [tokenizer.decode(row) for row in beams]
+    assert all(caption.strip() for caption in captions), captions  # words, not just start/end tokens
+
+
+def test_min_length_holds_back_the_end_token() -> None:
+    torch.manual_seed(0)
+    model = clip_train.create_model("coca_tiny").eval()
+    with torch.no_grad():  # make the end token by far the most likely next token everywhere
+        model.text_decoder.ln_final.bias.fill_(1.0)
+        model.text_decoder.text_projection[:, END_OF_TEXT_ID] = 1.0
+    images = torch.randn(2, 3, 32, 32)
+    for method in ("greedy", "beam"):
+        tokens = generate(model, images, method=method, num_beams=3, min_length=6)
+        _check_well_formed(tokens, 16)
+        assert [_strip_padding(row).index(END_OF_TEXT_ID) for row in tokens] == [6, 6]
+    with pytest.raises(ValueError, match="needs a CoCa model"):
+        generate(clip_train.create_model("tiny"), images)
+
+
+def test_generate_cli_prints_a_caption_per_image_and_rejects_bad_input(trained_run: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    good = tmp_path / "digit.png"
+    Image.fromarray((np.random.rand(40, 30, 3) * 255).astype("uint8")).save(good)
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    command = [sys.executable, "-m", "clip_train.generate", "--pretrained", str(trained_run)]
+    env = cli_env(tmp_path)
+    result = subprocess.run([*command, str(good), str(good)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{good}\t") and line.split("\t")[1] for line in lines)
+    result = subprocess.run([*command, str(bad)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr

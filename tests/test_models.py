@@ -37,7 +37,8 @@ def test_every_architecture_produces_embeddings_of_its_width(name: str) -> None:
     assert scale.shape == ()
 
 
-@pytest.mark.parametrize("name", list_models())
+# CoCa's state dicts cannot show its heads, so inference refuses them and asks for the name (tests/test_coca.py).
+@pytest.mark.parametrize("name", [n for n in list_models() if get_model_config(n).multimodal is None])
 def test_architecture_is_inferred_back_from_its_state_dict(name: str) -> None:
     expected = get_model_config(name)
     inferred = config_from_state_dict(meta_model(name).state_dict())
