@@ -306,3 +306,14 @@ def test_generate_cli_prints_a_caption_per_image_and_rejects_bad_input(trained_r
     assert len(lines) == 2 and all(line.startswith(f"{good}\t") and line.split("\t")[1] for line in lines)
     result = subprocess.run([*command, str(bad)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compile_and_fsdp_units_include_the_decoder_blocks() -> None:
+    from clip_train.train.parallelize import _units
+
+    with torch.device("meta"):
+        model = CoCa(clip_train.models.get_model_config("coca_tiny"))
+    units = _units(model)
+    for block in [*model.text.transformer.resblocks, *model.visual.transformer.resblocks,
+                  *model.text_decoder.resblocks, *model.text_decoder.cross_attn]:
+        assert any(unit is block for unit in units)
