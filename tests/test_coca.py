@@ -113,6 +113,14 @@ TINY_OPEN_CLIP = {
                       output_tokens=True),
         multimodal_cfg=dict(context_length=12, vocab_size=100, width=32, heads=4, layers=2),
     ),
+    # Our registry's coca_tiny, as OpenCLIP would be told it: loaded below by name with create_model.
+    "coca_tiny": dict(
+        embed_dim=64,
+        vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32, attentional_pool=True,
+                        attn_pooler_queries=9, attn_pooler_heads=2, output_tokens=True),
+        text_cfg=dict(context_length=16, width=64, heads=2, layers=2, embed_cls=True, output_tokens=True),
+        multimodal_cfg=dict(context_length=16, width=64, heads=2, layers=2, attn_pooler_heads=2),
+    ),
     "patch_tokens_quickgelu": dict(
         embed_dim=24,
         quick_gelu=True,
@@ -154,14 +162,17 @@ def test_tiny_coca_equals_open_clips_on_the_same_weights(shape: str, tmp_path: P
     torch.nn.init.normal_(reference.text_decoder.text_projection, std=0.2)  # OpenCLIP leaves it uninitialised
     path = tmp_path / "open_clip_coca.pt"
     torch.save(reference.state_dict(), path)
-    ours = CoCa(TINY_OURS[shape])
+    if shape == "coca_tiny":  # the public route: by name, from the file OpenCLIP saved
+        ours = clip_train.create_model("coca_tiny", pretrained=path)
+    else:
+        ours = CoCa(TINY_OURS[shape])
+        clip_train.models.pretrained.load_weights_into(ours, clip_train.models.read_weights(path))  # strict
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
-    clip_train.models.pretrained.load_weights_into(ours, clip_train.models.read_weights(path))  # strict
     ours.eval()
 
     cfg = TINY_OPEN_CLIP[shape]
     images = torch.randn(3, 3, 32, 32)
-    text = _padded_captions(3, cfg["text_cfg"]["context_length"], cfg["text_cfg"]["vocab_size"])
+    text = _padded_captions(3, cfg["text_cfg"]["context_length"], cfg["text_cfg"].get("vocab_size", 49408))
     with torch.no_grad():
         expected = reference(images, text)
         got = ours(images, text)
