@@ -212,6 +212,8 @@ class CoCa(nn.Module):
         """The text embedding ``(N, embed_dim)`` (unnormalised; the appended class token's output after
         ``ln_final``) and the caption tokens' outputs ``(N, L, width)`` before ``ln_final``, the decoder's input."""
         tower = self.text
+        if getattr(tower, "cls_emb", None) is None:
+            return self._hf_text_latent_and_tokens(text)
         length = text.shape[1]
         if length > tower.context_length:
             raise ValueError(f"got {length} tokens per row, the model's context length is {tower.context_length}")
@@ -226,6 +228,18 @@ class CoCa(nn.Module):
         elif projection is not None:
             pooled = pooled @ projection
         return pooled, x[:, :-1]
+
+    def _hf_text_latent_and_tokens(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Hugging Face text tower (``coca_roberta-ViT-B-32``): its pooled, projected embedding, and the last
+        hidden states as the decoder's input (without the first token when the tower pools at it, as OpenCLIP)."""
+        tower = self.text
+        mask = (text != tower.pad_token_id).long()
+        out = tower.transformer(input_ids=text, attention_mask=mask)
+        pooled = tower.proj(tower.pool(out, mask))
+        tokens = out.last_hidden_state
+        if self.config.text.hf_pooler_type == "cls_pooler":
+            tokens = tokens[:, 1:]
+        return pooled, tokens
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Image embeddings ``(N, embed_dim)`` from images normalised with CLIP's mean/std."""
