@@ -328,3 +328,43 @@ def test_compile_and_fsdp_units_include_the_decoder_blocks() -> None:
     for block in [*model.text.transformer.resblocks, *model.visual.transformer.resblocks,
                   *model.text_decoder.resblocks, *model.text_decoder.cross_attn]:
         assert any(unit is block for unit in units)
+
+
+def test_coca_with_a_hugging_face_text_tower_equals_open_clips(tmp_path: Path) -> None:
+    """coca_roberta-ViT-B-32's layout, tiny: a RoBERTa text tower from a local config.json feeds the decoder."""
+    pytest.importorskip("clip_train.models.hf_text")  # the HF text towers (another part of issue 13)
+    if "hf_config_dir" not in TextConfig.__dataclass_fields__:
+        pytest.skip("TextConfig has no hf_config_dir yet")
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="roberta", vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, layer_norm_eps=1e-5,
+    )))
+    for pooler in ("mean_pooler", "cls_pooler"):
+        reference = OpenClipCoCa(
+            embed_dim=24,
+            vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16, output_tokens=True),
+            text_cfg=dict(hf_model_name=str(tmp_path), hf_tokenizer_name=str(tmp_path), hf_proj_type="linear",
+                          hf_pooler_type=pooler, width=32, output_tokens=True, hf_model_pretrained=False),
+            multimodal_cfg=dict(context_length=12, width=32, heads=2, layers=1),
+        ).eval()
+        torch.nn.init.normal_(reference.text_decoder.text_projection, std=0.2)
+        cfg = ModelConfig(
+            name="tiny_hf_coca", embed_dim=24, custom_text=True,
+            vision=VisionConfig(image_size=32, layers=[1], width=32, patch_size=16, head_width=16),
+            text=TextConfig(hf_model_name="roberta-base", hf_config_dir=str(tmp_path), hf_proj_type="linear",
+                            hf_pooler_type=pooler, width=32, context_length=12),
+            multimodal=MultimodalConfig(context_length=12, width=32, heads=2, layers=1),
+        )
+        ours = CoCa(cfg)
+        ours.load_state_dict(reference.state_dict())  # strict: the same keys and shapes
+        ours.eval()
+        images, text = torch.randn(2, 3, 32, 32), torch.randint(3, 100, (2, 12))
+        text[:, 0], text[0, 7], text[0, 8:] = 0, 2, 1  # <s> ... </s> <pad>...
+        with torch.no_grad():
+            expected, got = reference(images, text), ours(images, text)
+        torch.testing.assert_close(got.image_features, expected["image_features"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.text_features, expected["text_features"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.caption_logits, expected["logits"], rtol=0, atol=1e-4)
