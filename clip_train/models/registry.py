@@ -1,6 +1,8 @@
-"""Named CLIP architectures with their published hyperparameters (Radford et al. 2021, table 19-20).
+"""Named CLIP architectures: OpenAI's nine with their published hyperparameters (Radford et al. 2021,
+table 19-20) and ``tiny``, then every name of OpenCLIP's model zoo through its JSON configs.
 
-``configs/model/*.yaml`` mirror these entries for Hydra; ``tests/test_model_configs.py`` keeps them equal.
+``configs/model/*.yaml`` mirror the first entries for Hydra; ``configs/model/openclip.yaml`` takes any
+OpenCLIP name.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import copy
 
 from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
+from clip_train.models.openclip_config import openclip_model_config, openclip_model_names
 
 QUICKGELU_SUFFIX = "-quickgelu"
 
@@ -61,8 +64,8 @@ for _name, _cfg in _ARCHITECTURES.items():
 
 
 def list_models() -> list[str]:
-    """Names ``create_model`` accepts (each also with a ``-quickgelu`` suffix)."""
-    return list(_ARCHITECTURES)
+    """Names ``create_model`` accepts: OpenAI's nine, ``tiny``, then OpenCLIP's zoo (each also with ``-quickgelu``)."""
+    return list(_ARCHITECTURES) + [n for n in openclip_model_names() if n not in _ARCHITECTURES]
 
 
 def get_model_config(name: str) -> ModelConfig:
@@ -72,9 +75,17 @@ def get_model_config(name: str) -> ModelConfig:
         base, quick_gelu = name[: -len(QUICKGELU_SUFFIX)], True
     # OpenCLIP writes ViT-B/16 as ViT-B-16; accept the paper's slash form too.
     base = base.replace("/", "-")
-    if base not in _ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())} (optionally with -quickgelu)")
-    cfg = copy.deepcopy(_ARCHITECTURES[base])
-    cfg.quick_gelu = quick_gelu
+    if base in _ARCHITECTURES:
+        cfg = copy.deepcopy(_ARCHITECTURES[base])
+        cfg.quick_gelu = quick_gelu
+        cfg.name = name
+        return cfg
+    try:
+        cfg, _ = openclip_model_config(name.replace("/", "-"))
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; `python -m clip_train.models` lists the {len(list_models())} names "
+            "(each also with -quickgelu)"
+        ) from None
     cfg.name = name
     return cfg

@@ -1,0 +1,99 @@
+"""OpenCLIP's whole model zoo by name: key names and shapes for every architecture, features for one per family.
+
+Parametrized over ``open_clip.list_models()``, so a name OpenCLIP adds is tested as soon as the vendored
+configs are refreshed. The full numeric zoo is ``make test-zoo`` (``python -m tests.zoo_parity``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+import clip_train
+from clip_train.models import CLIP, get_model_config
+from clip_train.models.openclip_config import openclip_json, openclip_model_names, translate
+from clip_train.models.text import TextTransformer
+from tests.zoo_reference import (example_inputs, needs_other_branch, numeric_parity, openclip_model, ours_on_meta,
+                                 shapes)
+
+TOLERANCE = 1e-4
+
+
+def test_vendored_configs_are_exactly_openclips_names() -> None:
+    assert list(openclip_model_names()) == open_clip.list_models()
+    assert len(openclip_model_names()) == 144
+
+
+@pytest.mark.parametrize("name", open_clip.list_models())
+def test_state_dict_names_and_shapes_equal_openclips(name: str) -> None:
+    reason = needs_other_branch(name)
+    if reason:
+        pytest.skip(reason)
+    try:
+        reference = openclip_model(name, device="meta")
+    except OSError as err:  # HF text towers: OpenCLIP needs the Hub for their config
+        pytest.skip(f"OpenCLIP cannot build {name} offline: {str(err).splitlines()[0][:120]}")
+    assert shapes(ours_on_meta(name).state_dict()) == shapes(reference.state_dict())
+
+
+# The smallest architecture of each family our own towers cover (-alt: layer scale). CLIPA's smallest
+# (ViT-L-14-CLIPA, 67 s here) runs in ``make test-zoo``; its options are checked below at a small width.
+PARITY_NAMES = ["ViT-S-32", "ViT-M-16-alt"]
+
+
+@pytest.mark.parametrize("name", PARITY_NAMES)
+def test_openclip_weights_load_by_name_with_equal_features(name: str, tmp_path: Path) -> None:
+    result = numeric_parity(name, tmp_path)
+    assert result.image_delta < TOLERANCE
+    assert result.text_delta < TOLERANCE
+
+
+def test_clipa_options_match_openclip_at_a_small_width(tmp_path: Path) -> None:
+    """ViT-L-14-CLIPA's JSON with its widths cut: no ln_pre, average pooling, LN after pooling, bidirectional
+    text pooled at the last token, through the translator and OpenCLIP's own CLIP."""
+    doc = openclip_json("ViT-L-14-CLIPA")
+    doc["vision_cfg"].update(layers=2, width=128, image_size=56)
+    doc["text_cfg"].update(layers=2, width=128, heads=2, vocab_size=1000)
+    doc["embed_dim"] = 64
+    cfg, missing = translate(doc, "clipa-small")
+    assert not missing and cfg.vision.no_ln_pre and cfg.vision.pool_type == "avg" and cfg.text.no_causal_mask
+    reference_doc = {k: v for k, v in doc.items() if k != "custom_text"}
+    reference = open_clip.CLIP(**reference_doc).eval()  # CLIPA keeps the text tower at the top level
+    ours = CLIP(cfg).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    images, tokens = example_inputs(ours)
+    with torch.no_grad():
+        assert (ours.encode_image(images, True) - reference.encode_image(images, True)).abs().max() < TOLERANCE
+        assert (ours.encode_text(tokens, True) - reference.encode_text(tokens, True)).abs().max() < TOLERANCE
+
+
+def test_siglip_text_tower_matches_openclips(tmp_path: Path) -> None:
+    """SigLIP's text tower (no causal mask, last-token pooling, biased projection, eps 1e-6) on its own."""
+    name = "ViT-B-16-SigLIP"
+    cfg = get_model_config(name)
+    reference_cfg = open_clip.get_model_config(name)
+    torch.manual_seed(0)
+    reference = open_clip.model._build_text_tower(reference_cfg["embed_dim"], reference_cfg["text_cfg"]).eval()
+    ours = TextTransformer(cfg.text, cfg.embed_dim).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    tokens = torch.randint(1, cfg.text.vocab_size, (2, cfg.text.context_length))
+    tokens[1, 20:] = 1  # SigLIP pads with its end-of-sequence id
+    with torch.no_grad():
+        delta = (torch.nn.functional.normalize(ours(tokens), dim=-1)
+                 - torch.nn.functional.normalize(reference(tokens), dim=-1)).abs().max()
+    assert float(delta) < TOLERANCE
+
+
+def test_quickgelu_twin_of_an_openclip_name_selects_quickgelu() -> None:
+    assert get_model_config("ViT-M-16-quickgelu").quick_gelu
+    assert not get_model_config("ViT-M-16").quick_gelu
+    assert get_model_config("ViT-H-14-quickgelu").vision.head_width == 80
+
+
+def test_unknown_name_is_refused_in_one_line() -> None:
+    with pytest.raises(ValueError) as err:
+        clip_train.create_model("ViT-Q-99")
+    assert "\n" not in str(err.value) and "python -m clip_train.models" in str(err.value)
