@@ -368,3 +368,50 @@ def test_coca_with_a_hugging_face_text_tower_equals_open_clips(tmp_path: Path) -
         torch.testing.assert_close(got.image_features, expected["image_features"], rtol=0, atol=1e-5)
         torch.testing.assert_close(got.text_features, expected["text_features"], rtol=0, atol=1e-5)
         torch.testing.assert_close(got.caption_logits, expected["logits"], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ OpenCLIP's names
+
+OFFLINE_COCA_NAMES = ["coca_ViT-B-32", "coca_ViT-L-14", "coca_base"]  # coca_roberta-ViT-B-32 needs the Hub for OpenCLIP
+
+
+def test_every_coca_name_is_listed() -> None:
+    assert {n for n in open_clip.list_models() if n.startswith("coca")} <= set(clip_train.models.list_models())
+    assert set(OFFLINE_COCA_NAMES) < {n for n in open_clip.list_models() if n.startswith("coca")}
+
+
+@pytest.mark.parametrize("name", OFFLINE_COCA_NAMES)
+def test_real_size_coca_keys_and_shapes_equal_open_clips_on_the_meta_device(name: str) -> None:
+    doc = copy.deepcopy(open_clip.get_model_config(name))
+    doc.pop("custom_text")  # open_clip.create_model's switch to CoCa, not an argument of the class
+    with torch.device("meta"):  # shapes only: OpenCLIP's create_model would initialise on the CPU first
+        reference = OpenClipCoCa(**doc)
+    cfg = clip_train.models.get_model_config(name)
+    with torch.device("meta"):
+        ours = CoCa(cfg)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
+    assert ours.text_decoder.context_length == reference.context_length == 76
+    assert ours.pad_id == reference.pad_id
+
+
+@pytest.mark.slow
+def test_coca_vit_b_32_features_and_caption_logits_equal_open_clips() -> None:
+    """The real coca_ViT-B-32 (253M parameters) on OpenCLIP's random weights: a few seconds on CPU."""
+    torch.manual_seed(0)
+    reference = open_clip.create_model("coca_ViT-B-32").eval()
+    torch.nn.init.normal_(reference.text_decoder.text_projection, std=512**-0.5)  # left uninitialised by OpenCLIP
+    ours = clip_train.create_model("coca_ViT-B-32")
+    clip_train.models.pretrained.load_weights_into(
+        ours, clip_train.models.pretrained.LoadedWeights(reference.state_dict(), openai_layout=False)
+    )
+    ours.eval()
+    text = open_clip.get_tokenizer("coca_ViT-B-32")(["a photo of a cat on a mat"])
+    assert torch.equal(text, clip_train.get_tokenizer(context_length=76)(["a photo of a cat on a mat"]))
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected, got = reference(images, text), ours(images, text)
+    torch.testing.assert_close(got.image_features, expected["image_features"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.text_features, expected["text_features"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.caption_logits, expected["logits"], rtol=0, atol=1e-4)

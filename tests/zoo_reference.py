@@ -17,6 +17,7 @@ import torch
 
 import clip_train
 from clip_train.models import CLIP, get_model_config
+from clip_train.models.factory import model_class
 from clip_train.models.openclip_config import openclip_json, split_quickgelu, unsupported_fields
 
 # A parity run never reaches the Hugging Face Hub: HF text towers whose config is not at hand fail fast.
@@ -83,8 +84,9 @@ def shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 def ours_on_meta(name: str) -> CLIP:
     """Our model for ``name`` with shape-only tensors."""
+    cfg = get_model_config(name)
     with torch.device("meta"):
-        return CLIP(get_model_config(name))
+        return model_class(cfg)(cfg)  # CoCa for names with a multimodal decoder
 
 
 def parameter_count(model: torch.nn.Module) -> int:
