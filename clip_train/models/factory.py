@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from clip_train.models.clip import CLIP
 from clip_train.models.config import ModelConfig
-from clip_train.models.pretrained import config_from_state_dict, load_weights_into, read_weights
+from clip_train.models.pretrained import load_weights_into, read_weights, resolve_architecture
 from clip_train.models.registry import get_model_config
 
 
@@ -28,7 +28,9 @@ def create_model(
 
     Args:
         name: an architecture from ``list_models()`` (``RN50``, ``ViT-B-16``, ``tiny``, ...; a
-            ``-quickgelu`` suffix selects QuickGELU). ``None`` infers it from ``pretrained``.
+            ``-quickgelu`` suffix selects QuickGELU). ``None`` takes it from ``pretrained``: the file's own
+            metadata, an ``open_clip_config.json`` beside it, or the one named architecture whose key names and
+            shapes it has; anything ambiguous is refused with the candidates named.
         pretrained: a local weights file: an OpenAI release, an OpenCLIP state dict or training
             checkpoint, or a clip_train checkpoint. Files in OpenAI's layout select QuickGELU.
         device: where to put the model.
@@ -37,7 +39,7 @@ def create_model(
     if name is not None:
         cfg = get_model_config(name)
     elif weights is not None:
-        cfg = _as_model_config(weights.model_config) if weights.model_config else config_from_state_dict(weights.state_dict)
+        cfg = resolve_architecture(weights)
     else:
         raise ValueError("create_model needs an architecture name, or pretrained weights to infer it from")
     if weights is not None and weights.openai_layout:
