@@ -19,6 +19,24 @@ def _as_model_config(stored: dict) -> ModelConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), stored))  # type: ignore[return-value]
 
 
+def model_class(cfg: ModelConfig) -> type[CLIP]:
+    """The model class an architecture needs: ``CLIP``, or CoCa's when it has a multimodal decoder."""
+    if cfg.multimodal is None:
+        return CLIP
+    try:
+        from clip_train.models.coca import CoCa
+    except ImportError:
+        raise ValueError(
+            f"{cfg.name} is a CoCa model (multimodal text decoder) and this build has no clip_train.models.coca"
+        ) from None
+    return CoCa
+
+
+def build_model(cfg: ModelConfig, **kwargs: object) -> CLIP:
+    """An untrained model of architecture ``cfg`` (CLIP or CoCa); ``kwargs`` go to the class (temperature, bias)."""
+    return model_class(cfg)(cfg, **kwargs)
+
+
 def create_model(
     name: str | None = None,
     pretrained: str | os.PathLike | None = None,
@@ -44,7 +62,7 @@ def create_model(
         raise ValueError("create_model needs an architecture name, or pretrained weights to infer it from")
     if weights is not None and weights.openai_layout:
         cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
-    model = CLIP(cfg)
+    model = build_model(cfg)
     if weights is not None:
         load_weights_into(model, weights, source=str(pretrained))
     return model.to(device)
@@ -57,7 +75,7 @@ def create_model_from_config(
     weights = read_weights(cfg.pretrained) if cfg.pretrained else None
     if weights is not None and weights.openai_layout and not cfg.quick_gelu:
         cfg = dataclasses.replace(cfg, quick_gelu=True)
-    model = CLIP(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
+    model = build_model(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
     if weights is not None:
         load_weights_into(model, weights, source=str(cfg.pretrained))
     return model

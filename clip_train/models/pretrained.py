@@ -180,7 +180,7 @@ def _text_embedding_key(cfg: ModelConfig) -> str:
 def _architecture_shapes(name: str) -> tuple[ModelConfig, dict[str, tuple[int, ...]]] | None:
     """The config and state-dict shapes of a named architecture (built on the meta device), or None when this
     build lacks one of its tower options and so cannot stand for it."""
-    from clip_train.models.clip import CLIP
+    from clip_train.models.factory import build_model
     from clip_train.models.openclip_config import split_quickgelu, unsupported_fields, openclip_model_names
     from clip_train.models.registry import get_model_config
 
@@ -190,7 +190,7 @@ def _architecture_shapes(name: str) -> tuple[ModelConfig, dict[str, tuple[int, .
     cfg = get_model_config(name)
     try:
         with torch.device("meta"):
-            model = CLIP(cfg)
+            model = build_model(cfg)
     except (ImportError, ValueError, RuntimeError):
         return None
     return cfg, {k: tuple(v.shape) for k, v in model.state_dict().items()}
