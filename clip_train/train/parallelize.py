@@ -94,7 +94,7 @@ def image_tower_units(visual: nn.Module) -> list[nn.Module]:
 
 
 def _units(model: CLIP) -> list[nn.Module]:
-    return list(model.transformer.resblocks) + image_tower_units(model.visual)
+    return list(getattr(model, "text_tower", model).transformer.resblocks) + image_tower_units(model.visual)
 
 
 def apply_channels_last(model: CLIP) -> None:
