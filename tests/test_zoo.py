@@ -6,6 +6,7 @@ configs are refreshed. The full numeric zoo is ``make test-zoo`` (``python -m te
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import open_clip
@@ -97,3 +98,16 @@ def test_unknown_name_is_refused_in_one_line() -> None:
     with pytest.raises(ValueError) as err:
         clip_train.create_model("ViT-Q-99")
     assert "\n" not in str(err.value) and "python -m clip_train.models" in str(err.value)
+
+
+def test_model_listing_counts_parameters_like_openclip(capsys: pytest.CaptureFixture[str]) -> None:
+    from clip_train.models.__main__ import main
+
+    assert main(["--json", "ViT-H-14", "ViT-L-14-worldwide", "RN50"]) == 0
+    rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    for name in ("ViT-H-14", "ViT-L-14-worldwide"):
+        assert rows[name]["parameters"] == sum(p.numel() for p in openclip_model(name, "meta").parameters())
+    assert rows["ViT-L-14-worldwide"]["tokenizer"] == "hf:" + open_clip.get_model_config("ViT-L-14-worldwide")["text_cfg"]["hf_tokenizer_name"]
+    assert rows["RN50"]["tokenizer"] == "CLIP BPE" and rows["RN50"]["family"] == "ModifiedResNet"
+    assert main(["ViT-Q-99"]) == 2
+    assert "unknown model 'ViT-Q-99'" in capsys.readouterr().err

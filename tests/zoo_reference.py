@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import clip_train
-from clip_train.models import CLIP, get_model_config
-from clip_train.models.factory import model_class
+from clip_train.models import get_model_config
+from clip_train.models.factory import build_model
 from clip_train.models.openclip_config import openclip_json, split_quickgelu, unsupported_fields
 
 # A parity run never reaches the Hugging Face Hub: HF text towers whose config is not at hand fail fast.
@@ -82,11 +82,10 @@ def shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def ours_on_meta(name: str) -> CLIP:
+def ours_on_meta(name: str) -> torch.nn.Module:
     """Our model for ``name`` with shape-only tensors."""
-    cfg = get_model_config(name)
     with torch.device("meta"):
-        return model_class(cfg)(cfg)  # CoCa for names with a multimodal decoder
+        return build_model(get_model_config(name))
 
 
 def parameter_count(model: torch.nn.Module) -> int:

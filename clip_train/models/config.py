@@ -132,6 +132,10 @@ class ModelConfig:
     """CoCa's multimodal decoder; null for a contrastive-only model."""
     pretrained: Optional[str] = None
     """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
+    architecture_from_name: bool = False
+    """Take every architecture field (both towers, embed_dim, activation, bias, decoder) from ``name``, any of
+    ``python -m clip_train.models`` (``model=openclip model.name=ViT-H-14``); the training-time options below
+    still come from this config."""
 
     # Training-time options below: none of them changes a parameter's name or shape, so weights move freely
     # between models that differ only here.
@@ -148,6 +152,14 @@ class ModelConfig:
     lock_text_unlocked_groups: int = 0
     """With ``lock_text``: leave this many of the text tower's last layer groups trainable."""
 
+    def __post_init__(self) -> None:
+        if self.architecture_from_name:
+            from clip_train.models.registry import get_model_config  # the registry builds ModelConfigs itself
+
+            named = get_model_config(self.name)
+            for f in ARCHITECTURE_FIELDS:
+                setattr(self, f, getattr(named, f))
+
     @property
     def is_vit(self) -> bool:
         return self.vision.timm_model_name is None and self.vision.patch_size is not None
@@ -155,3 +167,7 @@ class ModelConfig:
     @property
     def is_resnet(self) -> bool:
         return self.vision.timm_model_name is None and self.vision.patch_size is None
+
+
+ARCHITECTURE_FIELDS = ("embed_dim", "vision", "text", "quick_gelu", "custom_text", "init_logit_bias", "multimodal")
+"""The ``ModelConfig`` fields that describe the network (the rest are its name, weights and training options)."""

@@ -52,10 +52,14 @@ def image_tower_groups(visual: nn.Module) -> list[Group]:
 
 
 def text_tower_groups(model: nn.Module) -> list[Group]:
-    """The text tower's layer groups, input end first (its parts sit on the CLIP model itself)."""
-    embeddings: Group = [model.token_embedding, model.positional_embedding]
-    blocks = [[block] for block in model.transformer.resblocks]
-    return [embeddings, *blocks, [model.ln_final, model.text_projection]]
+    """The text tower's layer groups, input end first (on the model itself, or under ``text.`` for custom_text)."""
+    tower = getattr(model, "text_tower", model)
+    embeddings: Group = [tower.token_embedding, tower.positional_embedding]
+    if getattr(tower, "cls_emb", None) is not None:
+        embeddings.append(tower.cls_emb)
+    blocks = [[block] for block in tower.transformer.resblocks]
+    head: Group = [tower.ln_final] + ([tower.text_projection] if tower.text_projection is not None else [])
+    return [embeddings, *blocks, head]
 
 
 def _freeze(group: Group) -> None:

@@ -63,6 +63,11 @@ for _name, _cfg in _ARCHITECTURES.items():
     _cfg.name = _name
 
 
+def builtin_models() -> list[str]:
+    """OpenAI's nine architectures and ``tiny``, defined here (the rest come from OpenCLIP's configs)."""
+    return list(_ARCHITECTURES)
+
+
 def list_models() -> list[str]:
     """Names ``create_model`` accepts: OpenAI's nine, ``tiny``, then OpenCLIP's zoo (each also with ``-quickgelu``)."""
     return list(_ARCHITECTURES) + [n for n in openclip_model_names() if n not in _ARCHITECTURES]
@@ -84,8 +89,8 @@ def get_model_config(name: str) -> ModelConfig:
         cfg, _ = openclip_model_config(name.replace("/", "-"))
     except KeyError:
         raise ValueError(
-            f"unknown model {name!r}; `python -m clip_train.models` lists the {len(list_models())} names "
-            "(each also with -quickgelu)"
+            f"unknown model {name!r}; choose one of {', '.join(builtin_models())} or another of the "
+            f"{len(list_models())} names `python -m clip_train.models` lists (each also with -quickgelu)"
         ) from None
     cfg.name = name
     return cfg
