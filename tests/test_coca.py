@@ -18,7 +18,7 @@ import clip_train  # noqa: E402
 from clip_train.generate import END_OF_TEXT_ID, START_OF_TEXT_ID, generate  # noqa: E402
 from clip_train.load import load_model  # noqa: E402
 from clip_train.loss import CocaLoss  # noqa: E402
-from clip_train.models import CheckpointError, config_from_state_dict  # noqa: E402
+from clip_train.models import config_from_state_dict  # noqa: E402
 from clip_train.models.coca import CoCa, MultimodalDecoder  # noqa: E402
 from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig  # noqa: E402
 from tests.cli_helpers import FAST_DEMO, REPO, cli_env, run_cli, train_losses  # noqa: E402
@@ -185,11 +185,13 @@ def test_tiny_coca_equals_open_clips_on_the_same_weights(shape: str, tmp_path: P
         torch.testing.assert_close(ours.encode_text(text, normalize=True), reference.encode_text(text), atol=1e-5, rtol=0)
 
 
-def test_coca_state_dict_is_not_guessed_without_a_name() -> None:
+def test_a_coca_state_dict_without_a_name_resolves_to_its_coca_architecture(tmp_path: Path) -> None:
+    torch.save(clip_train.create_model("coca_tiny").state_dict(), tmp_path / "coca.pt")
+    model = clip_train.create_model(None, pretrained=tmp_path / "coca.pt")  # the one name whose keys/shapes match
+    assert isinstance(model, CoCa) and model.config.name == "coca_tiny"
     with torch.device("meta"):
         state_dict = CoCa(clip_train.models.get_model_config("coca_tiny")).state_dict()
-    with pytest.raises(CheckpointError, match="pass the model name"):
-        config_from_state_dict(state_dict)
+    assert config_from_state_dict(state_dict).multimodal is not None
 
 
 def test_coca_loss_and_model_go_together() -> None:

@@ -39,7 +39,7 @@ def test_every_architecture_produces_embeddings_of_its_width(name: str) -> None:
     assert scale.shape == ()
 
 
-# CoCa's state dicts cannot show its heads, so inference refuses them and asks for the name (tests/test_coca.py).
+# meta_model builds CLIP; inferring a CoCa state dict is tested in tests/test_coca.py.
 @pytest.mark.parametrize("name", [n for n in builtin_models() if get_model_config(n).multimodal is None])
 def test_architecture_is_inferred_back_from_its_state_dict(name: str) -> None:
     # OpenCLIP ships each of OpenAI's nine in GELU and QuickGELU forms, which weights cannot tell apart:
