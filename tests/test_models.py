@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 import clip_train
 from clip_train.models import CLIP, VisionConfig, config_from_state_dict, get_model_config
-from clip_train.models.registry import builtin_models
 from clip_train.models.layers import QuickGELU
+from clip_train.models.registry import builtin_models
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 

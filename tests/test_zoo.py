@@ -17,8 +17,14 @@ import clip_train
 from clip_train.models import CLIP, get_model_config
 from clip_train.models.openclip_config import openclip_json, openclip_model_names, translate
 from clip_train.models.text import TextTransformer
-from tests.zoo_reference import (example_inputs, needs_other_branch, numeric_parity, openclip_model, ours_on_meta,
-                                 shapes)
+from tests.zoo_reference import (
+    example_inputs,
+    needs_other_branch,
+    numeric_parity,
+    openclip_model,
+    ours_on_meta,
+    shapes,
+)
 
 TOLERANCE = 1e-4
 
