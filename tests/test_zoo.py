@@ -17,8 +17,14 @@ import clip_train
 from clip_train.models import CLIP, get_model_config
 from clip_train.models.openclip_config import openclip_json, openclip_model_names, translate
 from clip_train.models.text import TextTransformer
-from tests.zoo_reference import (example_inputs, needs_other_branch, numeric_parity, openclip_model, ours_on_meta,
-                                 shapes)
+from tests.zoo_reference import (
+    example_inputs,
+    needs_other_branch,
+    numeric_parity,
+    openclip_model,
+    ours_on_meta,
+    shapes,
+)
 
 TOLERANCE = 1e-4
 
@@ -71,20 +77,24 @@ def test_clipa_options_match_openclip_at_a_small_width(tmp_path: Path) -> None:
         assert (ours.encode_text(tokens, True) - reference.encode_text(tokens, True)).abs().max() < TOLERANCE
 
 
-def test_siglip_text_tower_matches_openclips(tmp_path: Path) -> None:
-    """SigLIP's text tower (no causal mask, last-token pooling, biased projection, eps 1e-6) on its own."""
-    name = "ViT-B-16-SigLIP"
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "coca_ViT-B-32"])
+def test_custom_text_towers_match_openclips(name: str) -> None:
+    """Text towers whose image side lives elsewhere, on their own. SigLIP: no causal mask, last-token pooling,
+    biased projection, eps 1e-6. CoCa: the appended class token with OpenCLIP's padding mask."""
     cfg = get_model_config(name)
     reference_cfg = open_clip.get_model_config(name)
     torch.manual_seed(0)
     reference = open_clip.model._build_text_tower(reference_cfg["embed_dim"], reference_cfg["text_cfg"]).eval()
     ours = TextTransformer(cfg.text, cfg.embed_dim).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
-    tokens = torch.randint(1, cfg.text.vocab_size, (2, cfg.text.context_length))
-    tokens[1, 20:] = 1  # SigLIP pads with its end-of-sequence id
+    tokens = torch.randint(3, cfg.text.vocab_size, (2, cfg.text.context_length))
+    tokens[0, 10:] = 0 if cfg.text.embed_cls else 1  # padding: CoCa pads with 0, SigLIP with its eos id
+    tokens[1, 40:] = tokens[0, -1]
     with torch.no_grad():
+        expected = reference(tokens)
+        expected = expected[0] if isinstance(expected, tuple) else expected  # CoCa also returns its tokens
         delta = (torch.nn.functional.normalize(ours(tokens), dim=-1)
-                 - torch.nn.functional.normalize(reference(tokens), dim=-1)).abs().max()
+                 - torch.nn.functional.normalize(expected, dim=-1)).abs().max()
     assert float(delta) < TOLERANCE
 
 
@@ -111,3 +121,34 @@ def test_model_listing_counts_parameters_like_openclip(capsys: pytest.CaptureFix
     assert rows["RN50"]["tokenizer"] == "CLIP BPE" and rows["RN50"]["family"] == "ModifiedResNet"
     assert main(["ViT-Q-99"]) == 2
     assert "unknown model 'ViT-Q-99'" in capsys.readouterr().err
+
+
+def test_translator_refuses_keys_it_does_not_know() -> None:
+    doc = openclip_json("ViT-S-32")
+    doc["vision_cfg"]["qk_norm"] = True
+    with pytest.raises(ValueError, match="unknown OpenCLIP config key 'qk_norm'"):
+        translate(doc, "ViT-S-32")
+
+
+def test_timm_and_hf_keys_map_onto_their_tower_fields_or_are_reported_missing() -> None:
+    """timm heads and HF text towers live in other modules: their keys land on fields of the same name."""
+    cfg, missing = translate(openclip_json("ViT-B-16-SigLIP"), "ViT-B-16-SigLIP")
+    assert cfg.vision.timm_model_name == "vit_base_patch16_siglip_224" and cfg.init_logit_bias == -10
+    assert cfg.custom_text and cfg.text.no_causal_mask and cfg.text.pool_type == "last" and cfg.text.norm_eps == 1e-6
+    if hasattr(cfg.vision, "timm_pool"):
+        assert (cfg.vision.timm_pool, cfg.vision.timm_proj) == ("map", "none") and not missing
+    else:
+        assert {"ViT-B-16-SigLIP vision_cfg.timm_pool", "ViT-B-16-SigLIP vision_cfg.timm_proj"} <= set(missing)
+    cfg, missing = translate(openclip_json("roberta-ViT-B-32"), "roberta-ViT-B-32")
+    assert cfg.custom_text
+    if hasattr(cfg.text, "hf_model_name"):
+        assert cfg.text.hf_model_name == "roberta-base" and not missing
+    else:
+        assert "roberta-ViT-B-32 text_cfg.hf_model_name" in missing
+
+
+def test_coca_multimodal_cfg_becomes_a_typed_multimodal_config() -> None:
+    cfg = get_model_config("coca_ViT-B-32")
+    assert cfg.multimodal is not None and cfg.custom_text
+    assert (cfg.multimodal.width, cfg.multimodal.layers, cfg.multimodal.context_length) == (512, 12, 76)
+    assert cfg.vision.attentional_pool and cfg.text.embed_cls

@@ -18,8 +18,15 @@ from pathlib import Path
 import open_clip
 
 from clip_train.models.openclip_config import family
-from tests.zoo_reference import (BIG_MODEL_PARAMETERS, needs_other_branch, numeric_parity, openclip_model,
-                                 ours_on_meta, parameter_count, shapes)
+from tests.zoo_reference import (
+    BIG_MODEL_PARAMETERS,
+    needs_other_branch,
+    numeric_parity,
+    openclip_model,
+    ours_on_meta,
+    parameter_count,
+    shapes,
+)
 
 TOLERANCE = 1e-4
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
@@ -51,7 +58,7 @@ def check(name: str, workdir: Path) -> dict[str, str]:
         return row
     try:
         result = numeric_parity(name, workdir)
-    except Exception as err:  # a row per name: one failure must not hide the others
+    except Exception as err:  # noqa: BLE001 - a row per name: one failure must not hide the others
         row["result"] = f"FAIL: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
         return row
     row.update(image=f"{result.image_delta:.1e}", text=f"{result.text_delta:.1e}", seconds=f"{result.seconds:.0f}")
@@ -84,10 +91,10 @@ def render(rows: dict[str, dict[str, str]]) -> str:
     covered = [p for p in pairs if p[0] in loaded]
     lines = [
         BEGIN,
-        f"Loaded by name with OpenCLIP's weights: **{len(loaded)} of {len(names)}** names of `open_clip.list_models()` "
+        (f"Loaded by name with OpenCLIP's weights: **{len(loaded)} of {len(names)}** names of `open_clip.list_models()` "
         f"(features < {TOLERANCE:g}, or names and shapes on the meta device above 1.5B parameters), covering "
         f"**{len(covered)} of {len(pairs)}** pretrained (name, tag) pairs of `open_clip.list_pretrained()`. "
-        f"Rows marked `not run` have not been measured on this branch.",
+        "Rows marked `not run` have not been measured on this branch."),
         "",
         HEADER,
         "|---|---|---|---|---|---|---|",
@@ -119,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = row
             print(_format(row), flush=True)
             table = render(rows)
-            pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-            text = pattern.sub(lambda _: table, text) if BEGIN in text else text.rstrip() + "\n\n" + table + "\n"
+            pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
+            text = pattern.sub(lambda _, table=table: table, text) if BEGIN in text else text.rstrip() + "\n\n" + table + "\n"
             DOC.write_text(text)  # after every name, so an interrupted run keeps what it measured
     return 1 if failed else 0
 

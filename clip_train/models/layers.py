@@ -8,11 +8,11 @@ activation or normalisation without a fork. Parameter names follow OpenAI's CLIP
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 

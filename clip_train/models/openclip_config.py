@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from clip_train.models.config import MultimodalConfig, ModelConfig, TextConfig, VisionConfig
+from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "openclip_model_configs"
 QUICKGELU_SUFFIX = "-quickgelu"
@@ -47,7 +47,7 @@ def openclip_model_names() -> tuple[str, ...]:
     return tuple(sorted((p.stem for p in CONFIG_DIR.glob("*.json")), key=_natural_key))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_json(name: str) -> str:
     return (CONFIG_DIR / f"{name}.json").read_text()
 

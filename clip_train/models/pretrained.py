@@ -14,13 +14,13 @@ import pickle
 import warnings
 import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+from clip_train.models.config import ModelConfig
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile add these to every key
@@ -149,7 +149,6 @@ def _safetensors_model_config(path: Path) -> dict | None:
 def _read_weights_dir(path: Path) -> LoadedWeights:
     """A Hugging Face ``CLIPModel`` directory, or an OpenCLIP ``local-dir`` export (``open_clip_config.json``)."""
     import dataclasses
-    import json
 
     from clip_train.models.hf import HFConversionError, is_hf_dir, read_hf_dir
 
@@ -176,12 +175,12 @@ def _text_embedding_key(cfg: ModelConfig) -> str:
     return "text.token_embedding.weight" if cfg.custom_text else "token_embedding.weight"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _architecture_shapes(name: str) -> tuple[ModelConfig, dict[str, tuple[int, ...]]] | None:
     """The config and state-dict shapes of a named architecture (built on the meta device), or None when this
     build lacks one of its tower options and so cannot stand for it."""
     from clip_train.models.factory import build_model
-    from clip_train.models.openclip_config import split_quickgelu, unsupported_fields, openclip_model_names
+    from clip_train.models.openclip_config import openclip_model_names, split_quickgelu, unsupported_fields
     from clip_train.models.registry import get_model_config
 
     base, _ = split_quickgelu(name)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-
-from typing import Callable
 
 from clip_train.models.layers import AttentionalPooler, LayerNorm, Transformer
 
