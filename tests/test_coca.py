@@ -417,3 +417,13 @@ def test_coca_vit_b_32_features_and_caption_logits_equal_open_clips() -> None:
     torch.testing.assert_close(got.image_features, expected["image_features"], rtol=0, atol=1e-4)
     torch.testing.assert_close(got.text_features, expected["text_features"], rtol=0, atol=1e-4)
     torch.testing.assert_close(got.caption_logits, expected["logits"], rtol=0, atol=1e-4)
+
+
+def test_locking_the_towers_freezes_the_attentional_pooler_and_leaves_the_decoder_trainable() -> None:
+    from clip_train.models.lock import lock_image_tower, lock_text_tower
+
+    model = clip_train.create_model("coca_tiny")
+    lock_image_tower(model)
+    lock_text_tower(model)
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"text_decoder", "logit_scale"}

@@ -42,7 +42,9 @@ def image_tower_groups(visual: nn.Module) -> list[Group]:
     """The image tower's layer groups, input end first."""
     if isinstance(visual, VisionTransformer):
         stem: Group = [visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre]
-        return [stem, *([block] for block in visual.transformer.resblocks), [visual.ln_post, visual.proj]]
+        # CoCa's attentional pooler sits between the blocks and ln_post: it belongs to the head.
+        pool: Group = [visual.attn_pool] if visual.attn_pool is not None else []
+        return [stem, *([block] for block in visual.transformer.resblocks), [*pool, visual.ln_post, visual.proj]]
     if isinstance(visual, ModifiedResNet):
         stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
         return [stem, [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
