@@ -581,6 +581,7 @@ class CocaLoss(nn.Module):
     Call it as ``loss_fn(image_features, text_features, logit_scale, caption_logits, caption_labels)`` with
     the logits ``(b, L, vocab)`` the decoder predicted and the ids ``(b, L)`` they should predict (the
     caption shifted by one); ``terms(...)`` takes the same arguments and returns both terms, weighted.
+    After each call ``last_terms`` holds both terms (detached), which the trainer logs.
     """
 
     def __init__(
@@ -598,6 +599,7 @@ class CocaLoss(nn.Module):
         self.pad_id = pad_id
         self.group = group
         self.contrastive = ClipLoss(tile_size=tile_size, implementation=implementation, group=group)
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def terms(
         self,
@@ -635,6 +637,7 @@ class CocaLoss(nn.Module):
     ) -> torch.Tensor:
         """The weighted sum of both terms (see the class docstring)."""
         terms = self.terms(image_features, text_features, logit_scale, caption_logits, caption_labels)
+        self.last_terms = {name: value.detach() for name, value in terms.items()}  # for logging; no host sync
         return terms["contrastive_loss"] + terms["caption_loss"]
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ from clip_train.loss import CocaLoss  # noqa: E402
 from clip_train.models import config_from_state_dict  # noqa: E402
 from clip_train.models.coca import CoCa, MultimodalDecoder  # noqa: E402
 from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig  # noqa: E402
-from tests.cli_helpers import FAST_DEMO, REPO, cli_env, run_cli, train_losses  # noqa: E402
+from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli, train_losses  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ decoder
 
@@ -264,6 +264,9 @@ def test_loss_coca_trains_the_tiny_coca_under_the_app(trained_run: Path) -> None
     # Captioning starts near 2 * ln(49408) = 21.6 plus the contrastive ln(8) = 2.1, and falls fast.
     assert 20 < losses[1] < 30
     assert losses[8] < losses[1] - 3
+    for line in read_metrics(trained_run):  # both weighted terms are logged, and they add up to the loss
+        assert line["contrastive_loss"] + line["caption_loss"] == pytest.approx(line["loss"], rel=1e-5)
+        assert 0 < line["contrastive_loss"] < line["caption_loss"]
 
 
 def test_greedy_equals_an_argmax_loop_and_beam_one_equals_greedy(trained_run: Path) -> None:

@@ -341,6 +341,8 @@ class Trainer:
                     "data_wait_fraction": data_wait / elapsed,
                     "skipped_samples": int(skipped.item()),
                     "skipped_steps": self.state.skipped_steps,
+                    # CoCa: the weighted contrastive and captioning terms of the logged step's loss.
+                    **{name: float(value) for name, value in getattr(self.loss_fn, "last_terms", {}).items()},
                     "world_size": self.ctx.world_size,
                     "global_batch_size": self.global_batch_size,
                 })
