@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
-from open_clip.coca_model import CoCa as OpenClipCoCa  # noqa: E402
-from open_clip.loss import CoCaLoss as OpenClipCoCaLoss  # noqa: E402
-from open_clip.transformer import MultimodalTransformer  # noqa: E402
+from open_clip.coca_model import CoCa as OpenClipCoCa
+from open_clip.loss import CoCaLoss as OpenClipCoCaLoss
+from open_clip.transformer import MultimodalTransformer
 
-import clip_train  # noqa: E402
-from clip_train.generate import END_OF_TEXT_ID, START_OF_TEXT_ID, generate  # noqa: E402
-from clip_train.load import load_model  # noqa: E402
-from clip_train.loss import CocaLoss  # noqa: E402
-from clip_train.models import config_from_state_dict  # noqa: E402
-from clip_train.models.coca import CoCa, MultimodalDecoder  # noqa: E402
-from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig  # noqa: E402
-from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli, train_losses  # noqa: E402
+import clip_train
+from clip_train.generate import END_OF_TEXT_ID, START_OF_TEXT_ID, generate
+from clip_train.load import load_model
+from clip_train.loss import CocaLoss
+from clip_train.models import config_from_state_dict
+from clip_train.models.coca import CoCa, MultimodalDecoder
+from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
+from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli, train_losses
 
 # ------------------------------------------------------------------------------------------------ decoder
 
@@ -105,30 +105,30 @@ def test_coca_loss_defaults_are_open_clips_training_defaults_and_padding_is_igno
 # Two small CoCa shapes, written both as OpenCLIP's config dicts and as our ModelConfig: with the attentional
 # pooler (as coca_ViT-B-32 / -L-14) and without it (as coca_base: the decoder reads the patch tokens).
 TINY_OPEN_CLIP = {
-    "attn_pool": dict(
-        embed_dim=32,
-        vision_cfg=dict(image_size=32, layers=2, width=48, patch_size=8, head_width=16, attentional_pool=True,
-                        attn_pooler_queries=9, attn_pooler_heads=4, output_tokens=True),
-        text_cfg=dict(context_length=12, vocab_size=100, width=32, heads=4, layers=2, embed_cls=True,
-                      output_tokens=True),
-        multimodal_cfg=dict(context_length=12, vocab_size=100, width=32, heads=4, layers=2),
-    ),
+    "attn_pool": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16, "attentional_pool": True,
+                        "attn_pooler_queries": 9, "attn_pooler_heads": 4, "output_tokens": True},
+        "text_cfg": {"context_length": 12, "vocab_size": 100, "width": 32, "heads": 4, "layers": 2, "embed_cls": True,
+                      "output_tokens": True},
+        "multimodal_cfg": {"context_length": 12, "vocab_size": 100, "width": 32, "heads": 4, "layers": 2},
+    },
     # Our registry's coca_tiny, as OpenCLIP would be told it: loaded below by name with create_model.
-    "coca_tiny": dict(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32, attentional_pool=True,
-                        attn_pooler_queries=9, attn_pooler_heads=2, output_tokens=True),
-        text_cfg=dict(context_length=16, width=64, heads=2, layers=2, embed_cls=True, output_tokens=True),
-        multimodal_cfg=dict(context_length=16, width=64, heads=2, layers=2, attn_pooler_heads=2),
-    ),
-    "patch_tokens_quickgelu": dict(
-        embed_dim=24,
-        quick_gelu=True,
-        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16, output_tokens=True),
-        text_cfg=dict(context_length=10, vocab_size=90, width=32, heads=2, layers=1, embed_cls=True,
-                      output_tokens=True),
-        multimodal_cfg=dict(context_length=10, vocab_size=90, width=32, heads=4, layers=2),
-    ),
+    "coca_tiny": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32, "attentional_pool": True,
+                        "attn_pooler_queries": 9, "attn_pooler_heads": 2, "output_tokens": True},
+        "text_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 2, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 2, "attn_pooler_heads": 2},
+    },
+    "patch_tokens_quickgelu": {
+        "embed_dim": 24,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16, "output_tokens": True},
+        "text_cfg": {"context_length": 10, "vocab_size": 90, "width": 32, "heads": 2, "layers": 1, "embed_cls": True,
+                      "output_tokens": True},
+        "multimodal_cfg": {"context_length": 10, "vocab_size": 90, "width": 32, "heads": 4, "layers": 2},
+    },
 }
 TINY_OURS = {
     "attn_pool": ModelConfig(
@@ -315,12 +315,13 @@ def test_generate_cli_prints_a_caption_per_image_and_rejects_bad_input(trained_r
     bad.write_text("hello")
     command = [sys.executable, "-m", "clip_train.generate", "--pretrained", str(trained_run)]
     env = cli_env(tmp_path)
-    result = subprocess.run([*command, str(good), str(good)], cwd=REPO, env=env, capture_output=True, text=True,
+    result = subprocess.run([*command, str(good), str(good)], cwd=REPO, env=env, capture_output=True, text=True, check=False,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith(f"{good}\t") and line.split("\t")[1] for line in lines)
-    result = subprocess.run([*command, str(bad)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*command, str(bad)], cwd=REPO, env=env, capture_output=True, text=True, check=False,
+                            timeout=120)
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -342,18 +343,18 @@ def test_coca_with_a_hugging_face_text_tower_equals_open_clips(tmp_path: Path) -
         pytest.skip("TextConfig has no hf_config_dir yet")
     import json
 
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        model_type="roberta", vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, layer_norm_eps=1e-5,
-    )))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "roberta", "vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 40, "type_vocab_size": 1, "pad_token_id": 1, "bos_token_id": 0,
+        "eos_token_id": 2, "layer_norm_eps": 1e-5,
+    }))
     for pooler in ("mean_pooler", "cls_pooler"):
         reference = OpenClipCoCa(
             embed_dim=24,
-            vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16, output_tokens=True),
-            text_cfg=dict(hf_model_name=str(tmp_path), hf_tokenizer_name=str(tmp_path), hf_proj_type="linear",
-                          hf_pooler_type=pooler, width=32, output_tokens=True, hf_model_pretrained=False),
-            multimodal_cfg=dict(context_length=12, width=32, heads=2, layers=1),
+            vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16, "output_tokens": True},
+            text_cfg={"hf_model_name": str(tmp_path), "hf_tokenizer_name": str(tmp_path), "hf_proj_type": "linear",
+                          "hf_pooler_type": pooler, "width": 32, "output_tokens": True, "hf_model_pretrained": False},
+            multimodal_cfg={"context_length": 12, "width": 32, "heads": 2, "layers": 1},
         ).eval()
         torch.nn.init.normal_(reference.text_decoder.text_projection, std=0.2)
         cfg = ModelConfig(

@@ -14,11 +14,12 @@ dicts load unchanged.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from clip_train.models.clip import MAX_LOGIT_SCALE, build_image_tower, build_text_tower
