@@ -22,7 +22,8 @@ class LossConfig:
     """The contrastive objective."""
 
     name: str = "clip"
-    """``clip`` (symmetric InfoNCE, softmax) or ``siglip`` (pairwise sigmoid)."""
+    """``clip`` (symmetric InfoNCE, softmax), ``siglip`` (pairwise sigmoid) or ``coca`` (InfoNCE + captioning;
+    needs a CoCa model)."""
     temperature: float = 0.07
     """Initial temperature; the model's ``logit_scale`` starts at ln(1 / temperature)."""
     learn_temperature: bool = True
@@ -33,6 +34,10 @@ class LossConfig:
     """Rows/columns per tile of the tiled loss."""
     init_bias: float = -10.0
     """SigLIP only: initial ``logit_bias``."""
+    caption_loss_weight: float = 2.0
+    """CoCa only: weight of the captioning cross-entropy (OpenCLIP's ``--coca-caption-loss-weight``)."""
+    clip_loss_weight: float = 1.0
+    """CoCa only: weight of the contrastive term (OpenCLIP's ``--coca-contrastive-loss-weight``); 0 trains captioning only."""
 
 
 @dataclass
@@ -235,7 +240,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     choices = {
         "train.precision": (cfg.train.precision, ("fp32", "bf16", "fp16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-        "loss.name": (cfg.loss.name, ("clip", "siglip")),
+        "loss.name": (cfg.loss.name, ("clip", "siglip", "coca")),
         "loss.implementation": (cfg.loss.implementation, ("tiled", "exact")),
         "optim.name": (cfg.optim.name, ("adamw", "stable_adamw")),
         "logger.wandb.mode": (cfg.logger.wandb.mode, (None, "online", "offline", "disabled")),
@@ -253,6 +258,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a multiple of train.accum_steps={cfg.train.accum_steps}"
         )
+    validate_coca(cfg)
     if cfg.data.batch_size * world_size < 2:
         raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; raise data.batch_size")
     if cfg.data.batch_size < 1:
@@ -321,6 +327,26 @@ def validate_profile(profile: ProfileConfig, max_steps: int) -> None:
         )
     if profile.signal_steps < 0:
         raise ConfigError(f"train.profile.signal_steps must be >= 0 (0 ignores SIGURG), got {profile.signal_steps}")
+
+
+def validate_coca(cfg: TrainConfig) -> None:
+    """``loss=coca`` and a CoCa model (one with ``model.multimodal``) go together."""
+    is_coca = cfg.model.multimodal is not None
+    if cfg.loss.name == "coca" and not is_coca:
+        raise ConfigError(
+            f"loss=coca trains a captioning decoder but model {cfg.model.name} has none (model.multimodal is null); "
+            "pick a CoCa model (model=coca_tiny, or model=openclip model.name=coca_ViT-B-32) or loss=clip"
+        )
+    if is_coca and cfg.loss.name != "coca":
+        raise ConfigError(
+            f"model {cfg.model.name} is a CoCa model; train it with loss=coca "
+            "(loss.caption_loss_weight=0 leaves only the contrastive term)"
+        )
+    if is_coca and cfg.train.accum_steps != 1:
+        raise ConfigError(
+            f"train.accum_steps={cfg.train.accum_steps}: gradient accumulation is not supported with loss=coca yet "
+            "(its captioning term is per sub-batch); use train.accum_steps=1"
+        )
 
 
 def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:

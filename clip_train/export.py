@@ -5,7 +5,8 @@ Formats:
 - ``safetensors``: one file, the state dict in OpenAI's key layout (which OpenCLIP shares), with the
   architecture as JSON in the file's metadata. ``clip_train.create_model(pretrained=FILE)`` and
   ``open_clip.create_model("ViT-B-16", pretrained=FILE)`` read it.
-- ``open_clip``: a directory OpenCLIP loads by itself: ``open_clip_config.json`` (model and preprocessing
+- ``open_clip``: a directory OpenCLIP loads by itself, for every architecture of its zoo (the config is
+  written back through ``clip_train.models.openclip_config``): ``open_clip_config.json`` (model and preprocessing
   config), ``open_clip_model.safetensors``, and ``<name>.json`` (the bare model config, for
   ``open_clip.add_model_config``). Load it with ``open_clip.create_model("local-dir:OUT")``, or register the
   architecture and load the weights by name::
@@ -35,6 +36,7 @@ from clip_train.data.transforms import OPENAI_MEAN, OPENAI_STD
 from clip_train.models import CLIP, CheckpointError
 from clip_train.models.config import ModelConfig
 from clip_train.models.hf import HFConversionError, check_convertible, hf_config, to_hf_state_dict
+from clip_train.models.openclip_config import to_openclip
 from clip_train.tokenizer import NUM_MERGES, get_tokenizer
 
 FORMATS = ("open_clip", "hf", "safetensors")
@@ -81,27 +83,8 @@ def export_safetensors(model: CLIP, out: Path, dtype: torch.dtype = torch.float3
 
 
 def open_clip_model_config(model: CLIP) -> dict:
-    """OpenCLIP's ``model_cfg`` for this architecture (its ``CLIP`` class, OpenAI-layout state dict)."""
-    cfg = model.config
-    vision, text = cfg.vision, cfg.text
-    if vision.timm_model_name:
-        raise ExportError(
-            f"model {cfg.name!r} has a timm image tower; the open_clip export covers CLIP's ViT and ModifiedResNet "
-            "towers: use --format safetensors"
-        )
-    if cfg.is_vit:
-        vision_cfg = {"image_size": vision.image_size, "layers": vision.layers[0], "width": vision.width,
-                      "patch_size": vision.patch_size, "head_width": vision.head_width, "mlp_ratio": vision.mlp_ratio}
-    else:  # OpenCLIP tells a ModifiedResNet by its list of stage depths
-        vision_cfg = {"image_size": vision.image_size, "layers": list(vision.layers), "width": vision.width,
-                      "patch_size": None, "head_width": vision.head_width}
-    model_cfg = {
-        "embed_dim": cfg.embed_dim,
-        "quick_gelu": cfg.quick_gelu,
-        "vision_cfg": vision_cfg,
-        "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
-                     "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio},
-    }
+    """OpenCLIP's ``model_cfg`` for this architecture (see ``clip_train.models.openclip_config.to_openclip``)."""
+    model_cfg = to_openclip(model.config)
     if model.logit_bias is not None:  # SigLIP: OpenCLIP creates the parameter only when given an initial value
         model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
     return model_cfg

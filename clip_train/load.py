@@ -37,7 +37,7 @@ def load_model(source: str | Path, name: str | None = None, device: str | torch.
 
 def _load_sharded(step_dir: Path, name: str | None) -> CLIP:
     """An FSDP run's checkpoint: weights from the DCP shards, architecture from the replicated ``state.pt``."""
-    from clip_train.models.factory import _as_model_config
+    from clip_train.models.factory import _as_model_config, build_model
     from clip_train.models.pretrained import LoadedWeights, load_weights_into
     from clip_train.models.registry import get_model_config
     from clip_train.train.sharded_checkpoint import read_sharded_model_state
@@ -49,7 +49,7 @@ def _load_sharded(step_dir: Path, name: str | None) -> CLIP:
         cfg = _as_model_config(state["model_config"])
     else:
         raise CheckpointError(f"{step_dir} does not record its architecture; pass the model name (--model)")
-    model = CLIP(cfg)
+    model = build_model(cfg)
     state_dict = {}
     for key, value in read_sharded_model_state(step_dir).items():
         for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers, if any made it into the names

@@ -1,4 +1,5 @@
-"""Contrastive losses over the global batch: CLIP's InfoNCE and SigLIP's pairwise sigmoid loss.
+"""Contrastive losses over the global batch: CLIP's InfoNCE and SigLIP's pairwise sigmoid loss, and CoCa's
+InfoNCE plus captioning loss.
 
 Both losses take each rank's *local*, L2-normalised features and do their own cross-rank exchange when
 ``torch.distributed`` is initialised with more than one rank, so the trainer calls them the same way on a
@@ -562,3 +563,85 @@ class SigLipLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"implementation={self.implementation!r}, tile_size={self.tile_size}"
+
+
+# ----------------------------------------------------------------------------------------------- CoCa
+
+
+class CocaLoss(nn.Module):
+    """CoCa's objective: ``clip_loss_weight * InfoNCE + caption_loss_weight * captioning cross-entropy``.
+
+    The contrastive term is :class:`ClipLoss` over the global batch (local features in, gathered inside,
+    same scaling convention). The captioning term is the mean next-token cross-entropy of this rank's
+    captions, padding (``pad_id``) ignored, computed in float32; its value is averaged over ranks (so every
+    rank reports the same number) while its gradient stays local, so DDP's averaging gives the gradient
+    of that mean. OpenCLIP's training defaults are ``caption_loss_weight=2.0``, ``clip_loss_weight=1.0``;
+    a zero ``clip_loss_weight`` skips the contrastive term altogether (captioning only).
+
+    Call it as ``loss_fn(image_features, text_features, logit_scale, caption_logits, caption_labels)`` with
+    the logits ``(b, L, vocab)`` the decoder predicted and the ids ``(b, L)`` they should predict (the
+    caption shifted by one); ``terms(...)`` takes the same arguments and returns both terms, weighted.
+    After each call ``last_terms`` holds both terms (detached), which the trainer logs.
+    """
+
+    def __init__(
+        self,
+        caption_loss_weight: float = 2.0,
+        clip_loss_weight: float = 1.0,
+        pad_id: int = 0,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        implementation: str = "tiled",
+        group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.caption_loss_weight = caption_loss_weight
+        self.clip_loss_weight = clip_loss_weight
+        self.pad_id = pad_id
+        self.group = group
+        self.contrastive = ClipLoss(tile_size=tile_size, implementation=implementation, group=group)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def terms(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        caption_logits: torch.Tensor,
+        caption_labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``{"contrastive_loss": ..., "caption_loss": ...}``, each already multiplied by its weight."""
+        if caption_logits.shape[:2] != caption_labels.shape:
+            raise ValueError(
+                f"caption logits {tuple(caption_logits.shape)} do not match labels {tuple(caption_labels.shape)}: "
+                "expected (batch, length, vocab) and (batch, length)"
+            )
+        with _no_autocast(caption_logits.device):
+            logits = caption_logits.to(_compute_dtype(caption_logits.dtype))
+            caption = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), caption_labels.reshape(-1), ignore_index=self.pad_id
+            )
+        caption = _with_global_value(caption, self.group) * self.caption_loss_weight
+        if self.clip_loss_weight:
+            contrastive = self.contrastive(image_features, text_features, logit_scale) * self.clip_loss_weight
+        else:
+            contrastive = torch.zeros((), dtype=caption.dtype, device=caption.device)
+        return {"contrastive_loss": contrastive, "caption_loss": caption}
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        caption_logits: torch.Tensor,
+        caption_labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """The weighted sum of both terms (see the class docstring)."""
+        terms = self.terms(image_features, text_features, logit_scale, caption_logits, caption_labels)
+        self.last_terms = {name: value.detach() for name, value in terms.items()}  # for logging; no host sync
+        return terms["contrastive_loss"] + terms["caption_loss"]
+
+    def extra_repr(self) -> str:
+        return (
+            f"caption_loss_weight={self.caption_loss_weight}, clip_loss_weight={self.clip_loss_weight}, "
+            f"pad_id={self.pad_id}"
+        )

@@ -107,7 +107,7 @@ def embed_captioned(
         if progress is not None:
             progress(len(captions))
     if not images:
-        embed_dim = model.text_projection.shape[1]
+        embed_dim = model.config.embed_dim
         images, texts = [torch.empty(0, embed_dim)], [torch.empty(0, embed_dim)]
         owners = [torch.empty(0, dtype=torch.long)]
     # Owners are batch-local: offset them by the images before each batch, then reorder by position.

@@ -1,4 +1,4 @@
-"""The CLIP model: an image tower, a causal text transformer and a learned temperature."""
+"""The CLIP model: an image tower, a text transformer and a learned temperature (and SigLIP's bias)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_train.models.config import ModelConfig
-from clip_train.models.layers import LayerNorm, QuickGELU, Transformer
+from clip_train.models.layers import make_act_layer, make_norm_layer
 from clip_train.models.resnet import ModifiedResNet
+from clip_train.models.text import TextTowerMixin, TextTransformer
 from clip_train.models.timm_tower import TimmImageTower
 from clip_train.models.vit import VisionTransformer
 
@@ -18,7 +19,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 """``logit_scale`` is clamped here so the softmax temperature never drops below 0.01."""
 
 
-def build_image_tower(cfg: ModelConfig, act_layer: type[nn.Module]) -> nn.Module:
+def build_image_tower(cfg: ModelConfig) -> nn.Module:
     """The image tower ``cfg.vision`` describes: a timm model, a CLIP ViT or a ModifiedResNet."""
     vision = cfg.vision
     if cfg.patch_dropout and not cfg.is_vit:
@@ -39,8 +40,17 @@ def build_image_tower(cfg: ModelConfig, act_layer: type[nn.Module]) -> nn.Module
             heads=vision.width // vision.head_width,
             output_dim=cfg.embed_dim,
             mlp_ratio=vision.mlp_ratio,
-            act_layer=act_layer,
+            act_layer=make_act_layer(cfg.quick_gelu, vision.act_approximate),
+            norm_layer=make_norm_layer(vision.norm_eps),
             patch_dropout=cfg.patch_dropout,
+            ls_init_value=vision.ls_init_value,
+            pool_type=vision.pool_type,
+            final_ln_after_pool=vision.final_ln_after_pool,
+            no_ln_pre=vision.no_ln_pre,
+            pos_embed_type=vision.pos_embed_type,
+            attentional_pool=vision.attentional_pool,
+            attn_pooler_queries=vision.attn_pooler_queries,
+            attn_pooler_heads=vision.attn_pooler_heads,
         )
     return ModifiedResNet(
         layers=list(vision.layers),
@@ -51,12 +61,21 @@ def build_image_tower(cfg: ModelConfig, act_layer: type[nn.Module]) -> nn.Module
     )
 
 
-class CLIP(nn.Module):
+def build_text_tower(cfg: ModelConfig) -> nn.Module:
+    """The text tower of a ``custom_text`` model, kept under ``text.``: our text transformer, or a Hugging Face one."""
+    if getattr(cfg.text, "hf_model_name", None):
+        from clip_train.models.hf_text import build_hf_text_tower  # only HF towers pay for transformers' import
+
+        return build_hf_text_tower(cfg)
+    return TextTransformer(cfg.text, cfg.embed_dim, quick_gelu=cfg.quick_gelu)
+
+
+class CLIP(TextTowerMixin, nn.Module):
     """Contrastive image-text model.
 
     The text tower's parts sit directly on the model (``token_embedding``, ``transformer``, ``ln_final``,
-    ``text_projection``) rather than in a submodule because OpenAI's release, and so every OpenCLIP
-    checkpoint, names them at the top level.
+    ``text_projection``) because OpenAI's release, and so most OpenCLIP checkpoints, name them at the top
+    level; with ``custom_text`` they live in ``self.text`` instead, as OpenCLIP's ``CustomTextCLIP`` has them.
     """
 
     def __init__(self, cfg: ModelConfig, init_temperature: float = 0.07, init_logit_bias: float | None = None) -> None:
@@ -64,34 +83,27 @@ class CLIP(nn.Module):
 
         Args:
             init_temperature: initial softmax temperature; ``logit_scale`` starts at ln(1 / init_temperature).
-            init_logit_bias: when set, the model also learns a ``logit_bias`` (SigLIP's pairwise sigmoid loss).
+            init_logit_bias: when set (or ``cfg.init_logit_bias`` is), the model also learns a ``logit_bias``
+                (SigLIP's pairwise sigmoid loss); this argument wins over the config's value.
         """
         super().__init__()
         self.config = cfg
-        act_layer = QuickGELU if cfg.quick_gelu else nn.GELU
-        self.visual = build_image_tower(cfg, act_layer)
-
-        text = cfg.text
-        self.context_length = text.context_length
-        self.vocab_size = text.vocab_size
-        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
-        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
-        self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, act_layer=act_layer)
-        self.ln_final = LayerNorm(text.width)
-        self.text_projection = nn.Parameter(torch.empty(text.width, cfg.embed_dim))
+        self.visual = build_image_tower(cfg)
+        if cfg.custom_text:
+            self.text = build_text_tower(cfg)
+            self.context_length = cfg.text.context_length
+            self.vocab_size = cfg.text.vocab_size
+        else:
+            self.build_text_parts(cfg.text, cfg.embed_dim, cfg.quick_gelu)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        if init_logit_bias is None:
+            init_logit_bias = cfg.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
-        self.init_text_weights()
 
-    def init_text_weights(self) -> None:
-        """CLIP's reference initialisation of the text tower (the image towers initialise themselves)."""
-        width, layers = self.transformer.width, self.transformer.layers
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        self.transformer.init_weights(
-            attn_std=width**-0.5, proj_std=width**-0.5 * (2 * layers) ** -0.5, fc_std=(2 * width) ** -0.5
-        )
-        nn.init.normal_(self.text_projection, std=width**-0.5)
+    @property
+    def text_tower(self) -> nn.Module:
+        """The module holding the text tower's parts: the model itself (OpenAI layout) or ``self.text``."""
+        return self.text if self.config.custom_text else self
 
     @property
     def image_size(self) -> int:
@@ -103,16 +115,8 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Text embeddings ``(N, embed_dim)`` from token ids ``(N, L)``, read at each row's end-of-text token."""
-        length = tokens.shape[1]
-        if length > self.context_length:
-            raise ValueError(f"got {length} tokens per row, the model's context length is {self.context_length}")
-        x = self.token_embedding(tokens) + self.positional_embedding[:length]
-        x = self.transformer(x, is_causal=True)
-        x = self.ln_final(x)
-        # The end-of-text token has the highest id in CLIP's vocabulary, so argmax finds it.
-        eot = tokens.argmax(dim=-1)
-        features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        """Text embeddings ``(N, embed_dim)`` from token ids ``(N, L)``, pooled as the config says (CLIP: end-of-text)."""
+        features = self.text(tokens) if self.config.custom_text else self.encode_text_tokens(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,11 +127,15 @@ class CLIP(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that AdamW should not decay besides gains and biases (all 1-D tensors)."""
-        names = {"logit_scale", "logit_bias", "positional_embedding", "token_embedding.weight"}
+        names = {"logit_scale", "logit_bias", "positional_embedding", "token_embedding.weight", "cls_emb"}
+        names |= {f"text.{n}" for n in ("positional_embedding", "token_embedding.weight", "cls_emb")}
         names |= {f"visual.{n}" for n in ("class_embedding", "positional_embedding", "attnpool.positional_embedding")}
         return {n for n, _ in self.named_parameters() if n in names}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward instead of storing them, in both towers."""
         self.visual.set_grad_checkpointing(enable)
-        self.transformer.grad_checkpointing = enable
+        if self.config.custom_text:
+            self.text.set_grad_checkpointing(enable)
+        else:
+            self.transformer.grad_checkpointing = enable

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+GELU_APPROXIMATIONS = ("none", "tanh")
+
 
 @dataclass
 class VisionConfig:
@@ -27,6 +29,27 @@ class VisionConfig:
     """Channels per attention head (ViT heads = width / head_width; ResNet attnpool: width*32 / head_width)."""
     mlp_ratio: float = 4.0
     """Hidden width of each ViT MLP relative to the token width."""
+    ls_init_value: Optional[float] = None
+    """ViT: initial value of each block's layer scale (``ls_1.gamma``/``ls_2.gamma``); null: no layer scale."""
+    pool_type: str = "tok"
+    """ViT: which token(s) become the image feature: ``tok`` (class token), ``avg`` (mean of patch tokens),
+    ``none`` (all tokens)."""
+    final_ln_after_pool: bool = False
+    """ViT: apply ``ln_post`` to the pooled feature instead of to every token before pooling."""
+    no_ln_pre: bool = False
+    """ViT: leave out the ``ln_pre`` LayerNorm CLIP adds before the blocks (e.g. CLIPA)."""
+    pos_embed_type: str = "learnable"
+    """ViT positional embedding: ``learnable`` or ``sin_cos_2d`` (fixed, not trained)."""
+    attentional_pool: bool = False
+    """ViT: pool the tokens with a learned-query attention pooler (``attn_pool``) after the blocks (CoCa)."""
+    attn_pooler_queries: int = 256
+    """Queries of the attentional pooler."""
+    attn_pooler_heads: int = 8
+    """Heads of the attentional pooler."""
+    norm_eps: float = 1e-5
+    """Epsilon of the ViT's LayerNorms."""
+    act_approximate: str = "none"
+    """ViT GELU approximation: ``none`` (exact) or ``tanh``; ignored with ``quick_gelu``."""
     timm_model_name: Optional[str] = None
     """Name of a timm model to use as the image tower instead of a CLIP tower (e.g. ``convnext_tiny``)."""
     timm_pretrained: bool = False
@@ -35,7 +58,7 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """The causal text transformer."""
+    """The text transformer (causal by default, as in CLIP)."""
 
     context_length: int = 77
     """Tokens per caption, start and end tokens included."""
@@ -45,6 +68,47 @@ class TextConfig:
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    ls_init_value: Optional[float] = None
+    """Initial value of each block's layer scale; null: no layer scale."""
+    no_causal_mask: bool = False
+    """Let every token attend to every other (SigLIP) instead of only to earlier ones (CLIP)."""
+    pool_type: str = "argmax"
+    """Token whose feature becomes the text feature: ``argmax`` (highest id: CLIP's end-of-text), ``eos``
+    (first ``eos_id``), ``first``, ``last``, or ``none`` (all tokens)."""
+    eos_id: int = 2
+    """End-of-sequence id that ``pool_type=eos`` looks for (the tokenizer's)."""
+    pad_id: int = 0
+    """Padding id: masked out as a key when ``embed_cls`` appends a class token (CoCa)."""
+    embed_cls: bool = False
+    """Append a learned class token (``cls_emb``) and pool there, normalised after pooling (CoCa)."""
+    proj_type: str = "linear"
+    """Text projection: ``linear`` (``text_projection``) or ``none`` (the pooled feature is the embedding)."""
+    proj_bias: bool = False
+    """Give the linear text projection a bias (stored as an ``nn.Linear``: ``text_projection.weight``/``.bias``)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the text tower's LayerNorms."""
+    act_approximate: str = "none"
+    """GELU approximation: ``none`` (exact) or ``tanh``; ignored with ``quick_gelu``."""
+
+
+@dataclass
+class MultimodalConfig:
+    """CoCa's multimodal text decoder (OpenCLIP's ``multimodal_cfg``; field names as in its JSON)."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    ls_init_value: Optional[float] = None
+    dim_head: int = 64
+    """Channels per head of the decoder's cross-attention."""
+    n_queries: int = 256
+    """Queries of the image attentional pooler that feeds the decoder."""
+    attn_pooler_heads: int = 8
+    norm_eps: float = 1e-5
+    act_approximate: str = "none"
 
 
 @dataclass
@@ -59,10 +123,21 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = False
     """Use QuickGELU (OpenAI's trained models) instead of exact GELU (OpenCLIP's own models)."""
+    custom_text: bool = False
+    """Keep the text tower in a ``text`` submodule (OpenCLIP's CustomTextCLIP keys: ``text.token_embedding...``)
+    instead of at the model's top level (OpenAI's layout)."""
+    init_logit_bias: Optional[float] = None
+    """When set, the model has a learned ``logit_bias`` starting here (SigLIP: -10)."""
+    multimodal: Optional[MultimodalConfig] = None
+    """CoCa's multimodal decoder; null for a contrastive-only model."""
     pretrained: Optional[str] = None
     """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
     allow_nonfinite_weights: bool = False
     """Load ``pretrained`` weights (and resume checkpoints) even if some hold NaN or Inf; refused by default."""
+    architecture_from_name: bool = False
+    """Take every architecture field (both towers, embed_dim, activation, bias, decoder) from ``name``, any of
+    ``python -m clip_train.models`` (``model=openclip model.name=ViT-H-14``); the training-time options below
+    still come from this config."""
 
     # Training-time options below: none of them changes a parameter's name or shape, so weights move freely
     # between models that differ only here.
@@ -79,6 +154,14 @@ class ModelConfig:
     lock_text_unlocked_groups: int = 0
     """With ``lock_text``: leave this many of the text tower's last layer groups trainable."""
 
+    def __post_init__(self) -> None:
+        if self.architecture_from_name:
+            from clip_train.models.registry import get_model_config  # the registry builds ModelConfigs itself
+
+            named = get_model_config(self.name)
+            for f in ARCHITECTURE_FIELDS:
+                setattr(self, f, getattr(named, f))
+
     @property
     def is_vit(self) -> bool:
         return self.vision.timm_model_name is None and self.vision.patch_size is not None
@@ -86,3 +169,7 @@ class ModelConfig:
     @property
     def is_resnet(self) -> bool:
         return self.vision.timm_model_name is None and self.vision.patch_size is None
+
+
+ARCHITECTURE_FIELDS = ("embed_dim", "vision", "text", "quick_gelu", "custom_text", "init_logit_bias", "multimodal")
+"""The ``ModelConfig`` fields that describe the network (the rest are its name, weights and training options)."""

@@ -11,13 +11,31 @@ from omegaconf import OmegaConf
 from clip_train.checkpoint_paths import resolve_weights
 from clip_train.models.clip import CLIP
 from clip_train.models.config import ModelConfig
-from clip_train.models.pretrained import config_from_state_dict, load_weights_into, read_weights
+from clip_train.models.pretrained import load_weights_into, read_weights, resolve_architecture
 from clip_train.models.registry import get_model_config
 
 
 def _as_model_config(stored: dict) -> ModelConfig:
     """A ModelConfig from the plain dict a clip_train checkpoint stores (unknown keys are an error)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), stored))  # type: ignore[return-value]
+
+
+def model_class(cfg: ModelConfig) -> type[CLIP]:
+    """The model class an architecture needs: ``CLIP``, or CoCa's when it has a multimodal decoder."""
+    if cfg.multimodal is None:
+        return CLIP
+    try:
+        from clip_train.models.coca import CoCa
+    except ImportError:
+        raise ValueError(
+            f"{cfg.name} is a CoCa model (multimodal text decoder) and this build has no clip_train.models.coca"
+        ) from None
+    return CoCa
+
+
+def build_model(cfg: ModelConfig, **kwargs: object) -> CLIP:
+    """An untrained model of architecture ``cfg`` (CLIP or CoCa); ``kwargs`` go to the class (temperature, bias)."""
+    return model_class(cfg)(cfg, **kwargs)
 
 
 def create_model(
@@ -30,7 +48,9 @@ def create_model(
 
     Args:
         name: an architecture from ``list_models()`` (``RN50``, ``ViT-B-16``, ``tiny``, ...; a
-            ``-quickgelu`` suffix selects QuickGELU). ``None`` infers it from ``pretrained``.
+            ``-quickgelu`` suffix selects QuickGELU). ``None`` takes it from ``pretrained``: the file's own
+            metadata, an ``open_clip_config.json`` beside it, or the one named architecture whose key names and
+            shapes it has; anything ambiguous is refused with the candidates named.
         pretrained: a local weights file: an OpenAI release, an OpenCLIP state dict or training
             checkpoint, or a clip_train checkpoint. Files in OpenAI's layout select QuickGELU.
         device: where to put the model.
@@ -41,12 +61,12 @@ def create_model(
     if name is not None:
         cfg = get_model_config(name)
     elif weights is not None:
-        cfg = _as_model_config(weights.model_config) if weights.model_config else config_from_state_dict(weights.state_dict)
+        cfg = resolve_architecture(weights)
     else:
         raise ValueError("create_model needs an architecture name, or pretrained weights to infer it from")
     if weights is not None and weights.openai_layout:
         cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
-    model = CLIP(cfg)
+    model = build_model(cfg)
     if weights is not None:
         load_weights_into(model, weights, source=str(pretrained), allow_nonfinite=allow_nonfinite_weights)
     return model.to(device)
@@ -59,7 +79,7 @@ def create_model_from_config(
     weights = read_weights(resolve_weights(cfg.pretrained)) if cfg.pretrained else None
     if weights is not None and weights.openai_layout and not cfg.quick_gelu:
         cfg = dataclasses.replace(cfg, quick_gelu=True)
-    model = CLIP(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
+    model = build_model(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
     if weights is not None:
         load_weights_into(model, weights, source=str(cfg.pretrained), allow_nonfinite=cfg.allow_nonfinite_weights)
     return model

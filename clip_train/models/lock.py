@@ -42,7 +42,9 @@ def image_tower_groups(visual: nn.Module) -> list[Group]:
     """The image tower's layer groups, input end first."""
     if isinstance(visual, VisionTransformer):
         stem: Group = [visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre]
-        return [stem, *([block] for block in visual.transformer.resblocks), [visual.ln_post, visual.proj]]
+        # CoCa's attentional pooler sits between the blocks and ln_post: it belongs to the head.
+        pool: Group = [visual.attn_pool] if visual.attn_pool is not None else []
+        return [stem, *([block] for block in visual.transformer.resblocks), [*pool, visual.ln_post, visual.proj]]
     if isinstance(visual, ModifiedResNet):
         stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
         return [stem, [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
@@ -52,10 +54,14 @@ def image_tower_groups(visual: nn.Module) -> list[Group]:
 
 
 def text_tower_groups(model: nn.Module) -> list[Group]:
-    """The text tower's layer groups, input end first (its parts sit on the CLIP model itself)."""
-    embeddings: Group = [model.token_embedding, model.positional_embedding]
-    blocks = [[block] for block in model.transformer.resblocks]
-    return [embeddings, *blocks, [model.ln_final, model.text_projection]]
+    """The text tower's layer groups, input end first (on the model itself, or under ``text.`` for custom_text)."""
+    tower = getattr(model, "text_tower", model)
+    embeddings: Group = [tower.token_embedding, tower.positional_embedding]
+    if getattr(tower, "cls_emb", None) is not None:
+        embeddings.append(tower.cls_emb)
+    blocks = [[block] for block in tower.transformer.resblocks]
+    head: Group = [tower.ln_final] + ([tower.text_projection] if tower.text_projection is not None else [])
+    return [embeddings, *blocks, head]
 
 
 def _freeze(group: Group) -> None:

@@ -8,6 +8,7 @@ clip_train checkpoints. Nothing is ever unpickled beyond tensors and plain conta
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -16,12 +17,13 @@ import struct
 import warnings
 import zipfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+from clip_train.models.config import ModelConfig
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile add these to every key
@@ -40,6 +42,10 @@ class LoadedWeights:
     """True for OpenAI's release layout, which implies QuickGELU activations."""
     model_config: dict | None = None
     """The architecture stored alongside the weights (clip_train checkpoints), if any."""
+    openclip_model_cfg: dict | None = None
+    """OpenCLIP's ``model_cfg`` from an ``open_clip_config.json`` beside (or around) the weights, if any."""
+    architecture_name: str | None = None
+    """The architecture name an OpenCLIP training checkpoint records (its ``name`` entry), if any."""
 
 
 def _is_torchscript_archive(path: Path) -> bool:
@@ -149,7 +155,9 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
 
     model_config = _safetensors_model_config(path) if path.suffix == ".safetensors" else None
+    architecture_name = None
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # OpenCLIP training checkpoint
+        architecture_name = obj["name"] if isinstance(obj.get("name"), str) else None
         obj = obj["state_dict"]
     elif "model" in obj and isinstance(obj["model"], dict):  # clip_train checkpoint
         model_config = obj.get("model_config")
@@ -170,7 +178,22 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         state_dict[key] = value
-    return LoadedWeights(state_dict=state_dict, openai_layout=openai_layout, model_config=model_config)
+    return LoadedWeights(state_dict=state_dict, openai_layout=openai_layout, model_config=model_config,
+                         openclip_model_cfg=_openclip_config_beside(path), architecture_name=architecture_name)
+
+
+def _openclip_config_beside(path: Path) -> dict | None:
+    """``model_cfg`` of an ``open_clip_config.json`` in the weights file's directory (OpenCLIP's hub layout)."""
+    import json
+
+    config_file = path.parent / "open_clip_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        model_cfg = json.loads(config_file.read_text()).get("model_cfg")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{config_file} is not OpenCLIP's config JSON ({err}); fix or remove it") from None
+    return model_cfg if isinstance(model_cfg, dict) else None
 
 
 def _safetensors_model_config(path: Path) -> dict | None:
@@ -205,10 +228,7 @@ def _read_weights_dir(path: Path) -> LoadedWeights:
     if openclip_config.is_file():
         for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             if (path / name).is_file():
-                weights = read_weights(path / name)
-                quick_gelu = bool(json.loads(openclip_config.read_text()).get("model_cfg", {}).get("quick_gelu"))
-                weights.openai_layout = weights.openai_layout or quick_gelu
-                return weights
+                return read_weights(path / name)  # the config beside it is read there
         raise CheckpointError(f"{path} has open_clip_config.json but no open_clip_model.safetensors or .bin")
     raise CheckpointError(
         f"{path} is a directory without a Hugging Face CLIP config.json or open_clip_config.json; "
@@ -216,47 +236,129 @@ def _read_weights_dir(path: Path) -> LoadedWeights:
     )
 
 
-def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
+def _text_embedding_key(cfg: ModelConfig) -> str:
+    return "text.token_embedding.weight" if cfg.custom_text else "token_embedding.weight"
 
 
-def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
-    """Infer a CLIP architecture from the shapes in a state dict (ViT or ModifiedResNet image tower)."""
+@cache
+def _architecture_shapes(name: str) -> tuple[ModelConfig, dict[str, tuple[int, ...]]] | None:
+    """The config and state-dict shapes of a named architecture (built on the meta device), or None when this
+    build lacks one of its tower options and so cannot stand for it."""
+    from clip_train.models.factory import build_model
+    from clip_train.models.openclip_config import openclip_model_names, split_quickgelu, unsupported_fields
+    from clip_train.models.registry import get_model_config
+
+    base, _ = split_quickgelu(name)
+    if base in openclip_model_names() and unsupported_fields(name):
+        return None
+    cfg = get_model_config(name)
     try:
-        text_width = state_dict["ln_final.weight"].shape[0]
-        text = TextConfig(
-            context_length=state_dict["positional_embedding"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0],
-            width=text_width,
-            heads=text_width // 64,
-            layers=_count_blocks(state_dict, "transformer.resblocks."),
-        )
-        embed_dim = state_dict["text_projection"].shape[1]
-        if "visual.proj" in state_dict:
-            width, _, patch, _ = state_dict["visual.conv1.weight"].shape
-            grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision = VisionConfig(
-                image_size=grid * patch,
-                layers=[_count_blocks(state_dict, "visual.transformer.resblocks.")],
-                width=width,
-                patch_size=patch,
-            )
-        elif "visual.attnpool.c_proj.weight" in state_dict:
-            grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision = VisionConfig(
-                image_size=grid * 32,
-                layers=[_count_blocks(state_dict, f"visual.layer{i}.") for i in range(1, 5)],
-                width=state_dict["visual.layer1.0.conv1.weight"].shape[0],
-                patch_size=None,
-            )
-        else:
-            raise KeyError("visual.proj or visual.attnpool.c_proj.weight")
-    except KeyError as err:
+        with torch.device("meta"):
+            model = build_model(cfg)
+    except (ImportError, ValueError, RuntimeError):
+        return None
+    return cfg, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _config_differences(configs: list[ModelConfig]) -> list[str]:
+    """Dotted field names whose values differ between ``configs`` (``vision.head_width``, ``quick_gelu``)."""
+    import dataclasses
+
+    def flat(value: object, prefix: str = "") -> dict[str, object]:
+        if dataclasses.is_dataclass(value):
+            out: dict[str, object] = {}
+            for f in dataclasses.fields(value):
+                out.update(flat(getattr(value, f.name), f"{prefix}{f.name}."))
+            return out
+        return {prefix[:-1]: value}
+
+    flats = [flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f if k != "name"})
+    return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+
+
+def matching_architectures(state_dict: dict[str, torch.Tensor]) -> list[ModelConfig]:
+    """Every named architecture (``list_models()``) whose state-dict key names and shapes equal ``state_dict``'s."""
+    from clip_train.models.registry import list_models
+
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    from clip_train.models.registry import get_model_config
+
+    matches = []
+    for name in list_models():
+        cfg = get_model_config(name)
+        key = _text_embedding_key(cfg)
+        if not getattr(cfg.text, "hf_model_name", None) and wanted.get(key) != (cfg.text.vocab_size, cfg.text.width):
+            continue  # the token embedding already rules it out: no need to build the model
+        entry = _architecture_shapes(name)
+        if entry is None:
+            continue
+        cfg, shapes = entry
+        key = _text_embedding_key(cfg)
+        if key in shapes and wanted.get(key) != shapes[key]:  # cheap first test: the token embedding
+            continue
+        expected = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
+        if cfg.init_logit_bias is None and "logit_bias" in wanted:  # a SigLIP-trained CLIP keeps its bias
+            expected = {**expected, "logit_bias": ()}
+        if expected == wanted:
+            matches.append(copy.deepcopy(cfg))
+    return matches
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], quick_gelu: bool | None = None) -> ModelConfig:
+    """The one named architecture whose key names and shapes the state dict has; refused when not exactly one.
+
+    Facts weights cannot show (head count, activation, pooling) are never guessed: when the matching names
+    differ in any of them, the error lists the candidates and asks for the name. ``quick_gelu`` states the
+    activation when the source is known (OpenAI's releases imply QuickGELU).
+    """
+    import dataclasses
+
+    candidates = matching_architectures(state_dict)
+    if quick_gelu is not None:
+        for cfg in candidates:
+            cfg.quick_gelu = quick_gelu
+    distinct: list[ModelConfig] = []
+    for cfg in candidates:
+        if not any(dataclasses.replace(cfg, name="") == dataclasses.replace(d, name="") for d in distinct):
+            distinct.append(cfg)
+    if not distinct:
         raise CheckpointError(
-            f"cannot infer the architecture: the state dict has no {err.args[0]} entry; pass the model name explicitly"
-        ) from None
-    return ModelConfig(name="inferred", embed_dim=embed_dim, vision=vision, text=text)
+            f"cannot infer the architecture: no known architecture has these {len(state_dict)} key names and shapes "
+            "(see `python -m clip_train.models`); pass the model name explicitly"
+        )
+    if len(distinct) > 1:
+        names = ", ".join(c.name for c in candidates)
+        raise CheckpointError(
+            f"cannot infer the architecture: the weights fit {names}, which differ in "
+            f"{', '.join(_config_differences(distinct))} (not visible in weights); pass the model name explicitly, "
+            f"e.g. create_model({candidates[0].name!r}, pretrained=...) or model.name=... with model=openclip"
+        )
+    return distinct[0]
+
+
+def resolve_architecture(weights: LoadedWeights) -> ModelConfig:
+    """The architecture of weights loaded without a name: stored metadata first, then a unique match."""
+    from omegaconf import OmegaConf
+
+    from clip_train.models.openclip_config import translate
+    from clip_train.models.registry import get_model_config
+
+    if weights.model_config:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), weights.model_config))  # type: ignore[return-value]
+    if weights.openclip_model_cfg is not None:
+        cfg, missing = translate(weights.openclip_model_cfg, "open_clip_config")
+        if missing:
+            raise CheckpointError(f"open_clip_config.json needs tower options this build lacks: {', '.join(missing)}")
+        return cfg
+    if weights.architecture_name:
+        try:
+            cfg = get_model_config(weights.architecture_name)
+        except ValueError:
+            pass  # a custom OpenCLIP config: fall back to matching the weights
+        else:
+            return cfg
+    return config_from_state_dict(weights.state_dict, quick_gelu=True if weights.openai_layout else None)
 
 
 def _summarise(items: list[str], limit: int = 6) -> str:

@@ -1,13 +1,16 @@
-"""Named CLIP architectures with their published hyperparameters (Radford et al. 2021, table 19-20).
+"""Named CLIP architectures: OpenAI's nine with their published hyperparameters (Radford et al. 2021,
+table 19-20) and ``tiny``, then every name of OpenCLIP's model zoo through its JSON configs.
 
-``configs/model/*.yaml`` mirror these entries for Hydra; ``tests/test_model_configs.py`` keeps them equal.
+``configs/model/*.yaml`` mirror the first entries for Hydra; ``configs/model/openclip.yaml`` takes any
+OpenCLIP name.
 """
 
 from __future__ import annotations
 
 import copy
 
-from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
+from clip_train.models.openclip_config import openclip_model_config, openclip_model_names
 
 QUICKGELU_SUFFIX = "-quickgelu"
 
@@ -43,14 +46,31 @@ _ARCHITECTURES: dict[str, ModelConfig] = {
         vision=VisionConfig(image_size=32, layers=[2], width=64, patch_size=8),
         text=TextConfig(context_length=16, width=64, heads=1, layers=2),
     ),
+    # The tiny model made CoCa (configs/model/coca_tiny.yaml): an attentional pooler of 9 queries (the first is
+    # the image embedding, 8 feed the decoder), a text class token, a 2-layer captioning decoder.
+    "coca_tiny": ModelConfig(
+        embed_dim=64,
+        vision=VisionConfig(
+            image_size=32, layers=[2], width=64, patch_size=8, head_width=32,
+            attentional_pool=True, attn_pooler_queries=9, attn_pooler_heads=2,
+        ),
+        text=TextConfig(context_length=16, width=64, heads=2, layers=2, embed_cls=True),
+        custom_text=True,
+        multimodal=MultimodalConfig(context_length=16, width=64, heads=2, layers=2, attn_pooler_heads=2),
+    ),
 }
 for _name, _cfg in _ARCHITECTURES.items():
     _cfg.name = _name
 
 
-def list_models() -> list[str]:
-    """Names ``create_model`` accepts (each also with a ``-quickgelu`` suffix)."""
+def builtin_models() -> list[str]:
+    """OpenAI's nine architectures and ``tiny``, defined here (the rest come from OpenCLIP's configs)."""
     return list(_ARCHITECTURES)
+
+
+def list_models() -> list[str]:
+    """Names ``create_model`` accepts: OpenAI's nine, ``tiny``, then OpenCLIP's zoo (each also with ``-quickgelu``)."""
+    return list(_ARCHITECTURES) + [n for n in openclip_model_names() if n not in _ARCHITECTURES]
 
 
 def get_model_config(name: str) -> ModelConfig:
@@ -60,9 +80,17 @@ def get_model_config(name: str) -> ModelConfig:
         base, quick_gelu = name[: -len(QUICKGELU_SUFFIX)], True
     # OpenCLIP writes ViT-B/16 as ViT-B-16; accept the paper's slash form too.
     base = base.replace("/", "-")
-    if base not in _ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())} (optionally with -quickgelu)")
-    cfg = copy.deepcopy(_ARCHITECTURES[base])
-    cfg.quick_gelu = quick_gelu
+    if base in _ARCHITECTURES:
+        cfg = copy.deepcopy(_ARCHITECTURES[base])
+        cfg.quick_gelu = quick_gelu
+        cfg.name = name
+        return cfg
+    try:
+        cfg, _ = openclip_model_config(name.replace("/", "-"))
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {', '.join(builtin_models())} or another of the "
+            f"{len(list_models())} names `python -m clip_train.models` lists (each also with -quickgelu)"
+        ) from None
     cfg.name = name
     return cfg

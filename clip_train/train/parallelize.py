@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clip_train.config import TrainConfig
 from clip_train.models import CLIP
+from clip_train.models.factory import model_class
 from clip_train.models.resnet import ModifiedResNet
 from clip_train.models.timm_tower import TimmImageTower
 from clip_train.models.vit import VisionTransformer
@@ -66,7 +67,9 @@ class ParallelModel:
         if self._eval_replica is None:
             bias = 0.0 if self.model.logit_bias is not None else None
             device = next(iter(full.values())).device
-            self._eval_replica = CLIP(self.model.config, init_logit_bias=bias).to(device).eval()
+            # model_class, not type(self.model): fully_shard swaps the model's class for an FSDP subclass.
+            replica_class = model_class(self.model.config)
+            self._eval_replica = replica_class(self.model.config, init_logit_bias=bias).to(device).eval()
         self._eval_replica.load_state_dict(full)
         return self._eval_replica
 
@@ -94,7 +97,12 @@ def image_tower_units(visual: nn.Module) -> list[nn.Module]:
 
 
 def _units(model: CLIP) -> list[nn.Module]:
-    return list(model.transformer.resblocks) + image_tower_units(model.visual)
+    text = getattr(model, "text_tower", model)  # the text tower's parts: on the model, or under model.text
+    units = list(text.transformer.resblocks) + image_tower_units(model.visual)
+    decoder = getattr(model, "text_decoder", None)  # CoCa's captioning decoder
+    if decoder is not None:
+        units += [*decoder.resblocks, *decoder.cross_attn]
+    return units
 
 
 def apply_channels_last(model: CLIP) -> None:

@@ -15,9 +15,10 @@ from torch import nn
 from clip_train.train.precision import autocast
 from clip_train.train.timing import LapLabels
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
-"""``loss_fn(image_features, text_features, logit_scale, direct_grads)``: with ``direct_grads`` false the loss
-must detach the parameters it reads directly (temperature, SigLIP bias), whose gradient is taken once."""
+LossFn = Callable[..., torch.Tensor]
+"""``loss_fn(image_features, text_features, logit_scale, direct_grads, *extra)``: with ``direct_grads`` false the
+loss must detach the parameters it reads directly (temperature, SigLIP bias), whose gradient is taken once.
+``extra`` is whatever the model returns after its first three outputs (CoCa: caption logits and labels)."""
 
 
 def forward_backward(
@@ -46,9 +47,9 @@ def forward_backward(
     if accum_steps == 1:
         labels.begin("forward")
         with autocast(precision, device):
-            image_features, text_features, logit_scale = model(images, tokens)
+            image_features, text_features, logit_scale, *extra = model(images, tokens)
         labels.begin("loss")
-        loss = loss_fn(image_features, text_features, logit_scale, True)
+        loss = loss_fn(image_features, text_features, logit_scale, True, *extra)
         labels.begin("backward")
         scale_loss(loss).backward()
         labels.end()

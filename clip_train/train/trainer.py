@@ -23,7 +23,7 @@ from clip_train.checkpoint_paths import resolve_training_checkpoint
 from clip_train.config import TrainConfig
 from clip_train.data import build_train_loader, normalize_on_device
 from clip_train.distributed_ops import set_collective_region
-from clip_train.loss import ClipLoss, SigLipLoss
+from clip_train.loss import ClipLoss, CocaLoss, SigLipLoss
 from clip_train.models import CLIP, create_model_from_config
 from clip_train.models.clip import MAX_LOGIT_SCALE
 from clip_train.models.lock import lock_image_tower, lock_text_tower
@@ -91,6 +91,11 @@ def build_model(cfg: TrainConfig) -> CLIP:
 
 
 def build_loss(cfg: TrainConfig) -> nn.Module:
+    if cfg.loss.name == "coca":
+        return CocaLoss(
+            caption_loss_weight=cfg.loss.caption_loss_weight, clip_loss_weight=cfg.loss.clip_loss_weight,
+            pad_id=cfg.model.text.pad_id, tile_size=cfg.loss.tile_size, implementation=cfg.loss.implementation,
+        )
     if cfg.loss.name == "siglip":
         return SigLipLoss(tile_size=cfg.loss.tile_size, implementation=cfg.loss.implementation)
     return ClipLoss(tile_size=cfg.loss.tile_size, implementation=cfg.loss.implementation)
@@ -278,9 +283,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _loss(self, image_features, text_features, logit_scale, direct_grads: bool = True) -> torch.Tensor:
+    def _loss(self, image_features, text_features, logit_scale, direct_grads: bool = True, *caption) -> torch.Tensor:
         if not direct_grads:
             logit_scale = logit_scale.detach()
+        if self.cfg.loss.name == "coca":  # caption = (logits, labels) from CoCa's forward
+            return self.loss_fn(image_features, text_features, logit_scale, *caption)
         if self.cfg.loss.name == "siglip":
             bias = self.model.logit_bias if direct_grads else self.model.logit_bias.detach()
             return self.loss_fn(image_features, text_features, logit_scale, bias)
@@ -453,6 +460,8 @@ class Trainer:
                     "skipped_samples": int(skipped[0].item()),
                     "skipped_shards": int(skipped[1].item()),
                     "skipped_steps": self.state.skipped_steps,
+                    # CoCa: the weighted contrastive and captioning terms of the logged step's loss.
+                    **{name: float(value) for name, value in getattr(self.loss_fn, "last_terms", {}).items()},
                     "world_size": self.ctx.world_size,
                     "global_batch_size": self.global_batch_size,
                 })

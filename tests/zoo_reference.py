@@ -1,0 +1,138 @@
+"""OpenCLIP as the reference for the model zoo: its architectures built without downloads, and a parity check.
+
+Shared by ``tests/test_zoo.py`` (``make test``) and ``python -m tests.zoo_parity`` (``make test-zoo``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import clip_train
+from clip_train.models import get_model_config
+from clip_train.models.factory import build_model
+from clip_train.models.openclip_config import openclip_json, split_quickgelu, unsupported_fields
+
+# A parity run never reaches the Hugging Face Hub: HF text towers whose config is not at hand fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+BIG_MODEL_PARAMETERS = 1_500_000_000
+"""Architectures above this are checked on the meta device only (a numeric run does not fit the CI budget)."""
+
+
+def openclip_class(name: str) -> type[torch.nn.Module]:
+    """The OpenCLIP model class its factory picks for ``name`` (CLIP, CustomTextCLIP or CoCa)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if "multimodal_cfg" in cfg:
+        return open_clip.CoCa
+    if cfg.get("custom_text") or cfg.get("text_cfg", {}).get("hf_model_name"):
+        return open_clip.CustomTextCLIP
+    return open_clip.CLIP
+
+
+def openclip_model(name: str, device: str = "cpu") -> torch.nn.Module:
+    """OpenCLIP's own model for ``name`` with random weights, built as its factory does but on any device.
+
+    ``open_clip.create_model`` moves the model at the end, which the meta device cannot do; building the
+    class from the same JSON config gives the same modules and parameter names.
+    """
+    base, quick_gelu = split_quickgelu(name)
+    cfg = copy.deepcopy(openclip_json(base))
+    cfg["quick_gelu"] = cfg.get("quick_gelu", False) or quick_gelu
+    cfg.pop("custom_text", None)
+    cfg.get("vision_cfg", {}).pop("timm_model_pretrained", None)  # never download trunk weights
+    text = cfg.get("text_cfg", {})
+    if text.get("hf_model_name"):
+        text["hf_model_pretrained"] = False
+    with warnings.catch_warnings(), torch.device(device):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            return openclip_class(base)(**cfg).eval()
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def needs_other_branch(name: str) -> str | None:
+    """Why ``name`` cannot be built faithfully by this build (a tower option it lacks), or None."""
+    missing = unsupported_fields(name)
+    if missing:
+        part = "Hugging Face text tower (clip_train.models.hf_text)" if any(".hf_" in m for m in missing) else \
+            "timm tower head variants (clip_train.models.timm_tower)"
+        return f"needs the {part}: {', '.join(missing)}"
+    if openclip_json(split_quickgelu(name)[0]).get("multimodal_cfg") is not None:
+        try:
+            import clip_train.models.coca  # noqa: F401
+        except ImportError:
+            return "needs CoCa's multimodal text decoder (clip_train.models.coca)"
+    return None
+
+
+def shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def ours_on_meta(name: str) -> torch.nn.Module:
+    """Our model for ``name`` with shape-only tensors."""
+    with torch.device("meta"):
+        return build_model(get_model_config(name))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of the model's size and token rows that every pooling rule reads sensibly.
+
+    Each row: a start id, random ids below the vocabulary's top, one end id (the highest id, and the
+    config's ``eos_id``), then padding zeros; so argmax, eos, first and last pooling all find real tokens.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.vision.image_size
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    text = model.config.text
+    vocab, length = text.vocab_size, text.context_length
+    tokens = torch.zeros(batch, length, dtype=torch.long)
+    for row in range(batch):
+        used = min(length, 5 + 3 * row)
+        tokens[row, :used] = torch.randint(3, vocab - 1, (used,), generator=generator)
+        tokens[row, used - 1] = vocab - 1 if text.pool_type != "eos" else text.eos_id
+    return images, tokens
+
+
+@dataclass
+class Parity:
+    name: str
+    parameters: int
+    image_delta: float
+    text_delta: float
+    seconds: float
+
+
+def numeric_parity(name: str, workdir: Path) -> Parity:
+    """Save OpenCLIP's random model, load it into ours by name, and compare normalised features (fp32, CPU)."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    reference = openclip_model(name)
+    path = workdir / f"{name}.pt"
+    torch.save(reference.state_dict(), path)
+    ours = clip_train.create_model(name, pretrained=path).eval()
+    images, tokens = example_inputs(ours)
+    with torch.no_grad():
+        image_delta = (ours.encode_image(images, normalize=True) - reference.encode_image(images, normalize=True))
+        text_delta = (ours.encode_text(tokens, normalize=True) - reference.encode_text(tokens, normalize=True))
+    parameters = parameter_count(ours)
+    path.unlink()
+    return Parity(name, parameters, float(image_delta.abs().max()), float(text_delta.abs().max()),
+                  time.perf_counter() - start)
