@@ -21,13 +21,24 @@ MAX_LOGIT_SCALE = math.log(100.0)
 def build_image_tower(cfg: ModelConfig, act_layer: type[nn.Module]) -> nn.Module:
     """The image tower ``cfg.vision`` describes: a timm model, a CLIP ViT or a ModifiedResNet."""
     vision = cfg.vision
+    if vision.timm_model_name:
+        return TimmImageTower(
+            vision.timm_model_name,
+            cfg.embed_dim,
+            vision.image_size,
+            pool=vision.timm_pool,
+            proj=vision.timm_proj,
+            proj_bias=vision.timm_proj_bias,
+            drop=vision.timm_drop,
+            drop_path=vision.timm_drop_path,
+            patch_drop=cfg.patch_dropout or None,  # timm's own patch dropout, for ViT-like trunks
+            pretrained=vision.timm_pretrained,
+        )
     if cfg.patch_dropout and not cfg.is_vit:
         raise ValueError(
             f"model.patch_dropout={cfg.patch_dropout} drops ViT patch tokens; {cfg.name}'s image tower is not a "
             "CLIP ViT (set it to 0)"
         )
-    if vision.timm_model_name:
-        return TimmImageTower(vision.timm_model_name, cfg.embed_dim, vision.image_size, vision.timm_pretrained)
     if vision.patch_size is not None:
         if len(vision.layers) != 1:
             raise ValueError(f"a ViT tower takes one layer count, got vision.layers={list(vision.layers)}")
