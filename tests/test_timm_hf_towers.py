@@ -1,0 +1,177 @@
+"""timm image towers and Hugging Face text towers against OpenCLIP's own TimmModel / HFTextEncoder.
+
+Every OpenCLIP model config with a timm image tower is rebuilt on the meta device by both libraries and
+must give the same ``visual.*`` names and shapes; the smallest architecture of each timm family, and each
+of OpenCLIP's head variants on a small trunk, must give the same features on the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from importlib import resources
+
+import pytest
+import torch
+from torch import nn
+
+from clip_train.models.clip import build_image_tower
+from clip_train.models.config import ModelConfig, VisionConfig
+
+open_clip = pytest.importorskip("open_clip")
+from open_clip.model import CLIPVisionCfg, _build_vision_tower  # noqa: E402  (OpenCLIP's own tower builder)
+from open_clip.timm_model import TimmModel  # noqa: E402
+
+_CONFIG_DIR = resources.files("open_clip") / "model_configs"
+_VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)}
+
+
+def _openclip_json(name: str) -> dict:
+    return json.loads((_CONFIG_DIR / f"{name}.json").read_text())
+
+
+def _timm_names() -> list[str]:
+    names = []
+    for path in _CONFIG_DIR.iterdir():
+        if path.name.endswith(".json") and "timm_model_name" in json.loads(path.read_text())["vision_cfg"]:
+            names.append(path.name[: -len(".json")])
+    return sorted(names)
+
+
+def _head_and_family(name: str) -> tuple:
+    """(trunk family, pooling, projection, bias) of a config: the trunk name without its size/resolution tokens."""
+    vision = _openclip_json(name)["vision_cfg"]
+    family = re.sub(
+        r"_(\d+|patch\d+|tiny|small|base|large2?|xlarge|xxlarge|giant\w*|enormous|gigantic|so400m|medium|mci\d|w\d+)",
+        "", vision["timm_model_name"],
+    )
+    return family, vision.get("timm_pool"), vision.get("timm_proj"), vision.get("timm_proj_bias")
+
+
+def _meta_names(names: list[str]) -> list[str]:
+    """Every timm-based name with CLIP_TRAIN_TEST_ZOO=1; otherwise one per (trunk family, head), 14 today:
+    the other names differ from their representative only in model size or resolution."""
+    if os.environ.get("CLIP_TRAIN_TEST_ZOO") == "1":
+        return names
+    first: dict[tuple, str] = {}
+    for name in names:
+        first.setdefault(_head_and_family(name), name)
+    return list(first.values())
+
+
+def _our_config(name: str) -> ModelConfig:
+    """Our ModelConfig for the image tower of OpenCLIP config ``name`` (the JSON keys are our field names)."""
+    cfg = _openclip_json(name)
+    vision = {k: v for k, v in cfg["vision_cfg"].items() if k in _VISION_FIELDS}
+    return ModelConfig(name=name, embed_dim=cfg["embed_dim"], vision=VisionConfig(patch_size=None, **vision))
+
+
+def _openclip_tower(name: str) -> nn.Module:
+    cfg = _openclip_json(name)
+    return _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]))
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+TIMM_NAMES = _timm_names()
+
+
+def test_every_timm_family_of_the_zoo_is_covered() -> None:
+    families = {_head_and_family(n)[0] for n in _meta_names(TIMM_NAMES)}
+    assert {"convnext", "eva02_clip", "eva", "vit_siglip", "vitamin", "fastvit", "vit_mci", "vit_pe_core"} <= families
+    assert len(TIMM_NAMES) >= 70
+
+
+@pytest.mark.parametrize("name", _meta_names(TIMM_NAMES))
+def test_timm_tower_names_and_shapes_equal_openclip_on_meta(name: str) -> None:
+    with torch.device("meta"):
+        theirs = _shapes(_openclip_tower(name))
+        ours = _shapes(build_image_tower(_our_config(name), nn.GELU))
+    assert ours == theirs
+
+
+# The smallest architecture of each timm family in OpenCLIP's zoo, compared numerically (the rest on meta).
+SMALLEST_PER_FAMILY = [
+    "convnext_tiny",  # convnext: model's default pool + linear projection
+    "EVA02-B-16",  # EVA02: the trunk's own head on the class token
+    "ViT-B-32-SigLIP2-256",  # SigLIP / SigLIP 2: 'map' attention-pool head, no projection
+    "ViTamin-S",  # ViTamin
+    "MobileCLIP2-S0",  # MobileCLIP / MobileCLIP2: FastViT-MCi, 'avg' + the trunk's own head
+    "PE-Core-T-16-384",  # PE-Core: 'map' head with the trunk's own projection
+]
+
+
+def _same_weights(ours: nn.Module, theirs: nn.Module) -> None:
+    missing, unexpected = ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert not missing and not unexpected
+
+
+@pytest.mark.parametrize("name", SMALLEST_PER_FAMILY)
+def test_smallest_timm_architecture_of_each_family_gives_openclips_features(name: str) -> None:
+    torch.manual_seed(0)
+    theirs = _openclip_tower(name).eval()
+    ours = build_image_tower(_our_config(name), nn.GELU).eval()
+    _same_weights(ours, theirs)
+    size = _openclip_json(name)["vision_cfg"].get("image_size", 224)
+    images = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected, got = theirs(images), ours.encode(images)
+    assert got.shape == (1, _openclip_json(name)["embed_dim"])
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+# OpenCLIP's head variants on small trunks: (trunk, image size, pool, proj, proj_bias).
+HEAD_VARIANTS = [
+    ("resnet10t", 64, "avg", "linear", False),
+    ("resnet10t", 64, "", "mlp", True),
+    ("resnet10t", 64, "max", "mlp", False),
+    ("resnet10t", 224, "abs_attn", None, False),  # abs_attn's position table is sized for timm's 7x7 map
+    ("resnet10t", 96, "rot_attn", "linear", True),
+    ("resnet10t", 64, "avg", "none", False),
+    ("vit_tiny_patch16_224", 224, "token", None, False),
+    ("vit_tiny_patch16_224", 224, "avg", "linear", True),
+]
+
+
+@pytest.mark.parametrize("trunk,size,pool,proj,proj_bias", HEAD_VARIANTS)
+def test_head_variants_equal_openclips_timm_model(trunk: str, size: int, pool: str, proj, proj_bias: bool) -> None:
+    embed_dim = 32
+    theirs = TimmModel(trunk, embed_dim, image_size=size, pool=pool, proj=proj, proj_bias=proj_bias).eval()
+    vision = VisionConfig(
+        image_size=size, patch_size=None, timm_model_name=trunk, timm_pool=pool, timm_proj=proj,
+        timm_proj_bias=proj_bias,
+    )
+    ours = build_image_tower(ModelConfig(name="t", embed_dim=embed_dim, vision=vision), nn.GELU).eval()
+    assert _shapes(ours) == _shapes(theirs)
+    _same_weights(ours, theirs)
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = theirs(images), ours(images)
+    assert got.shape == expected.shape
+    assert got.shape[1] == ours.output_dim
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_a_timm_clip_model_trains_one_step_and_loads_openclips_visual_keys() -> None:
+    from clip_train.models.clip import CLIP
+    from clip_train.models.registry import get_model_config
+
+    cfg = get_model_config("tiny")
+    cfg.vision = VisionConfig(image_size=64, patch_size=None, timm_model_name="resnet10t", timm_pool="",
+                              timm_proj="mlp", timm_drop=0.1)
+    model = CLIP(cfg)
+    theirs = TimmModel("resnet10t", cfg.embed_dim, image_size=64, pool="", proj="mlp", drop=0.1)
+    assert set(model.visual.state_dict()) == set(theirs.state_dict())
+    image_features, text_features, scale = model(torch.randn(2, 3, 64, 64), torch.randint(0, 100, (2, 8)))
+    (scale * image_features @ text_features.T).logsumexp(1).sum().backward()
+    assert model.visual.head.mlp.fc1.weight.grad is not None
+
+
+def test_unknown_timm_projection_is_one_clear_error() -> None:
+    vision = VisionConfig(patch_size=None, timm_model_name="resnet10t", timm_proj="conv")
+    with pytest.raises(ValueError, match="timm_proj='conv'"):
+        build_image_tower(ModelConfig(name="t", embed_dim=8, vision=vision), nn.GELU)
