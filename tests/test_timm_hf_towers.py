@@ -21,8 +21,8 @@ from clip_train.models.clip import build_image_tower
 from clip_train.models.config import ModelConfig, VisionConfig
 
 open_clip = pytest.importorskip("open_clip")
-from open_clip.model import CLIPVisionCfg, _build_vision_tower  # noqa: E402  (OpenCLIP's own tower builder)
-from open_clip.timm_model import TimmModel  # noqa: E402
+from open_clip.model import CLIPVisionCfg, _build_vision_tower
+from open_clip.timm_model import TimmModel
 
 _CONFIG_DIR = resources.files("open_clip") / "model_configs"
 _VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)}
@@ -175,3 +175,127 @@ def test_unknown_timm_projection_is_one_clear_error() -> None:
     vision = VisionConfig(patch_size=None, timm_model_name="resnet10t", timm_proj="conv")
     with pytest.raises(ValueError, match="timm_proj='conv'"):
         build_image_tower(ModelConfig(name="t", embed_dim=8, vision=vision), nn.GELU)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face text towers
+# ---------------------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+from open_clip.model import CLIPTextCfg, _build_text_tower
+
+from clip_train.models.config import TextConfig
+from clip_train.models.hf_text import KNOWN_ARCHITECTURES, build_hf_text_tower, resolve_hf_config
+
+# OpenCLIP names with an HF text tower -> a tiny config of the same architecture (transformers' own classes).
+TINY_HF_CONFIGS = {
+    "roberta-ViT-B-32": lambda: transformers.RobertaConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1),
+    "xlm-roberta-base-ViT-B-32": lambda: transformers.XLMRobertaConfig(
+        vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1),
+    "mt5-base-ViT-B-32": lambda: transformers.MT5Config(
+        vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=4),
+    "nllb-clip-base": lambda: transformers.M2M100Config(
+        vocab_size=120, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40,
+        scale_embedding=True, pad_token_id=1),
+}
+
+
+def _openclip_hf_text_tower(name: str, config, monkeypatch) -> nn.Module:
+    """OpenCLIP's own HFTextEncoder for ``name``, its AutoConfig lookup answered with ``config`` (no download)."""
+    from open_clip import hf_model
+
+    cfg = _openclip_json(name)
+    text_cfg = dict(cfg["text_cfg"], hf_model_pretrained=False)
+    monkeypatch.setattr(hf_model.AutoConfig, "from_pretrained", lambda *a, **k: config)
+    return _build_text_tower(cfg["embed_dim"], CLIPTextCfg(**text_cfg))
+
+
+def _our_text_config(name: str, config_dir=None) -> TextConfig:
+    text_cfg = _openclip_json(name)["text_cfg"]
+    fields = {f.name for f in dataclasses.fields(TextConfig)}
+    return TextConfig(hf_config_dir=config_dir, **{k: v for k, v in text_cfg.items() if k in fields})
+
+
+def _padded_tokens(pad: int, vocab: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, vocab, (3, 12), generator=generator)
+    tokens[:, 0] = 0
+    tokens[1, 7:] = pad  # padded rows: padding must not change the features
+    tokens[2, 4:] = pad
+    return tokens
+
+
+@pytest.mark.parametrize("name", sorted(TINY_HF_CONFIGS))
+def test_hf_text_tower_built_from_a_local_config_gives_openclips_features(name: str, tmp_path, monkeypatch) -> None:
+    config = TINY_HF_CONFIGS[name]()
+    config.save_pretrained(tmp_path)
+    embed_dim = _openclip_json(name)["embed_dim"]
+    theirs = _openclip_hf_text_tower(name, config, monkeypatch).eval()
+    ours = build_hf_text_tower(_our_text_config(name, str(tmp_path)), embed_dim).eval()
+    assert _shapes(ours) == _shapes(theirs)
+    _same_weights(ours, theirs)
+    tokens = _padded_tokens(config.pad_token_id, config.vocab_size)
+    with torch.no_grad():
+        expected, got = theirs(tokens), ours.encode(tokens)
+    assert got.shape == (3, embed_dim)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_clip_with_an_hf_text_tower_has_openclips_text_keys_and_trains(tmp_path, monkeypatch) -> None:
+    from clip_train.models.clip import CLIP
+    from clip_train.models.registry import get_model_config
+
+    name = "xlm-roberta-base-ViT-B-32"
+    config = TINY_HF_CONFIGS[name]()
+    config.save_pretrained(tmp_path)
+    cfg = dataclasses.replace(get_model_config("tiny"), text=_our_text_config(name, str(tmp_path)))
+    model = CLIP(cfg)
+    theirs = _openclip_hf_text_tower(name, config, monkeypatch)
+    text_keys = {k for k in model.state_dict() if k.startswith("text.")}
+    assert text_keys == {f"text.{k}" for k in theirs.state_dict()}
+    assert not any(k.startswith(("token_embedding", "transformer.", "ln_final", "text_projection")) for k in model.state_dict())
+    tokens = _padded_tokens(config.pad_token_id, config.vocab_size)[:2]
+    image_features, text_features, scale = model(torch.randn(2, 3, 32, 32), tokens)
+    assert torch.allclose(text_features.norm(dim=-1), torch.ones(2))
+    (scale * image_features @ text_features.T).logsumexp(1).sum().backward()
+    assert model.text.transformer.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_hf_config_saved_beside_the_checkpoint_is_used(tmp_path) -> None:
+    config = TINY_HF_CONFIGS["mt5-base-ViT-B-32"]()
+    config.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    resolved = resolve_hf_config("google/mt5-base", pretrained=str(weights))
+    assert (resolved.model_type, resolved.d_model, resolved.num_layers) == ("mt5", 32, 2)
+    # A config of another architecture beside the file (e.g. an HF CLIP export) is not taken for the text tower.
+    transformers.CLIPConfig().save_pretrained(tmp_path)
+    assert resolve_hf_config("google/mt5-base", pretrained=str(weights)).d_model == 768
+
+
+def test_unknown_hf_architecture_without_a_config_is_one_clear_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="hf_config_dir"):
+        resolve_hf_config("someone/unknown-bert")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_hf_config("roberta-base", config_dir=str(tmp_path))
+
+
+HF_NAMES = sorted(n for n in (p.name[:-5] for p in _CONFIG_DIR.iterdir() if p.name.endswith(".json"))
+                  if "hf_model_name" in _openclip_json(n)["text_cfg"] and not n.startswith("coca"))
+
+
+def test_every_hf_text_architecture_of_the_zoo_builds_offline() -> None:
+    assert {_openclip_json(n)["text_cfg"]["hf_model_name"] for n in HF_NAMES} <= set(KNOWN_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", HF_NAMES)
+def test_full_size_hf_text_tower_names_and_shapes_equal_openclip_on_meta(name: str, monkeypatch) -> None:
+    config = resolve_hf_config(_openclip_json(name)["text_cfg"]["hf_model_name"])
+    with torch.device("meta"):
+        theirs = _shapes(_openclip_hf_text_tower(name, config, monkeypatch))
+        ours = _shapes(build_hf_text_tower(_our_text_config(name), _openclip_json(name)["embed_dim"]))
+    assert ours == theirs

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_train.models.config import ModelConfig
+from clip_train.models.hf_text import HFTextTower, build_hf_text_tower
 from clip_train.models.layers import LayerNorm, QuickGELU, Transformer
 from clip_train.models.resnet import ModifiedResNet
 from clip_train.models.timm_tower import TimmImageTower
@@ -84,15 +85,22 @@ class CLIP(nn.Module):
 
         text = cfg.text
         self.context_length = text.context_length
-        self.vocab_size = text.vocab_size
-        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
-        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
-        self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, act_layer=act_layer)
-        self.ln_final = LayerNorm(text.width)
-        self.text_projection = nn.Parameter(torch.empty(text.width, cfg.embed_dim))
+        self.text: HFTextTower | None = None
+        if text.hf_model_name:
+            # A Hugging Face text tower lives under ``text.`` (OpenCLIP's CustomTextCLIP layout).
+            self.text = build_hf_text_tower(text, cfg.embed_dim, cfg.pretrained)
+            self.vocab_size = self.text.vocab_size
+        else:
+            self.vocab_size = text.vocab_size
+            self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+            self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
+            self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, act_layer=act_layer)
+            self.ln_final = LayerNorm(text.width)
+            self.text_projection = nn.Parameter(torch.empty(text.width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
-        self.init_text_weights()
+        if self.text is None:
+            self.init_text_weights()
 
     def init_text_weights(self) -> None:
         """CLIP's reference initialisation of the text tower (the image towers initialise themselves)."""
@@ -115,6 +123,9 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Text embeddings ``(N, embed_dim)`` from token ids ``(N, L)``, read at each row's end-of-text token."""
+        if self.text is not None:
+            features = self.text(tokens)
+            return F.normalize(features, dim=-1) if normalize else features
         length = tokens.shape[1]
         if length > self.context_length:
             raise ValueError(f"got {length} tokens per row, the model's context length is {self.context_length}")
@@ -141,4 +152,7 @@ class CLIP(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward instead of storing them, in both towers."""
         self.visual.set_grad_checkpointing(enable)
-        self.transformer.grad_checkpointing = enable
+        if self.text is not None:
+            self.text.set_grad_checkpointing(enable)
+        else:
+            self.transformer.grad_checkpointing = enable

@@ -22,7 +22,7 @@ timm never downloads anything unless ``pretrained`` asks for its ImageNet weight
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,11 +56,11 @@ class TimmImageTower(nn.Module):
         output_dim: int,
         image_size: int = 224,
         pool: str = "avg",
-        proj: Optional[str] = "linear",
+        proj: str | None = "linear",
         proj_bias: bool = False,
         drop: float = 0.0,
-        drop_path: Optional[float] = None,
-        patch_drop: Optional[float] = None,
+        drop_path: float | None = None,
+        patch_drop: float | None = None,
         pretrained: bool = False,
     ) -> None:
         super().__init__()
@@ -85,7 +85,7 @@ class TimmImageTower(nn.Module):
             trunk_kwargs.update(num_classes=0, global_pool=pool)
         self.trunk = _create_trunk(timm, model_name, trunk_kwargs)
 
-        head: "OrderedDict[str, nn.Module]" = OrderedDict()
+        head: OrderedDict[str, nn.Module] = OrderedDict()
         if own_head:
             width = output_dim
         elif proj == "none" and not attention_pool:
