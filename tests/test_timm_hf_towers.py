@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from clip_train.models.clip import build_image_tower
 from clip_train.models.config import ModelConfig, VisionConfig
+from clip_train.models.timm_tower import build_timm_tower
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
@@ -90,7 +90,7 @@ def test_every_timm_family_of_the_zoo_is_covered() -> None:
 def test_timm_tower_names_and_shapes_equal_openclip_on_meta(name: str) -> None:
     with torch.device("meta"):
         theirs = _shapes(_openclip_tower(name))
-        ours = _shapes(build_image_tower(_our_config(name), nn.GELU))
+        ours = _shapes(build_timm_tower(_our_config(name)))
     assert ours == theirs
 
 
@@ -114,7 +114,7 @@ def _same_weights(ours: nn.Module, theirs: nn.Module) -> None:
 def test_smallest_timm_architecture_of_each_family_gives_openclips_features(name: str) -> None:
     torch.manual_seed(0)
     theirs = _openclip_tower(name).eval()
-    ours = build_image_tower(_our_config(name), nn.GELU).eval()
+    ours = build_timm_tower(_our_config(name)).eval()
     _same_weights(ours, theirs)
     size = _openclip_json(name)["vision_cfg"].get("image_size", 224)
     images = torch.randn(1, 3, size, size)
@@ -145,7 +145,7 @@ def test_head_variants_equal_openclips_timm_model(trunk: str, size: int, pool: s
         image_size=size, patch_size=None, timm_model_name=trunk, timm_pool=pool, timm_proj=proj,
         timm_proj_bias=proj_bias,
     )
-    ours = build_image_tower(ModelConfig(name="t", embed_dim=embed_dim, vision=vision), nn.GELU).eval()
+    ours = build_timm_tower(ModelConfig(name="t", embed_dim=embed_dim, vision=vision)).eval()
     assert _shapes(ours) == _shapes(theirs)
     _same_weights(ours, theirs)
     images = torch.randn(2, 3, size, size)
@@ -174,7 +174,7 @@ def test_a_timm_clip_model_trains_one_step_and_loads_openclips_visual_keys() -> 
 def test_unknown_timm_projection_is_one_clear_error() -> None:
     vision = VisionConfig(patch_size=None, timm_model_name="resnet10t", timm_proj="conv")
     with pytest.raises(ValueError, match="timm_proj='conv'"):
-        build_image_tower(ModelConfig(name="t", embed_dim=8, vision=vision), nn.GELU)
+        build_timm_tower(ModelConfig(name="t", embed_dim=8, vision=vision))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_hf_text_tower_built_from_a_local_config_gives_openclips_features(name: 
     config.save_pretrained(tmp_path)
     embed_dim = _openclip_json(name)["embed_dim"]
     theirs = _openclip_hf_text_tower(name, config, monkeypatch).eval()
-    ours = build_hf_text_tower(_our_text_config(name, str(tmp_path)), embed_dim).eval()
+    ours = build_hf_text_tower(ModelConfig(embed_dim=embed_dim, text=_our_text_config(name, str(tmp_path)))).eval()
     assert _shapes(ours) == _shapes(theirs)
     _same_weights(ours, theirs)
     tokens = _padded_tokens(config.pad_token_id, config.vocab_size)
@@ -297,5 +297,5 @@ def test_full_size_hf_text_tower_names_and_shapes_equal_openclip_on_meta(name: s
     config = resolve_hf_config(_openclip_json(name)["text_cfg"]["hf_model_name"])
     with torch.device("meta"):
         theirs = _shapes(_openclip_hf_text_tower(name, config, monkeypatch))
-        ours = _shapes(build_hf_text_tower(_our_text_config(name), _openclip_json(name)["embed_dim"]))
+        ours = _shapes(build_hf_text_tower(ModelConfig(embed_dim=_openclip_json(name)["embed_dim"], text=_our_text_config(name))))
     assert ours == theirs

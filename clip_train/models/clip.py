@@ -12,7 +12,7 @@ from clip_train.models.config import ModelConfig
 from clip_train.models.hf_text import HFTextTower, build_hf_text_tower
 from clip_train.models.layers import LayerNorm, QuickGELU, Transformer
 from clip_train.models.resnet import ModifiedResNet
-from clip_train.models.timm_tower import TimmImageTower
+from clip_train.models.timm_tower import build_timm_tower
 from clip_train.models.vit import VisionTransformer
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -23,18 +23,7 @@ def build_image_tower(cfg: ModelConfig, act_layer: type[nn.Module]) -> nn.Module
     """The image tower ``cfg.vision`` describes: a timm model, a CLIP ViT or a ModifiedResNet."""
     vision = cfg.vision
     if vision.timm_model_name:
-        return TimmImageTower(
-            vision.timm_model_name,
-            cfg.embed_dim,
-            vision.image_size,
-            pool=vision.timm_pool,
-            proj=vision.timm_proj,
-            proj_bias=vision.timm_proj_bias,
-            drop=vision.timm_drop,
-            drop_path=vision.timm_drop_path,
-            patch_drop=cfg.patch_dropout or None,  # timm's own patch dropout, for ViT-like trunks
-            pretrained=vision.timm_pretrained,
-        )
+        return build_timm_tower(cfg)
     if cfg.patch_dropout and not cfg.is_vit:
         raise ValueError(
             f"model.patch_dropout={cfg.patch_dropout} drops ViT patch tokens; {cfg.name}'s image tower is not a "
@@ -88,7 +77,7 @@ class CLIP(nn.Module):
         self.text: HFTextTower | None = None
         if text.hf_model_name:
             # A Hugging Face text tower lives under ``text.`` (OpenCLIP's CustomTextCLIP layout).
-            self.text = build_hf_text_tower(text, cfg.embed_dim, cfg.pretrained)
+            self.text = build_hf_text_tower(cfg)
             self.vocab_size = self.text.vocab_size
         else:
             self.vocab_size = text.vocab_size

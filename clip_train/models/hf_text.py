@@ -180,7 +180,12 @@ class HFTextTower(nn.Module):
             self.transformer.gradient_checkpointing_disable()
 
 
-def build_hf_text_tower(text_cfg: Any, output_dim: int, pretrained: str | os.PathLike | None = None) -> HFTextTower:
-    """The HF text tower ``text_cfg`` (a ``TextConfig`` with ``hf_model_name`` set) describes."""
-    config = resolve_hf_config(text_cfg.hf_model_name, text_cfg.hf_config_dir, str(pretrained) if pretrained else None)
-    return HFTextTower(config, output_dim, text_cfg.hf_pooler_type, text_cfg.hf_proj_type, text_cfg.context_length)
+def build_hf_text_tower(cfg: Any) -> HFTextTower:
+    """The HF text tower of ``cfg`` (a ``ModelConfig`` whose ``text.hf_model_name`` is set).
+
+    Its architecture comes from ``cfg.text.hf_config_dir``, else a ``config.json`` beside ``cfg.pretrained``,
+    else the known-architecture table (see ``resolve_hf_config``).
+    """
+    text = cfg.text
+    config = resolve_hf_config(text.hf_model_name, text.hf_config_dir, cfg.pretrained)
+    return HFTextTower(config, cfg.embed_dim, text.hf_pooler_type, text.hf_proj_type, text.context_length)

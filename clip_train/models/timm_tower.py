@@ -127,6 +127,23 @@ class TimmImageTower(nn.Module):
         self.trunk.set_grad_checkpointing(enable)
 
 
+def build_timm_tower(cfg: Any) -> TimmImageTower:
+    """The timm image tower of ``cfg`` (a ``ModelConfig`` whose ``vision.timm_model_name`` is set)."""
+    vision = cfg.vision
+    return TimmImageTower(
+        vision.timm_model_name,
+        cfg.embed_dim,
+        vision.image_size,
+        pool=vision.timm_pool,
+        proj=vision.timm_proj,
+        proj_bias=vision.timm_proj_bias,
+        drop=vision.timm_drop,
+        drop_path=vision.timm_drop_path,
+        patch_drop=cfg.patch_dropout or None,  # timm's own patch dropout, for ViT-like trunks
+        pretrained=vision.timm_pretrained,
+    )
+
+
 def _create_trunk(timm: Any, model_name: str, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` with an error naming the option a trunk does not take."""
     try:
