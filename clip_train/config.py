@@ -168,6 +168,9 @@ class TrainConfig:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tokenizer: Optional[str] = None
+    """null: CLIP's BPE (models whose text tower needs another tokenizer refuse to start); ``hf:PATH``: a
+    local Hugging Face / SentencePiece tokenizer directory (SigLIP, XLM-RoBERTa, mT5, NLLB, ...)."""
 
 
 def register_configs() -> None:
@@ -209,7 +212,25 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {cfg.train.collective_timeout_s}")
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
+    validate_tokenizer(cfg)
     validate_scaling_options(cfg, world_size)
+
+
+def validate_tokenizer(cfg: TrainConfig) -> None:
+    """``tokenizer`` is unset or ``hf:PATH`` of an existing path, and set where the model needs an HF tokenizer."""
+    from pathlib import Path
+
+    from clip_train.tokenizer import HF_PREFIX, missing_tokenizer_message, required_hf_tokenizer
+
+    if cfg.tokenizer is None:
+        needed = required_hf_tokenizer(cfg.model.name)
+        if needed:
+            raise ConfigError(missing_tokenizer_message(cfg.model.name, needed))
+        return
+    if not cfg.tokenizer.startswith(HF_PREFIX):
+        raise ConfigError(f"tokenizer={cfg.tokenizer!r}: use tokenizer=hf:PATH (a local Hugging Face tokenizer directory)")
+    if not Path(cfg.tokenizer[len(HF_PREFIX) :]).expanduser().exists():
+        raise ConfigError(f"tokenizer={cfg.tokenizer}: no such file or directory")
 
 
 def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:

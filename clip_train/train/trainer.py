@@ -115,7 +115,7 @@ class Trainer:
         self.state = TrainState()
         self.bad_steps = NonFiniteSteps(self.device)
 
-        self.tokenizer = get_tokenizer(context_length=cfg.model.text.context_length)
+        self.tokenizer = get_tokenizer(cfg.model.name, cfg.model.text.context_length, tokenizer=cfg.tokenizer)
         self.loader = build_train_loader(
             cfg.data, image_size=self.model.image_size, tokenizer=self.tokenizer,
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
