@@ -8,6 +8,7 @@ of OpenCLIP's head variants on a small trunk, must give the same features on the
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 import re
@@ -299,3 +300,27 @@ def test_full_size_hf_text_tower_names_and_shapes_equal_openclip_on_meta(name: s
         theirs = _shapes(_openclip_hf_text_tower(name, config, monkeypatch))
         ours = _shapes(build_hf_text_tower(ModelConfig(embed_dim=_openclip_json(name)["embed_dim"], text=_our_text_config(name))))
     assert ours == theirs
+
+
+@pytest.mark.slow  # a subprocess run of the app (builds the demo digits once)
+def test_timm_head_and_hf_text_tower_train_under_the_app(tmp_path) -> None:
+    from tests.cli_helpers import FAST_DEMO, read_metrics, run_cli
+    from tests.test_hf_tokenizer import _byte_bpe_dir
+
+    tokenizer_dir = _byte_bpe_dir(tmp_path)
+    config_dir = tmp_path / "xlmr"
+    transformers.XLMRobertaConfig(
+        vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, type_vocab_size=1, pad_token_id=1,
+    ).save_pretrained(config_dir)
+    run_dir = tmp_path / "run"
+    result = run_cli([
+        *FAST_DEMO, "model=timm", "model.name=tiny-timm-xlmr", "model.embed_dim=32", "model.vision.image_size=32",
+        "model.vision.timm_model_name=resnet10t", "model.vision.timm_pool=''", "model.vision.timm_proj=mlp",
+        "model.text.hf_model_name=xlm-roberta-base", f"model.text.hf_config_dir={config_dir}",
+        "model.text.hf_proj_type=linear", "model.text.context_length=16", f"tokenizer=hf:{tokenizer_dir}",
+        "data.batch_size=8", "train.max_steps=2", "ckpt.every_n_steps=0", f"hydra.run.dir={run_dir}",
+    ], tmp_path / "cache", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
