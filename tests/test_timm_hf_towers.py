@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import clip_train
 from clip_train.models.config import ModelConfig, VisionConfig
 from clip_train.models.timm_tower import build_timm_tower
 
@@ -324,3 +325,29 @@ def test_timm_head_and_hf_text_tower_train_under_the_app(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_weights_with_an_hf_config_beside_them_load_without_a_config_dir(tmp_path) -> None:
+    from clip_train.models.clip import CLIP
+    from clip_train.models.factory import create_model_from_config
+    from clip_train.models.registry import get_model_config
+
+    name = "xlm-roberta-base-ViT-B-32"
+    config_dir = tmp_path / "config"
+    TINY_HF_CONFIGS[name]().save_pretrained(config_dir)
+    cfg = dataclasses.replace(get_model_config("tiny"), text=_our_text_config(name, str(config_dir)))
+    source = CLIP(cfg).eval()
+    release = tmp_path / "release"
+    TINY_HF_CONFIGS[name]().save_pretrained(release)  # config.json beside the weights, as an export would leave it
+    torch.save(source.state_dict(), release / "model.pt")
+    plain = dataclasses.replace(cfg, text=_our_text_config(name), pretrained=str(release / "model.pt"))
+    loaded = create_model_from_config(plain).eval()
+    # A clip_train checkpoint naming its architecture: create_model finds the HF config beside it as well.
+    checkpoint = release / "checkpoint.pt"
+    torch.save({"model": source.state_dict(), "model_config": dataclasses.asdict(dataclasses.replace(plain, pretrained=None))},
+               checkpoint)
+    by_file = clip_train.create_model(None, pretrained=checkpoint).eval()
+    tokens = _padded_tokens(1, 120)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(tokens), source.encode_text(tokens))
+        assert torch.equal(by_file.encode_text(tokens), source.encode_text(tokens))
