@@ -220,10 +220,10 @@ def validate_tokenizer(cfg: TrainConfig) -> None:
     """``tokenizer`` is unset or ``hf:PATH`` of an existing path, and set where the model needs an HF tokenizer."""
     from pathlib import Path
 
-    from clip_train.tokenizer import HF_PREFIX, missing_tokenizer_message, required_hf_tokenizer
+    from clip_train.tokenizer import HF_PREFIX, missing_tokenizer_message, model_tokenizer_need
 
     if cfg.tokenizer is None:
-        needed = required_hf_tokenizer(cfg.model.name)
+        needed = model_tokenizer_need(cfg.model)
         if needed:
             raise ConfigError(missing_tokenizer_message(cfg.model.name, needed))
         return

@@ -309,6 +309,20 @@ def required_hf_tokenizer(name: str | None) -> str | None:
     return text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name") or None
 
 
+def model_tokenizer_need(model_cfg) -> str | None:  # model_cfg: clip_train.models.config.ModelConfig
+    """The HF tokenizer a model config's text tower needs: its OpenCLIP name's, else its HF text model's."""
+    return required_hf_tokenizer(model_cfg.name) or getattr(model_cfg.text, "hf_model_name", None) or None
+
+
+def get_model_tokenizer(model_cfg, tokenizer: str | None = None) -> ClipTokenizer | HFTokenizer:
+    """The tokenizer for a built model's config (any name; context length from the config), as the training
+    app and the eval CLI use it; ``tokenizer`` is ``hf:PATH`` or None."""
+    needed = model_tokenizer_need(model_cfg)
+    if tokenizer is None and needed:
+        raise ValueError(missing_tokenizer_message(model_cfg.name, needed))
+    return get_tokenizer(model_cfg.name, model_cfg.text.context_length, tokenizer=tokenizer)
+
+
 def missing_tokenizer_message(name: str, needed: str) -> str:
     """One line: which tokenizer ``name`` needs and how to pass it."""
     return (

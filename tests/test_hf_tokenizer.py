@@ -154,3 +154,19 @@ def test_the_app_key_selects_the_tokenizer_and_refuses_a_missing_one(tmp_path: P
     assert tokenizer(["a photo of a cat"]).shape == (1, typed.model.text.context_length)
     with pytest.raises(ConfigError, match="tokenizer=hf:PATH"):
         validate(OmegaConf.to_object(missing), world_size=1, device_type="cpu")  # type: ignore[arg-type]
+
+
+def test_a_model_config_with_an_hf_text_tower_needs_an_hf_tokenizer(tmp_path: Path) -> None:
+    import dataclasses
+
+    from clip_train.models.registry import get_model_config
+    from clip_train.tokenizer import get_model_tokenizer
+
+    tiny = get_model_config("tiny")
+    cfg = dataclasses.replace(tiny, name="my-xlmr", text=dataclasses.replace(tiny.text, hf_model_name="xlm-roberta-base"))
+    with pytest.raises(ValueError, match="'xlm-roberta-base'.*tokenizer=hf:PATH"):
+        get_model_tokenizer(cfg)
+    path = _byte_bpe_dir(tmp_path)
+    tokenizer = get_model_tokenizer(cfg, f"hf:{path}")
+    assert tokenizer(["a cat"]).shape == (1, tiny.text.context_length)
+    assert isinstance(get_model_tokenizer(tiny), ClipTokenizer)
