@@ -277,7 +277,7 @@ def _openclip_text_cfg(name: str) -> dict | None:
         from clip_train.models import openclip_config  # the vendored configs and their translator
     except ImportError:
         openclip_config = None
-    base = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
+    base = name.removesuffix("-quickgelu")
     if openclip_config is not None:
         for candidate in (name, base):
             try:

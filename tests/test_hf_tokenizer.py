@@ -15,10 +15,10 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-import clip_train  # noqa: E402
-from clip_train.tokenizer import ClipTokenizer, HFTokenizer  # noqa: E402
+import clip_train
+from clip_train.tokenizer import ClipTokenizer, HFTokenizer
 
 SENTENCES = [
     "a photo of a cat", "a photo of a dog.", "Two dogs play in the snow!", "A red car on a street corner",

@@ -8,8 +8,8 @@ of OpenCLIP's head variants on a small trunk, must give the same features on the
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
 import os
 import re
 from importlib import resources

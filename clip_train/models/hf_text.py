@@ -12,7 +12,6 @@ models OpenCLIP's zoo names, the sizes published on their Hugging Face model car
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
