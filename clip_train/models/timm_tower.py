@@ -40,6 +40,7 @@ class TimmImageTower(nn.Module):
         model_name: a timm model name (``convnext_tiny``, ``eva02_base_patch16_clip_224``, ...).
         output_dim: width of the shared embedding.
         image_size: input resolution the model is fed (informative: the trunk keeps timm's own size).
+        pretrained: load timm's pretrained trunk weights (downloads them).
         pool: ``''`` (the model's default pooling), a timm ``global_pool`` (``avg``, ``token``, ``map``, ...),
             or ``abs_attn`` / ``rot_attn`` for an attention pool in the head.
         proj: ``linear``, ``mlp``, ``none``, or ``None`` for the trunk's own classifier as projection.
@@ -47,7 +48,6 @@ class TimmImageTower(nn.Module):
         drop: dropout before the linear projection / after the MLP's activation.
         drop_path: the trunk's stochastic depth rate (``None``: timm's default).
         patch_drop: the trunk's patch dropout rate (ViT-like trunks only; ``None`` leaves it out).
-        pretrained: load timm's pretrained trunk weights (downloads them).
     """
 
     def __init__(
@@ -55,13 +55,14 @@ class TimmImageTower(nn.Module):
         model_name: str,
         output_dim: int,
         image_size: int = 224,
+        pretrained: bool = False,
+        *,
         pool: str = "avg",
         proj: str | None = "linear",
         proj_bias: bool = False,
         drop: float = 0.0,
         drop_path: float | None = None,
         patch_drop: float | None = None,
-        pretrained: bool = False,
     ) -> None:
         super().__init__()
         import timm  # imported here: only timm towers pay for timm's import time
