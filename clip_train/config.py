@@ -6,7 +6,9 @@ unknown key fails at start-up with Hydra's error naming it, and every value is t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -75,6 +77,10 @@ class TrainLoopConfig:
     """Seconds a collective (all-reduce, barrier, rendezvous) may wait for the other ranks before this rank
     fails: a rank that died or hung then ends the job instead of stalling it. Must cover the slowest
     thing one rank does while the others wait (rank 0 writing a checkpoint, a first compile)."""
+    lock_stale_after_s: float = 600.0
+    """The run directory's lock (``clip_train.lock``, held by rank 0) is taken over by a new trainer when its
+    heartbeat is older than this (the holder died on another host). A dead holder on the same host, or the
+    same SLURM job requeued, is taken over at once. See docs/reliability.md."""
     tf32: bool = True
     """Allow TF32 matmuls on GPUs that have them."""
     strategy: str = "ddp"
@@ -100,15 +106,29 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases, from rank 0 only."""
+    """Weights & Biases, from rank 0 only. A key left null defers to the standard ``WANDB_*`` variable, so
+    ``WANDB_MODE=offline`` (or ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_DIR``, ...) works as with any W&B
+    script; a key set here overrides the environment."""
 
-    mode: str = "disabled"
-    """``online``, ``offline`` (a local run under the run dir that ``wandb sync`` uploads) or ``disabled``."""
-    project: str = "clip_train"
+    mode: Optional[str] = None
+    """``online``, ``offline`` (a local run under the run dir that ``wandb sync`` uploads) or ``disabled``;
+    null: ``WANDB_MODE``, else ``default_mode``."""
+    default_mode: str = "disabled"
+    """The mode when neither ``mode`` nor ``WANDB_MODE`` sets one: ``disabled`` (logger=default) or ``online``
+    (logger=wandb)."""
+    project: Optional[str] = None
+    """null: ``WANDB_PROJECT``, else ``clip_train``."""
     entity: Optional[str] = None
+    """null: ``WANDB_ENTITY``, else the account's default entity."""
     name: Optional[str] = None
-    """Run name; defaults to the run directory's name."""
-    tags: List[str] = field(default_factory=list)
+    """Run name; null: ``WANDB_NAME``, else the run directory's name."""
+    group: Optional[str] = None
+    """null: ``WANDB_RUN_GROUP``."""
+    tags: Optional[List[str]] = None
+    """null: ``WANDB_TAGS`` (comma-separated)."""
+    dir: Optional[str] = None
+    """Where W&B writes its ``wandb/`` folder; null: ``WANDB_DIR``, else the run directory. A resumed run
+    continues the W&B run id stored in its checkpoint; a fresh one takes ``WANDB_RUN_ID`` when set."""
 
 
 @dataclass
@@ -124,11 +144,13 @@ class ZeroShotSetConfig:
 
     name: str = "zeroshot"
     data: str = "???"
-    """An ImageFolder directory, or shards (brace pattern) whose samples carry a class index."""
+    """An ImageFolder directory, or shards (brace pattern, or a folder of .tar) whose samples carry a class index."""
     classnames: str = "???"
-    """A file with one class name per line (line i names class i)."""
+    """A file with one class name per line: line i names class i of shards; an ImageFolder's folders are
+    matched to the names by name (or by sorted position when no folder is a name); a mismatch is refused."""
     templates: str = "openai"
-    """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}."""
+    """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}
+    or {c} (CLIP_benchmark's files)."""
     class_key: str = "cls"
     """Shards only: the sample field holding the class index."""
     batch_size: int = 256
@@ -191,11 +213,13 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         "loss.name": (cfg.loss.name, ("clip", "siglip")),
         "loss.implementation": (cfg.loss.implementation, ("tiled", "exact")),
         "optim.name": (cfg.optim.name, ("adamw", "stable_adamw")),
-        "logger.wandb.mode": (cfg.logger.wandb.mode, ("online", "offline", "disabled")),
+        "logger.wandb.mode": (cfg.logger.wandb.mode, (None, "online", "offline", "disabled")),
+        "logger.wandb.default_mode": (cfg.logger.wandb.default_mode, ("online", "offline", "disabled")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            names = ", ".join("null" if choice is None else choice for choice in allowed)
+            raise ConfigError(f"{key}={value!r} is not one of {names}")
     if cfg.train.precision == "fp16" and device_type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); on CPU use bf16 or fp32")
     if cfg.train.max_steps < 1:
@@ -212,14 +236,58 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {cfg.train.collective_timeout_s}")
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
+    validate_values(cfg)
     validate_tokenizer(cfg)
     validate_scaling_options(cfg, world_size)
 
 
+def _positive(key: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number, got {value}")
+
+
+def validate_values(cfg: TrainConfig) -> None:
+    """Intervals, the temperature, optimizer settings, worker counts and paths: each refused in one line
+    before any work starts (instead of a ZeroDivisionError or IndexError deep in the run)."""
+    for key, value in (("train.log_every_n_steps", cfg.train.log_every_n_steps),
+                       ("logger.console_every_n_steps", cfg.logger.console_every_n_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1 (log every N steps), got {value}")
+    if cfg.eval.every_n_steps < 0:
+        raise ConfigError(f"eval.every_n_steps must be >= 0 (0: only at the end), got {cfg.eval.every_n_steps}")
+    _positive("loss.temperature", cfg.loss.temperature)
+    _positive("train.lock_stale_after_s", cfg.train.lock_stale_after_s)
+    if cfg.train.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be at least 1, got {cfg.train.max_bad_steps}")
+    optim = cfg.optim
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9,0.98]; got {list(optim.betas)}")
+    if not optim.lr >= 0:  # NaN fails this too; an infinite lr is left to the non-finite step guard
+        raise ConfigError(f"optim.lr must be a number >= 0, got {optim.lr}")
+    _positive("optim.eps", optim.eps)
+    _positive("optim.grad_clip_norm", optim.grad_clip_norm, allow_none=True)
+    if optim.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio is a fraction of optim.lr in [0, 1], got {optim.min_lr_ratio}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0 reads in the training process), got {cfg.data.num_workers}")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer must be >= 0 (0 disables shuffling), got {cfg.data.shuffle_buffer}")
+    if cfg.data.num_workers > 0 and cfg.data.prefetch_factor < 1:
+        raise ConfigError(f"data.prefetch_factor must be at least 1, got {cfg.data.prefetch_factor}")
+    resume = cfg.ckpt.resume
+    if resume not in ("auto", "none") and not Path(resume).expanduser().exists():
+        raise ConfigError(f"ckpt.resume={resume} does not exist; give a step directory, its state.pt, a checkpoints/ "
+                          "directory or a run directory, or ckpt.resume=auto (newest in the run dir) or none")
+
+
 def validate_tokenizer(cfg: TrainConfig) -> None:
     """``tokenizer`` is unset or ``hf:PATH`` of an existing path, and set where the model needs an HF tokenizer."""
-    from pathlib import Path
-
     from clip_train.tokenizer import HF_PREFIX, missing_tokenizer_message, model_tokenizer_need
 
     if cfg.tokenizer is None:

@@ -12,39 +12,14 @@ from pathlib import Path
 
 import torch
 
+from clip_train.checkpoint_paths import resolve_weights
 from clip_train.models import CLIP, CheckpointError, create_model
 from clip_train.train import checkpoint as ckpt_io
 
 
 def resolve_source(source: str | Path) -> Path:
     """The weights file or exported directory that ``source`` names (``CheckpointError`` if none)."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path} (give a run dir, a checkpoint dir or a weights file)")
-    if path.is_file():
-        if path.name == ckpt_io.STATE_FILE and (path.parent / ckpt_io.MANIFEST_FILE).is_file():
-            _verify(path.parent)
-        return path
-    if (path / "config.json").is_file() or (path / "open_clip_config.json").is_file():
-        return path  # a Hugging Face or OpenCLIP export: read_weights knows both
-    try:
-        step_dir = ckpt_io.resolve_checkpoint_path(path)
-    except ckpt_io.CheckpointCorrupt as err:
-        raise CheckpointError(str(err)) from None
-    if not (step_dir / ckpt_io.STATE_FILE).is_file():
-        raise CheckpointError(
-            f"{path} holds no checkpoint: expected a run dir with checkpoints/, a step_* directory with "
-            f"{ckpt_io.STATE_FILE}, a weights file, or a Hugging Face / OpenCLIP export directory"
-        )
-    _verify(step_dir)
-    return step_dir / ckpt_io.STATE_FILE
-
-
-def _verify(step_dir: Path) -> None:
-    try:
-        ckpt_io.verify_checkpoint(step_dir)
-    except ckpt_io.CheckpointCorrupt as err:
-        raise CheckpointError(f"checkpoint {step_dir} is damaged: {err}") from None
+    return resolve_weights(source)
 
 
 def load_model(source: str | Path, name: str | None = None, device: str | torch.device = "cpu") -> CLIP:

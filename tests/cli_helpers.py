@@ -21,7 +21,8 @@ FAST_DEMO = [
 
 
 def cli_env(cache_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    # A developer's own WANDB_* settings (WANDB_MODE=online, a project) must not reach the tests' runs.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     env.update(
         CLIP_TRAIN_CACHE=str(cache_dir),
         OMP_NUM_THREADS="1",  # tests run side by side on 2 cores
@@ -35,13 +36,21 @@ def cli_env(cache_dir: Path) -> dict[str, str]:
 
 
 def run_cli(args: list[str], cache_dir: Path, timeout: float = 300, torchrun_procs: int | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+            cwd: Path | None = None, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """``python -m clip_train ARGS`` (or under torchrun); ``env`` adds to (or, with None values, removes
+    from) the test environment."""
     if torchrun_procs:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={torchrun_procs}", "-m", "clip_train", *args]
     else:
         command = [sys.executable, "-m", "clip_train", *args]
-    return subprocess.run(command, cwd=cwd or REPO, env=cli_env(cache_dir), capture_output=True, text=True,
+    full_env = cli_env(cache_dir)
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    return subprocess.run(command, cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -169,9 +169,12 @@ def test_retrieval_recall_known_answers():
     assert r["text_to_image_recall@2"] == 1.0
     # Swap the owners of captions 2 and 3: image 1 now owns e2 (scores 0; caption 2 scores 0.0995 above it)
     # and image 2 owns e2+0.1e1 (0.995; caption 3 scores 1.0 above it): only image 0 still ranks first.
-    swapped = retrieval_recall(images, texts, torch.tensor([0, 0, 2, 1]), ks=(1, 2))
+    # Image 1's caption ties at 0 with captions 0 and 1, which come first in the stable order (ties are
+    # not hits): it is 4th, so a hit at 4 but not at 2.
+    swapped = retrieval_recall(images, texts, torch.tensor([0, 0, 2, 1]), ks=(1, 2, 4))
     assert swapped["image_to_text_recall@1"] == pytest.approx(1 / 3)
-    assert swapped["image_to_text_recall@2"] == 1.0
+    assert swapped["image_to_text_recall@2"] == pytest.approx(2 / 3)
+    assert swapped["image_to_text_recall@4"] == 1.0
     with pytest.raises(ValueError, match="outside the images"):
         retrieval_recall(images, texts, torch.tensor([0, 0, 1, 3]))
 

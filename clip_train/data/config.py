@@ -21,7 +21,8 @@ class DataConfig:
 
     train_shards: Any = None
     """WebDataset shards to train on: a brace pattern (``/data/laion/{00000..41407}.tar``), a glob, a list of
-    patterns, a ``.txt`` file listing one shard per line, ``pipe:``/http(s) URLs, or a list of
+    patterns, a ``.txt`` file listing one shard per line, ``s3://``/``gs://`` patterns, globs or folder
+    prefixes (credentials and ``AWS_ENDPOINT_URL`` from the environment), ``pipe:``/http(s) URLs, or a list of
     ``{shards: ..., weight: w}`` sources mixed by weight (resampled mode). ``demo`` = the built-in digits."""
 
     val_shards: Optional[str] = None
@@ -79,3 +80,24 @@ class DataConfig:
 
     eval_batch_size: Optional[int] = None
     """Batch size of the eval loader; None = ``batch_size``."""
+
+    connect_timeout_s: float = 10.0
+    """Remote shards (s3://, gs://, http(s)://): seconds to wait for a connection before the try fails."""
+
+    read_timeout_s: float = 60.0
+    """Remote shards (also ``pipe:`` commands): seconds without a byte after which the try fails."""
+
+    read_retries: int = 3
+    """Tries after a failed one (a timeout, a dropped connection) before the shard is abandoned and counted in
+    ``skipped_shards``; each retry resumes at the byte reached. Any progress resets the count."""
+
+    retry_backoff_s: float = 1.0
+    """Wait before the first retry; it doubles with each further one."""
+
+    max_failed_shards_in_row: int = 16
+    """Shards in a row that cannot be read (abandoned after their retries, with no usable sample between
+    them) after which a worker stops the run with one line: the store is unreachable, not flaky."""
+
+    stall_timeout_s: float = 300.0
+    """When the loader has delivered no batch for this long, it warns naming the shards it is waiting on
+    (and again each period); 0 disables the warning."""

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
+from clip_train.data.remote import ShardUnavailable
 from clip_train.data.transforms import Box, center_crop_box, crop_resize, random_resized_crop_box
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ class SkipCounter:
     again: the count restored from the checkpoint already includes them.
     """
 
-    def __init__(self, count: int = 0, interval_s: float = 60.0, where: str = "data") -> None:
+    def __init__(self, count: int = 0, interval_s: float = 60.0, where: str = "data", shards: int = 0) -> None:
         self.count = count
+        self.shards = shards  # shards abandoned as unavailable (open failed, or reads failed past the retries)
+        self.last_shard_error = ""
         self.muted = False
         self.interval_s = interval_s
         self.where = where
@@ -54,15 +57,30 @@ class SkipCounter:
             self._since_warning = 0
             self._last_warning = now
 
+    def skip_shard(self, url: str, reason: str) -> None:
+        """Count a shard abandoned as unavailable, and name it in a warning (every time: each is news)."""
+        if self.muted:
+            return
+        self.shards += 1
+        self.last_shard_error = reason
+        reason = reason[len(url) + 2:] if reason.startswith(url + ": ") else reason
+        log.warning("%s: abandoned shard %s (%s); %d shard(s) skipped so far. Shards that stall or drop are "
+                    "retried data.read_retries times with data.read_timeout_s per read", self.where, url,
+                    reason, self.shards)
+
     def tar_error_handler(self, url: str) -> Callable[[Exception], bool]:
         """A webdataset exception handler for one shard: the first error counts as one skipped sample
-        (a broken tar usually raises twice, for the member and for the next header), and reading goes on."""
+        (a broken tar usually raises twice, for the member and for the next header), or, for a shard that
+        could not be opened or read (``ShardUnavailable``), as one skipped shard; reading goes on."""
         seen = []
 
         def handler(exn: Exception) -> bool:
             if not seen:
                 seen.append(exn)
-                self.skip(f"{url}: {type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:300])
+                if isinstance(exn, ShardUnavailable):
+                    self.skip_shard(url, str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn))
+                else:
+                    self.skip(f"{url}: {type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:300])
             return True
 
         return handler

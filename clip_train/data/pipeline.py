@@ -11,6 +11,9 @@ import dataclasses
 import logging
 import multiprocessing
 import signal
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -21,8 +24,9 @@ from clip_train.data.config import DataConfig
 from clip_train.data.decode import SampleDecoder
 from clip_train.data.manifest import sample_counts
 from clip_train.data.plan import StreamPlan, mix_seed
+from clip_train.data.remote import RemoteOptions
 from clip_train.data.sources import ShardSource, check_first_shard, resolve_sources
-from clip_train.data.stream import ShardStream, WorkerPosition
+from clip_train.data.stream import DataUnavailable, ShardStream, WorkerPosition
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +89,15 @@ def _pin(cfg: DataConfig) -> bool:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGUSR2: those ask the *training process* to checkpoint and stop.
+    """DataLoader workers ignore SIGTERM, SIGUSR2 and SIGINT: those ask the *training process* to checkpoint
+    and stop (a terminal's Ctrl-C reaches the whole process group, workers included).
 
     SLURM signals every process of a job step, workers included. A worker killed by SIGTERM would make
     the main process fail with "DataLoader worker exited unexpectedly" before it could save, and one that
     inherited the main process's handler would announce a preemption it cannot act on. The workers still
     end with the main process: the DataLoader shuts them down, and they exit when their parent dies.
     """
-    for signum in (signal.SIGTERM, signal.SIGUSR2):
+    for signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -143,6 +148,8 @@ class TrainLoader:
         self._samples_seen = 0
         self._positions = [WorkerPosition() for _ in range(self._plan.num_workers)]
         self._it: Iterator | None = None
+        self._waiting_since: float | None = None  # set while the training loop waits for a batch
+        self._watchdog: threading.Thread | None = None
 
     # ---- what the trainer reads -----------------------------------------------------------------------------
     @property
@@ -154,6 +161,11 @@ class TrainLoader:
     def skipped_samples(self) -> int:
         """Bad samples skipped by this rank's workers since the run began (restored by ``load_state_dict``)."""
         return sum(p.skipped for p in self._positions)
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shards this rank's workers abandoned as unavailable (open failed, or reads past the retries)."""
+        return sum(p.skipped_shards for p in self._positions)
 
     @property
     def samples_seen(self) -> int:
@@ -171,7 +183,7 @@ class TrainLoader:
             self._start_epoch(self.epoch + 1)
         while not self._epoch_complete():
             try:
-                images, tokens, meta = next(self._iterator())
+                images, tokens, meta = self._next_batch()
             except StopIteration:
                 self._it = None
                 raise RuntimeError(f"data: the workers' streams ended after {self._batches_in_epoch} batches of "
@@ -179,6 +191,64 @@ class TrainLoader:
             self._record(meta.tolist())
             yield images, tokens
         self._it = None  # every worker has met its quota; the next epoch starts fresh workers
+
+    def _next_batch(self) -> Any:
+        """The next batch from the workers, watched: a long wait is reported naming the shards being read."""
+        if self._cfg.stall_timeout_s > 0 and self._watchdog is None:
+            # A weak reference, so the watchdog does not keep the loader (and its workers) alive.
+            self._watchdog = threading.Thread(target=TrainLoader._watch, args=(weakref.ref(self),),
+                                              name="data-stall-watchdog", daemon=True)
+            self._watchdog.start()
+        self._waiting_since = time.monotonic()
+        try:
+            return next(self._iterator())
+        except DataUnavailable as exn:
+            self._it = None
+            raise DataUnavailable(_worker_message(exn)) from None
+        finally:
+            self._waiting_since = None
+
+    @staticmethod
+    def _watch(loader_ref: weakref.ref) -> None:
+        """Warn each ``data.stall_timeout_s`` the training loop has waited for one batch (a daemon thread that
+        ends with the loader)."""
+        loader = loader_ref()
+        timeout = float(loader._cfg.stall_timeout_s) if loader is not None else 1.0
+        del loader
+        warned_for: tuple[float, int] | None = None
+        while True:
+            time.sleep(min(1.0, timeout / 4))
+            loader = loader_ref()
+            if loader is None:
+                return
+            warned_for = loader._warn_if_stalled(timeout, warned_for)
+            del loader  # no strong reference while sleeping
+
+    def _warn_if_stalled(self, timeout: float, warned_for: tuple[float, int] | None) -> tuple[float, int] | None:
+        since = self._waiting_since
+        if since is None:
+            return warned_for
+        waited = time.monotonic() - since
+        periods = int(waited // timeout)
+        if periods >= 1 and warned_for != (since, periods):
+            log.warning("data: no batch for %.0f s (data.stall_timeout_s=%g); waiting on %s. Slow or stalled "
+                        "shards are abandoned after data.read_retries tries of data.read_timeout_s=%g s",
+                        waited, timeout, self.waiting_on(), self._cfg.read_timeout_s)
+            return since, periods
+        return warned_for
+
+    def waiting_on(self) -> str:
+        """Which worker the next batch is due from and the shards it is reading (from the plan: no IPC)."""
+        logical = self._batches_in_epoch % self._plan.num_workers
+        position = self._positions[logical]
+        urls: list[str] = []
+        for index in (position.block, position.block + 1):
+            block = self._plan.block(self.epoch, logical, index)
+            for unit in block.units if block is not None else ():
+                if unit.url not in urls:
+                    urls.append(unit.url)
+        shown = ", ".join(urls[:8]) + (f" and {len(urls) - 8} more" if len(urls) > 8 else "")
+        return f"worker {logical} of rank {self._plan.rank}, reading {shown or 'nothing'}"
 
     def _epoch_complete(self) -> bool:
         return self.batches_per_epoch is not None and self._batches_in_epoch >= self.batches_per_epoch
@@ -195,10 +265,10 @@ class TrainLoader:
         return self._it
 
     def _record(self, meta: list[int]) -> None:
-        worker, epoch, block, within, batches, skipped = meta
+        worker, epoch, block, within, batches, skipped, skipped_shards = meta
         if epoch != self.epoch:
             raise RuntimeError(f"data: got a batch of epoch {epoch} while in epoch {self.epoch}")
-        self._positions[worker] = WorkerPosition(block, within, batches, skipped)
+        self._positions[worker] = WorkerPosition(block, within, batches, skipped, skipped_shards)
         self._batches_in_epoch += 1
         self._samples_seen += self.batch_size
 
@@ -206,7 +276,7 @@ class TrainLoader:
         self._it = None
         self.epoch = epoch
         self._batches_in_epoch = 0
-        self._positions = [WorkerPosition(skipped=p.skipped) for p in self._positions]
+        self._positions = [WorkerPosition(skipped=p.skipped, skipped_shards=p.skipped_shards) for p in self._positions]
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the loader is garbage collected)."""
@@ -229,6 +299,7 @@ class TrainLoader:
             "batches_in_epoch": self._batches_in_epoch,
             "samples_seen": self._samples_seen,
             "skipped_samples": self.skipped_samples,
+            "skipped_shards": self.skipped_shards,
             "workers": [p.as_list() for p in self._positions],
         }
 
@@ -283,6 +354,15 @@ class TrainLoader:
         self._batches_in_epoch = 0
         self._positions = [WorkerPosition() for _ in range(self._plan.num_workers)]
         self._positions[0].skipped = int(entry.get("skipped_samples", 0))
+        self._positions[0].skipped_shards = int(entry.get("skipped_shards", 0))
+
+
+def _worker_message(exn: Exception) -> str:
+    """The message a worker raised, without DataLoader's "Caught ... in DataLoader worker" traceback around it."""
+    text = str(exn)
+    marker = f"{type(exn).__name__}: "
+    lines = [line for line in text.splitlines() if marker in line]
+    return lines[-1].split(marker, 1)[1] if lines else text
 
 
 class EvalLoader:
@@ -318,6 +398,13 @@ def _plan_for(sources: list[ShardSource], mode: str, cfg: DataConfig, *, seed: i
                       shards_per_block=cfg.shards_per_block, counts=counts, batch_size=cfg.batch_size)
 
 
+def _stream(plan: StreamPlan, decoder: SampleDecoder, tokenizer: Callable | None, batch_size: int,
+            shuffle_buffer: int, cfg: DataConfig, **kwargs: Any) -> ShardStream:
+    return ShardStream(plan, decoder, _default_tokenizer(tokenizer), batch_size, shuffle_buffer,
+                       max_pixels=cfg.max_image_pixels, remote=RemoteOptions.from_config(cfg),
+                       max_failed_shards_in_row=cfg.max_failed_shards_in_row, **kwargs)
+
+
 def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = None, rank: int = 0,
                        world_size: int = 1, seed: int = 0) -> TrainLoader:
     """The training loader of ``rank`` out of ``world_size``; raises ``ValueError`` on bad shard settings.
@@ -328,22 +415,22 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
     cfg = as_data_config(cfg)
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
-    sources = resolve_sources(_shard_spec(cfg.train_shards, "train"), "data.train_shards")
-    check_first_shard(sources, "data.train_shards", cfg.image_key, cfg.text_key)
+    options = RemoteOptions.from_config(cfg)
+    sources = resolve_sources(_shard_spec(cfg.train_shards, "train"), "data.train_shards", options)
+    check_first_shard(sources, "data.train_shards", cfg.image_key, cfg.text_key, options=options)
     mode = "resampled" if cfg.resampled else "epoch"
     counts = None
     if mode == "epoch":
         if any(s.weight != 1.0 for s in sources):
             raise ValueError("data.train_shards weights need data.resampled=true (epoch mode reads every shard "
                              "exactly once per epoch)")
-        counts = sample_counts([u for s in sources for u in s.urls], cfg.manifest)
+        counts = sample_counts([u for s in sources for u in s.urls], cfg.manifest, options)
     plan = _plan_for(sources, mode, cfg, seed=mix_seed(seed, cfg.seed), rank=rank, world_size=world_size,
                      counts=counts)
     batches_per_epoch = plan.batches_per_rank(cfg.batch_size, cfg.epoch_samples) if mode == "epoch" else None
     decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=True, crop_scale=cfg.train_crop_scale,
                             crop_ratio=cfg.train_crop_ratio, max_pixels=cfg.max_image_pixels)
-    dataset = ShardStream(plan, decoder, _default_tokenizer(tokenizer), cfg.batch_size, cfg.shuffle_buffer,
-                          max_pixels=cfg.max_image_pixels)
+    dataset = _stream(plan, decoder, tokenizer, cfg.batch_size, cfg.shuffle_buffer, cfg)
     return TrainLoader(dataset, cfg, batches_per_epoch)
 
 
@@ -354,11 +441,12 @@ def build_eval_loader(cfg: Any, image_size: int, tokenizer: Callable | None = No
     Samples with a class label in ``cfg.label_key`` need no caption. ``option`` is how errors name the shards.
     """
     cfg = as_data_config(cfg)
-    sources = resolve_sources(_shard_spec(cfg.val_shards, "val"), option)
-    check_first_shard(sources, option, cfg.image_key, cfg.text_key, label_key=cfg.label_key)
+    options = RemoteOptions.from_config(cfg)
+    sources = resolve_sources(_shard_spec(cfg.val_shards, "val"), option, options)
+    check_first_shard(sources, option, cfg.image_key, cfg.text_key, label_key=cfg.label_key, options=options)
     plan = _plan_for(sources, "eval", cfg, seed=0, rank=rank, world_size=world_size)
     decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=False, max_pixels=cfg.max_image_pixels,
                             label_key=cfg.label_key)
-    dataset = ShardStream(plan, decoder, _default_tokenizer(tokenizer), cfg.eval_batch_size or cfg.batch_size,
-                          0, with_labels=True, partial_last=True, max_pixels=cfg.max_image_pixels)
+    dataset = _stream(plan, decoder, tokenizer, cfg.eval_batch_size or cfg.batch_size, 0, cfg, with_labels=True,
+                      partial_last=True)
     return EvalLoader(dataset, cfg)

@@ -11,20 +11,36 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from clip_train.data.plan import Block, Unit, mix_seed
+from clip_train.data.remote import RemoteOptions, ShardUnavailable, open_shard
 
 Sample = dict[str, object]
 
 
-def read_unit(unit: Unit, handler: Callable[[Exception], bool]) -> Iterator[Sample]:
+def _opened(url: str, handler: Callable[[Exception], bool], options: RemoteOptions | None) -> Iterator[dict]:
+    """The shard's stream for webdataset's tar expander, closed when reading ends (connections are freed)."""
+    try:
+        stream = open_shard(url, options)
+    except ShardUnavailable as exn:
+        handler(exn)
+        return
+    try:
+        yield {"url": url, "stream": stream}
+    finally:
+        stream.close()
+
+
+def read_unit(unit: Unit, handler: Callable[[Exception], bool], options: RemoteOptions | None = None
+              ) -> Iterator[Sample]:
     """Samples of one unit; open errors and broken tars go to ``handler`` (which returns True to go on).
 
-    Local paths, ``pipe:`` commands and http(s) URLs are all opened by ``wds.gopen`` (inside url_opener).
+    Local paths, ``s3://``, ``gs://``, http(s) URLs and ``pipe:`` commands are opened by
+    ``remote.open_shard`` with ``options``' timeouts and retries; a shard abandoned after them reaches
+    ``handler`` as ``ShardUnavailable``.
     """
-    streams = url_opener([{"url": unit.url}], handler=handler)
-    files = tar_file_expander(streams, handler=handler)
+    files = tar_file_expander(_opened(unit.url, handler, options), handler=handler)
     samples = group_by_keys(files, handler=handler)
     if unit.start or unit.stop is not None:  # a range: the samples before it are read as bytes, not decoded
         samples = islice(samples, unit.start, unit.stop)
@@ -45,13 +61,13 @@ def interleave(streams: list[Iterator[Sample]], rng: random.Random) -> Iterator[
 
 
 def block_samples(block: Block, handler_for: Callable[[str], Callable[[Exception], bool]],
-                  shuffle_buffer: int) -> Iterable[Sample]:
+                  shuffle_buffer: int, options: RemoteOptions | None = None) -> Iterable[Sample]:
     """The block's samples in their final (deterministic) order: units interleaved, then a shuffle buffer.
 
     The buffer fills completely before the first sample leaves it, and restarts with each block; both
     random sources are seeded from the block's seed, so the order is a pure function of the plan.
     """
-    streams = [read_unit(unit, handler_for(unit.url)) for unit in block.units]
+    streams = [read_unit(unit, handler_for(unit.url), options) for unit in block.units]
     mixed: Iterable[Sample] = streams[0] if len(streams) == 1 else \
         interleave(streams, random.Random(mix_seed(block.seed, 1)))
     if shuffle_buffer > 1:

@@ -20,9 +20,17 @@ from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.reader import block_samples
+from clip_train.data.remote import RemoteOptions
 
 # Order of the fields in each batch's meta tensor.
-META_FIELDS = ("worker", "epoch", "block", "within", "batches", "skipped")
+META_FIELDS = ("worker", "epoch", "block", "within", "batches", "skipped", "skipped_shards")
+
+
+class DataUnavailable(RuntimeError, ValueError):
+    """The data cannot be read at all (every shard broken, or the store unreachable): stops the run in one line.
+
+    Also a ``ValueError``, like the other bad-input errors, so the CLI reports it in one line and exits 2.
+    """
 
 
 @dataclass
@@ -33,10 +41,11 @@ class WorkerPosition:
     within: int = 0  # raw samples (good or bad) already taken from that block's shuffled order
     batches: int = 0  # batches yielded in the current epoch
     skipped: int = 0  # bad samples skipped so far, all epochs
+    skipped_shards: int = 0  # shards abandoned as unavailable so far, all epochs
 
     def as_list(self) -> list[int]:
-        """``[block, within, batches, skipped]``: the form kept in ``state_dict()``."""
-        return [self.block, self.within, self.batches, self.skipped]
+        """``[block, within, batches, skipped, skipped_shards]``: the form kept in ``state_dict()``."""
+        return [self.block, self.within, self.batches, self.skipped, self.skipped_shards]
 
 
 class ShardStream(IterableDataset):
@@ -50,7 +59,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, plan: StreamPlan, decoder: SampleDecoder, tokenizer: Callable, batch_size: int,
                  shuffle_buffer: int, *, with_labels: bool = False, partial_last: bool = False,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, remote: RemoteOptions | None = None,
+                 max_failed_shards_in_row: int = 16) -> None:
         super().__init__()
         self.plan = plan
         self.decoder = decoder
@@ -60,6 +70,8 @@ class ShardStream(IterableDataset):
         self.with_labels = with_labels
         self.partial_last = partial_last
         self.max_pixels = max_pixels
+        self.remote = remote or RemoteOptions()
+        self.max_failed_shards_in_row = max(1, max_failed_shards_in_row)
         self.epoch = 0
         self.rotation = 0
         self.positions = [WorkerPosition() for _ in range(plan.num_workers)]
@@ -74,7 +86,8 @@ class ShardStream(IterableDataset):
         Image.MAX_IMAGE_PIXELS = self.max_pixels  # PIL's own bomb check, at our limit
         position = self.positions[logical]
         quota = self.quotas[logical] if self.quotas is not None else None
-        counter = SkipCounter(position.skipped, where=f"data (rank {self.plan.rank}, worker {logical})")
+        counter = SkipCounter(position.skipped, where=f"data (rank {self.plan.rank}, worker {logical})",
+                              shards=position.skipped_shards)
         return self._batches(logical, position, quota, counter)
 
     def _batches(self, logical: int, start: WorkerPosition, quota: int | None, counter: SkipCounter
@@ -87,12 +100,13 @@ class ShardStream(IterableDataset):
         texts: list[str] = []
         labels: list[int] = []
         index, resume_within = start.block, start.within
-        empty_run, last_url = 0, ""
+        empty_run, last_url, failed_run = 0, "", 0
         while True:
             block = plan.block(epoch, logical, index)
             if block is None:
                 break
-            samples = iter(block_samples(block, counter.tar_error_handler, self.shuffle_buffer))
+            shards_before = counter.shards
+            samples = iter(block_samples(block, counter.tar_error_handler, self.shuffle_buffer, self.remote))
             within = 0
             if resume_within:
                 # Re-read (not decode) what this worker had already passed; its errors were counted then.
@@ -114,21 +128,27 @@ class ShardStream(IterableDataset):
                 labels.append(label)
                 if len(images) == self.batch_size:
                     batches += 1
-                    meta = (logical, epoch, index, within, batches, counter.count)
+                    meta = (logical, epoch, index, within, batches, counter.count, counter.shards)
                     yield self._collate(images, texts, labels, meta)
                     images, texts, labels = [], [], []
                     if quota is not None and batches >= quota:
                         return
             last_url = block.units[-1].url if block.units else last_url
             empty_run = 0 if good else empty_run + 1
+            failed_run = 0 if good else failed_run + counter.shards - shards_before
+            if failed_run >= self.max_failed_shards_in_row:
+                raise DataUnavailable(f"data: {failed_run} shards in a row could not be read (last: "
+                                   f"{counter.last_shard_error}); check that the store is reachable, or raise "
+                                   "data.read_timeout_s / data.read_retries / data.max_failed_shards_in_row")
             limit = plan.max_empty_blocks(epoch, logical)
             if limit is not None and empty_run >= limit:
-                raise RuntimeError(f"data: {empty_run} blocks of shards in a row gave no usable sample "
+                raise DataUnavailable(f"data: {empty_run} blocks of shards in a row gave no usable sample "
                                    f"(last shard read: {last_url}); {counter.count} samples were skipped as bad. "
                                    "Check data.train_shards, data.image_key and data.text_key.")
             index += 1
         if images and self.partial_last:
-            yield self._collate(images, texts, labels, (logical, epoch, index, 0, batches + 1, counter.count))
+            yield self._collate(images, texts, labels,
+                                (logical, epoch, index, 0, batches + 1, counter.count, counter.shards))
 
     def _collate(self, images: list[np.ndarray], texts: list[str], labels: list[int],
                  meta: tuple[int, ...]) -> tuple[torch.Tensor, ...]:

@@ -80,23 +80,26 @@ class _Context:
 
 def run_zeroshot(args: argparse.Namespace) -> dict:
     from clip_train.eval.data import ClassificationSpec, LabelledImages
+    from clip_train.eval.imagefolder import imagefolder_classes, is_imagefolder
     from clip_train.eval.templates import load_classnames, load_templates
     from clip_train.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 
     spec = ClassificationSpec(args.data, args.classnames, args.templates).resolved()
     templates = load_templates(spec.templates)
-    ctx = _Context(args)
-    data = LabelledImages(spec.data, ctx.image_size, args.batch_size, class_key=args.class_key, rank=ctx.rank,
-                          world_size=ctx.world_size, num_workers=args.num_workers, max_samples=args.max_samples)
     if spec.classnames is not None:
         classnames = load_classnames(spec.classnames)
-    elif data.is_folder:  # an ImageFolder names its classes: "golden_retriever" -> "golden retriever"
-        classnames = [name.replace("_", " ") for name in data.folder_classes]
+    elif is_imagefolder(spec.data):  # an ImageFolder names its classes: "golden_retriever" -> "golden retriever"
+        classnames = [name.replace("_", " ") for name in imagefolder_classes(spec.data)]
     else:
+        from clip_train.data.sources import resolve_sources
+
+        resolve_sources(spec.data, "--data")  # data that is not there is the first thing to report
         raise ValueError("--classnames FILE is required for shards (one class name per line, line i names class i)")
-    if data.is_folder and len(data.folder_classes) != len(classnames):
-        raise ValueError(f"{spec.data} has {len(data.folder_classes)} class folders but --classnames lists "
-                         f"{len(classnames)} names; give one name per folder, in sorted folder order")
+    ctx = _Context(args)
+    # An ImageFolder's folders are matched to the class names (by name, or by position when none is a name).
+    data = LabelledImages(spec.data, ctx.image_size, args.batch_size, class_key=args.class_key, rank=ctx.rank,
+                          world_size=ctx.world_size, num_workers=args.num_workers, max_samples=args.max_samples,
+                          classnames=classnames, classnames_source=f"--classnames {spec.classnames}")
     with ctx.autocast():
         classifier = zeroshot_classifier(ctx.model, ctx.tokenizer, classnames, templates, ctx.device)
         with ctx.progress(data.total_samples, "zero-shot") as bar:
@@ -142,11 +145,19 @@ def run_linear_probe(args: argparse.Namespace) -> dict:
         raise ValueError("linear-probe runs in one process (the fit is not distributed); start it without torchrun")
     if (args.test_data is None) == (args.test_fraction is None):
         raise ValueError("give either --test-data DIR_OR_SHARDS or --test-fraction F (a split of --train-data)")
+    classnames = classnames_file = None
+    if args.classnames:
+        from clip_train.eval.templates import load_classnames
+
+        classnames_file = ClassificationSpec(args.train_data, args.classnames).resolved().classnames
+        classnames = load_classnames(classnames_file)
     ctx = _Context(args)
 
     def features(where: str, desc: str):
+        # With --classnames, ImageFolder labels follow the file (folders matched by name), in both sets alike.
         data = LabelledImages(ClassificationSpec(where).resolved().data, ctx.image_size, args.batch_size,
-                              class_key=args.class_key, num_workers=args.num_workers, max_samples=args.max_samples)
+                              class_key=args.class_key, num_workers=args.num_workers, max_samples=args.max_samples,
+                              classnames=classnames, classnames_source=f"--classnames {classnames_file}")
         with ctx.autocast(), _progress(data.total_samples, desc, not args.no_progress) as bar:
             return image_features(ctx.model, data, ctx.preprocess, progress=bar.update)
 
@@ -156,11 +167,6 @@ def run_linear_probe(args: argparse.Namespace) -> dict:
     else:
         train_idx, test_idx = stratified_split(train_y, args.test_fraction, args.seed)
         train_x, train_y, test_x, test_y = train_x[train_idx], train_y[train_idx], train_x[test_idx], train_y[test_idx]
-    classnames = None
-    if args.classnames:
-        from clip_train.eval.templates import load_classnames
-
-        classnames = load_classnames(ClassificationSpec(args.train_data, args.classnames).resolved().classnames)
     result = linear_probe(train_x, train_y, test_x, test_y, num_classes=len(classnames) if classnames else None,
                           val_fraction=args.val_fraction, seed=args.seed, max_iter=args.max_iter)
     names = classnames or [str(i) for i in range(len(result["per_class_top1"]))]
@@ -191,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     zs = tasks.add_parser("zeroshot", help="prompt-ensembled zero-shot classification (top-1/top-5, per class)")
     common(zs)
-    zs.add_argument("--data", required=True, help="ImageFolder root, shards with a class field, or 'demo'")
+    zs.add_argument("--data", required=True,
+                    help="ImageFolder root, shards (pattern or a folder of .tar) with a class field, or 'demo'")
     zs.add_argument("--classnames", default=None,
-                    help="file: one class name per line (or JSON 'classnames'); ImageFolder default: folder names")
+                    help="file: one class name per line (or JSON 'classnames'); ImageFolder folders are matched to "
+                         "them by name (default: the folder names)")
     zs.add_argument("--templates", default=None,
-                    help="openai (80 prompts; the default), simple (7), or a file with {} (data=demo: the demo's own)")
+                    help="openai (80 prompts; the default), simple (7), or a file with {} or {c} "
+                         "(data=demo: the demo's own)")
     zs.add_argument("--class-key", default="cls", help="shards: the sample field holding the class index")
     zs.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many images")
     zs.set_defaults(run=run_zeroshot)

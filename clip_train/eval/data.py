@@ -12,7 +12,6 @@ import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +23,13 @@ from clip_train.data.manifest import sample_counts
 from clip_train.data.plan import Unit
 from clip_train.data.reader import read_unit
 from clip_train.data.sources import resolve_sources
-from clip_train.eval.imagefolder import IMAGE_SUFFIXES, imagefolder_batches, imagefolder_samples
+from clip_train.eval.imagefolder import (
+    IMAGE_SUFFIXES,
+    folder_class_indices,
+    imagefolder_batches,
+    imagefolder_samples,
+    is_imagefolder,
+)
 
 DEMO = "demo"
 
@@ -64,16 +69,19 @@ def resolve_shards(data: str) -> str:
 class LabelledImages:
     """``(uint8 images [B, 3, S, S], labels [B])`` batches of one rank's share of a labelled set.
 
-    ``data`` is an ImageFolder root (``root/<class>/<image>``, classes in sorted folder order) or shards
-    whose samples carry an integer class in ``class_key`` (samples without one get label -1). Shard
-    loaders keep their worker processes between passes, so a set evaluated every N steps starts fast.
-    ``option`` is how error messages name ``data`` (the CLI flag, or the config key in training).
+    ``data`` is an ImageFolder root (``root/<class>/<image>``) or shards (a pattern, list or folder of
+    ``.tar`` files) whose samples carry an integer class in ``class_key`` (samples without one get label
+    -1). An ImageFolder's labels index ``classnames`` when given (folders matched to names by
+    ``folder_class_indices``), else its sorted folders. Shard loaders keep their worker processes between
+    passes, so a set evaluated every N steps starts fast. ``option`` is how error messages name ``data``
+    (the CLI flag, or the config key in training); ``classnames_source`` names the class-names file.
     """
 
     def __init__(self, data: str, image_size: int, batch_size: int = 256, *, class_key: str = "cls",
                  rank: int = 0, world_size: int = 1, num_workers: int = 2, max_samples: int | None = None,
                  tokenizer: Callable | None = None, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt",
-                 base_cfg: DataConfig | None = None, option: str = "--data") -> None:
+                 base_cfg: DataConfig | None = None, option: str = "--data", classnames: list[str] | None = None,
+                 classnames_source: str = "--classnames") -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.data = data
@@ -81,13 +89,17 @@ class LabelledImages:
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.max_samples = max_samples
-        self.is_folder = Path(data).expanduser().is_dir()
+        self.is_folder = is_imagefolder(data)
         self._loader = None
+        self._folder_to_class: torch.Tensor | None = None
         if self.is_folder:
             self.folder_samples, self.folder_classes = imagefolder_samples(data)
             if not self.folder_samples:
                 raise ValueError(f"ImageFolder {data} has class folders but no images "
                                  f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            if classnames is not None:
+                self._folder_to_class = torch.tensor(
+                    folder_class_indices(data, self.folder_classes, classnames, classnames_source))
         else:
             # Expanded here first so that a pattern matching nothing is reported under the user's option name.
             self._urls = [u for s in resolve_sources(data, option) for u in s.urls]
@@ -115,8 +127,9 @@ class LabelledImages:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.is_folder:
-            yield from imagefolder_batches(self.data, self.image_size, self.batch_size, self.rank, self.world_size,
-                                           self.max_samples)
+            for images, labels in imagefolder_batches(self.data, self.image_size, self.batch_size, self.rank,
+                                                      self.world_size, self.max_samples):
+                yield images, (labels if self._folder_to_class is None else self._folder_to_class[labels])
             return
         batches = ((batch.images, batch.labels) for batch in self._loader)
         if self.max_samples is not None:

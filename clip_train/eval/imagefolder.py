@@ -14,14 +14,68 @@ from clip_train.data.transforms import center_crop_box, crop_resize
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
-def imagefolder_samples(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """``(path, class index)`` for every image, classes in sorted folder order, and the folder names."""
+def is_imagefolder(data: str | Path) -> bool:
+    """A directory of class folders. A directory that holds ``.tar`` files itself is a folder of shards,
+    read like shards everywhere else (training, retrieval)."""
+    path = Path(data).expanduser()
+    return path.is_dir() and not any(p.suffix == ".tar" and p.is_file() for p in path.iterdir())
+
+
+def imagefolder_classes(root: str | Path) -> list[str]:
+    """The class folder names of an ImageFolder, in sorted order."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ValueError(f"ImageFolder root not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
+        raise ValueError(f"{root} has no class sub-folders (expected root/<class>/<image>) and no .tar shards")
+    return classes
+
+
+def _comparable(name: str) -> str:
+    """Folder and class names compare with ``_`` read as a space, case-insensitively ("Golden_retriever")."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def folder_class_indices(root: str | Path, folders: list[str], classnames: list[str],
+                         classnames_source: str = "--classnames") -> list[int]:
+    """For each class folder (sorted order), the index of its class in ``classnames``.
+
+    When every folder is one of the class names, they are matched by name, whatever the file's order (so
+    folders ``zero/ ... nine/`` pair with a file listing zero, one, ... in counting order). When no folder is
+    a class name (ImageNet's WordNet-id folders with a file of readable names), line i names the i-th folder
+    in sorted order, the torchvision/CLIP_benchmark convention. Anything else (a different count, or some
+    names matching and some not) cannot be paired safely and is refused in one line that shows both.
+    """
+    wanted = [_comparable(n) for n in classnames]
+    have = [_comparable(f) for f in folders]
+    if len(folders) != len(classnames):
+        raise ValueError(
+            f"{root} has {len(folders)} class folders ({_preview(folders)}) but {classnames_source} lists "
+            f"{len(classnames)} names ({_preview(classnames)}); give one class name per folder"
+        )
+    if set(have) == set(wanted) and len(set(wanted)) == len(wanted):
+        return [wanted.index(name) for name in have]
+    if not set(have) & set(wanted):
+        return list(range(len(folders)))
+    unmatched = [f for f, name in zip(folders, have) if name not in wanted] or ["(none)"]
+    unused = [n for n, name in zip(classnames, wanted) if name not in have or wanted.count(name) > 1]
+    raise ValueError(
+        f"{root}: class folders {_preview(unmatched)} are not among the names in {classnames_source}, whose "
+        f"names {_preview(unused)} match no folder (or repeat); name every folder as its class (matched by "
+        "name) or none (paired in sorted folder order)"
+    )
+
+
+def imagefolder_samples(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``(path, class index)`` for every image, classes in sorted folder order, and the folder names."""
+    root = Path(root).expanduser()
+    classes = imagefolder_classes(root)
     samples = [
         (path, index)
         for index, name in enumerate(classes)

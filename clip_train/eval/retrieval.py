@@ -1,9 +1,15 @@
 """Image–text retrieval: recall@K in both directions, with any number of captions per image.
 
-Image→text: an image scores a hit at K when any of its own captions ranks among the K texts most similar to
-it. Text→image: a caption scores a hit at K when its image ranks among the K most similar images. Ties are
-broken in the model's favour (only strictly more similar candidates push the right answer down), which
-only matters for degenerate features.
+The convention is CLIP_benchmark's (and the usual COCO/Flickr30k one): rank the candidates by similarity,
+take the top K, and score a hit when a true match is among them. Image→text: an image scores a hit at K when
+any of its own captions is among the K texts most similar to it. Text→image: a caption scores a hit at K
+when its image is among the K images most similar to it.
+
+Ties are ranked by a stable ordering: among candidates with equal similarity the one with the lower index
+(earlier in the data) comes first. So a true match tied with others is a hit only where it is among the
+first K under that ordering, exactly as a top-K list has room for only K candidates. Duplicate captions
+(common in web data and in COCO) thus cannot all be hits at once, which is what counting ties in the
+model's favour would do (it inflated image→text R@1 from 0.027 to 0.193 on one such set).
 """
 
 from __future__ import annotations
@@ -36,21 +42,29 @@ def retrieval_recall(
         raise ValueError("text_to_image holds an index outside the images")
     text_to_image = text_to_image.to(image_features.device)
 
-    # Text -> image: the rank of each caption's own image among all images.
+    # Text -> image: the position of each caption's own image in the stably sorted list of all images.
+    image_index = torch.arange(num_images, device=image_features.device)
     t2i_rank = torch.empty(num_texts, dtype=torch.long, device=image_features.device)
     for start in range(0, num_texts, chunk):
         sims = text_features[start : start + chunk] @ image_features.T
-        own = sims.gather(1, text_to_image[start : start + chunk, None])
-        t2i_rank[start : start + chunk] = (sims > own).sum(dim=1)
+        target = text_to_image[start : start + chunk, None]
+        own = sims.gather(1, target)
+        ahead = (sims > own) | ((sims == own) & (image_index[None, :] < target))
+        t2i_rank[start : start + chunk] = ahead.sum(dim=1)
 
-    # Image -> text: the rank of each image's best-scoring own caption among the other captions.
+    # Image -> text: the position of each image's first own caption in the stably sorted list of all texts;
+    # the texts ahead of it are all other images' captions.
+    text_index = torch.arange(num_texts, device=image_features.device)
     i2t_rank = torch.empty(num_images, dtype=torch.long, device=image_features.device)
     for start in range(0, num_images, chunk):
         sims = image_features[start : start + chunk] @ text_features.T
         rows = torch.arange(start, start + sims.shape[0], device=sims.device)
         own = text_to_image[None, :] == rows[:, None]
-        best_own = sims.masked_fill(~own, float("-inf")).max(dim=1).values
-        i2t_rank[start : start + chunk] = ((sims > best_own[:, None]) & ~own).sum(dim=1)
+        best_own = sims.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
+        tied_own = own & (sims == best_own)
+        first_own = torch.where(tied_own, text_index[None, :], num_texts).min(dim=1, keepdim=True).values
+        ahead = ~own & ((sims > best_own) | ((sims == best_own) & (text_index[None, :] < first_own)))
+        i2t_rank[start : start + chunk] = ahead.sum(dim=1)
 
     results: dict[str, float] = {}
     for k in ks:

@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 BUILTIN_TEMPLATES = ("openai", "simple")
+CLIP_BENCHMARK_SLOT = "{c}"
 
 
 def _json_field(path: Path, field: str) -> list[str] | None:
@@ -22,7 +23,8 @@ def _json_field(path: Path, field: str) -> list[str] | None:
 
 def load_templates(spec: str) -> list[str]:
     """``openai`` (OpenAI's 80 ImageNet prompts), ``simple`` (7 of them), or a file of templates with ``{}``
-    (one per line, or a JSON file with a ``templates`` list)."""
+    or ``{c}`` (CLIP_benchmark's spelling) for the class name (one per line, or a JSON file with a ``templates``
+    list). Returned with ``{}`` as the slot, ready for ``template.format(name)``."""
     if spec in BUILTIN_TEMPLATES:
         text = resources.files("clip_train.assets").joinpath(f"templates_{spec}.txt").read_text()
         templates = [line.strip() for line in text.splitlines() if line.strip()]
@@ -33,9 +35,16 @@ def load_templates(spec: str) -> list[str]:
         templates = _json_field(path, "templates") or [
             line.strip() for line in path.read_text().splitlines() if line.strip()
         ]
+    # CLIP_benchmark's template files name the slot {c}; ours (and OpenAI's notebook) use {}.
+    templates = [t.replace(CLIP_BENCHMARK_SLOT, "{}") for t in templates]
+    if not templates:
+        raise ValueError(f"templates {spec!r} holds no template (one per line, e.g. 'a photo of a {{}}.')")
     bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ValueError(f"templates {spec!r}: every line must contain {{}} for the class name (e.g. 'a photo of a {{}}.')")
+    if bad:
+        raise ValueError(
+            f"templates {spec!r}: every template must contain {{}} or {{c}} for the class name "
+            f"(e.g. 'a photo of a {{}}.'); {bad[0]!r} does not"
+        )
     return templates
 
 

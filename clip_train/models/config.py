@@ -85,6 +85,8 @@ class ModelConfig:
     """Use QuickGELU (OpenAI's trained models) instead of exact GELU (OpenCLIP's own models)."""
     pretrained: Optional[str] = None
     """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
+    allow_nonfinite_weights: bool = False
+    """Load ``pretrained`` weights (and resume checkpoints) even if some hold NaN or Inf; refused by default."""
 
     # Training-time options below: none of them changes a parameter's name or shape, so weights move freely
     # between models that differ only here.

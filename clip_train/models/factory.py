@@ -8,6 +8,7 @@ import os
 import torch
 from omegaconf import OmegaConf
 
+from clip_train.checkpoint_paths import resolve_weights
 from clip_train.models.clip import CLIP
 from clip_train.models.config import ModelConfig
 from clip_train.models.pretrained import config_from_state_dict, load_weights_into, read_weights
@@ -23,6 +24,7 @@ def create_model(
     name: str | None = None,
     pretrained: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    allow_nonfinite_weights: bool = False,
 ) -> CLIP:
     """Build a CLIP model.
 
@@ -32,8 +34,10 @@ def create_model(
         pretrained: a local weights file: an OpenAI release, an OpenCLIP state dict or training
             checkpoint, or a clip_train checkpoint. Files in OpenAI's layout select QuickGELU.
         device: where to put the model.
+        allow_nonfinite_weights: load ``pretrained`` even if some weights are NaN or Inf (refused by default:
+            such a file comes from a run that diverged).
     """
-    weights = read_weights(pretrained) if pretrained is not None else None
+    weights = read_weights(resolve_weights(pretrained)) if pretrained is not None else None
     if name is not None:
         cfg = get_model_config(name)
     elif weights is not None:
@@ -46,7 +50,7 @@ def create_model(
         cfg.pretrained = str(pretrained)  # towers built from files saved beside the weights (HF text config) find them
     model = CLIP(cfg)
     if weights is not None:
-        load_weights_into(model, weights, source=str(pretrained))
+        load_weights_into(model, weights, source=str(pretrained), allow_nonfinite=allow_nonfinite_weights)
     return model.to(device)
 
 
@@ -54,10 +58,10 @@ def create_model_from_config(
     cfg: ModelConfig, init_temperature: float = 0.07, init_logit_bias: float | None = None
 ) -> CLIP:
     """Build the model a (Hydra) ``ModelConfig`` describes, loading ``cfg.pretrained`` when set."""
-    weights = read_weights(cfg.pretrained) if cfg.pretrained else None
+    weights = read_weights(resolve_weights(cfg.pretrained)) if cfg.pretrained else None
     if weights is not None and weights.openai_layout and not cfg.quick_gelu:
         cfg = dataclasses.replace(cfg, quick_gelu=True)
     model = CLIP(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
     if weights is not None:
-        load_weights_into(model, weights, source=str(cfg.pretrained))
+        load_weights_into(model, weights, source=str(cfg.pretrained), allow_nonfinite=cfg.allow_nonfinite_weights)
     return model

@@ -8,8 +8,11 @@ clip_train checkpoints. Nothing is ever unpickled beyond tensors and plain conta
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -46,11 +49,73 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit on the JSON header
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse, in one line, a ``.safetensors`` file whose header or data is cut short or garbage.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and
+    byte range, then the data; the safetensors library reports damage as a bare ``SafetensorError``.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"cannot read {path}: {size} bytes is too short for a safetensors file (truncated)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > _SAFETENSORS_MAX_HEADER or 8 + header_len > size:
+            raise CheckpointError(
+                f"cannot read {path}: its safetensors header claims {header_len} bytes but the file has {size}; "
+                "it is truncated or not a safetensors file"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        entries = [entry for key, entry in header.items() if key != "__metadata__"]  # AttributeError: not a dict
+        ends = [int(entry["data_offsets"][1]) for entry in entries]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(
+            f"cannot read {path}: its safetensors header is not valid JSON describing tensors (garbage, or not a "
+            "safetensors file)"
+        ) from None
+    data_bytes = size - 8 - header_len
+    if ends and max(ends) > data_bytes:
+        raise CheckpointError(
+            f"cannot read {path}: its tensors need {max(ends)} bytes of data but the file holds {data_bytes} "
+            "(truncated)"
+        )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    check_safetensors_file(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - SafetensorError and friends: one line, no traceback
+        raise CheckpointError(f"cannot read {path}: not a valid safetensors file ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def unsafe_pickle_error(path: Path, err: BaseException) -> CheckpointError:
+    """The refusal of a pickle that holds objects besides tensors: unsafe, and how to convert it safely."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = f" ({found.group(1)})" if found else ""
+    return CheckpointError(
+        f"refusing to load {path}: it is unsafe, holding pickled Python objects{what} besides tensors, which "
+        "would run code when loaded. If you trust its author, convert it once in an isolated environment: load "
+        "it with the code that wrote it and save only the tensors with "
+        "safetensors.torch.save_file(state_dict, 'model.safetensors'), then use that file"
+    )
+
+
 def _load_container(path: Path) -> object:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return _load_safetensors(path)
     if _is_torchscript_archive(path):
         # TorchScript archives hold compiled graphs, read by TorchScript's own loader, not by Python's pickle.
         with warnings.catch_warnings():  # torch marks TorchScript deprecated; OpenAI's releases still use it
@@ -66,11 +131,7 @@ def _load_container(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects other than tensors and plain containers, which "
-            f"could run code ({reason[:200]}); re-save just the weights, e.g. torch.save(model.state_dict(), PATH)"
-        ) from None
+        raise unsafe_pickle_error(path, err) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot read {path}: the file is truncated or not a weights file ({first_line[:200]})") from None
@@ -114,8 +175,6 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
 
 def _safetensors_model_config(path: Path) -> dict | None:
     """The architecture ``python -m clip_train.export --format safetensors`` stores in the file's metadata."""
-    import json
-
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -126,15 +185,20 @@ def _safetensors_model_config(path: Path) -> dict | None:
 def _read_weights_dir(path: Path) -> LoadedWeights:
     """A Hugging Face ``CLIPModel`` directory, or an OpenCLIP ``local-dir`` export (``open_clip_config.json``)."""
     import dataclasses
-    import json
 
     from clip_train.models.hf import HFConversionError, is_hf_dir, read_hf_dir
 
     if is_hf_dir(path):
+        for file in sorted(path.glob("*.safetensors")):
+            check_safetensors_file(file)
         try:
             state_dict, cfg = read_hf_dir(path)
         except HFConversionError as err:
             raise CheckpointError(f"{path}: {err}") from None
+        except pickle.UnpicklingError as err:  # pytorch_model.bin (or a shard of it) with a pickle payload
+            raise unsafe_pickle_error(path / "pytorch_model.bin", err) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+            raise CheckpointError(f"cannot read the weights in {path}: {_first_line(err)}") from None
         # The config states the activation; ``openai_layout`` is what makes create_model honour QuickGELU.
         return LoadedWeights(state_dict=state_dict, openai_layout=cfg.quick_gelu, model_config=dataclasses.asdict(cfg))
     openclip_config = path / "open_clip_config.json"
@@ -200,10 +264,42 @@ def _summarise(items: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "state dict") -> None:
+def fit_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Missing and unexpected keys and shape mismatches of ``state_dict`` against a model's ``expected`` one."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_summarise(mismatched)}")
+    return problems
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf (the run that wrote them diverged), naming the tensors and the opt-out."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source} holds non-finite weights (NaN or Inf) in {len(bad)} of {len(state_dict)} tensors: "
+            f"{_summarise(bad)}; the run that wrote it had diverged. Use an earlier checkpoint, or set "
+            "model.allow_nonfinite_weights=true (create_model(..., allow_nonfinite_weights=True)) to load them anyway"
+        )
+
+
+def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "state dict",
+                      allow_nonfinite: bool = False) -> None:
     """Copy ``weights`` into ``model`` strictly, casting to the model's dtypes.
 
-    Raises ``CheckpointError`` naming every missing or unexpected key and every shape mismatch.
+    Raises ``CheckpointError`` naming every missing or unexpected key and every shape mismatch, and (unless
+    ``allow_nonfinite``) every tensor holding NaN or Inf.
     """
     expected = model.state_dict()
     state_dict = dict(weights.state_dict)
@@ -212,25 +308,14 @@ def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "s
     for key, value in expected.items():
         if (key.endswith("num_batches_tracked") or key == "logit_bias") and key not in state_dict:
             state_dict[key] = value
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {_summarise(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_summarise(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {_summarise(mismatched)}")
+    problems = fit_problems(expected, state_dict)
+    if problems:
         raise CheckpointError(
             f"{source} does not fit model {getattr(model, 'config', None) and model.config.name!s}: "
             + "; ".join(problems)
             + " — pick the architecture the weights were trained with, or pass name=None to infer it"
         )
+    if not allow_nonfinite:
+        check_finite(state_dict, source)
     cast = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=True)

@@ -16,6 +16,7 @@ the old set of checkpoints or the new one, never a torn directory that looks com
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -37,6 +38,17 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointCorrupt(RuntimeError):
     """A checkpoint directory that is incomplete, truncated or altered."""
+
+
+class DiskFull(RuntimeError):
+    """A write ran out of space (ENOSPC or quota); what was being written is named, the partial file removed."""
+
+    @staticmethod
+    def describe(err: OSError, path: Path | None = None) -> str:
+        where = path or (Path(err.filename) if err.filename else None)
+        return (f"no space left on the device while writing {where or 'the run directory'}; free space "
+                "(or point hydra.run.dir elsewhere) and rerun the same command: it resumes from the newest "
+                "complete checkpoint")
 
 
 def step_dir_name(step: int) -> str:
@@ -64,11 +76,69 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _RecordingWriter:
+    """A file wrapper for ``torch.save`` that keeps the OSError of a failed write.
+
+    torch's zip writer turns a failed write into a RuntimeError that says nothing of the cause
+    ("unexpected pos ..." or "basic_ios::clear"); the recorded OSError says "No space left on device".
+    """
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def save_state_file(state: Any, path: Path) -> None:
+    """``torch.save`` to ``path``, raising the underlying OSError (with its errno) when a write fails."""
+    with open(path, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(state, writer)
+            f.flush()
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
 def write_checkpoint(root: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` under ``root`` atomically; point ``latest`` at it."""
-    tmp = start_checkpoint(root, step)
-    torch.save(state, tmp / STATE_FILE)
-    return commit_checkpoint(root, step, tmp)
+    """Write ``state`` as the checkpoint of ``step`` under ``root`` atomically; point ``latest`` at it.
+
+    A write that runs out of space raises :class:`DiskFull` (one line naming the path) after removing the
+    partial temporary directory, so the space it took is free again and ``latest`` still names the
+    previous complete checkpoint.
+    """
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    try:
+        tmp = start_checkpoint(root, step)
+        save_state_file(state, tmp / STATE_FILE)
+        return commit_checkpoint(root, step, tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno not in _OUT_OF_SPACE:
+            raise
+        raise DiskFull(disk_full_message(root, tmp / STATE_FILE)) from None
+
+
+def disk_full_message(root: Path, path: Path) -> str:
+    """The one line for a checkpoint save that ran out of space."""
+    latest = root / LATEST
+    kept = f"{root.name}/{LATEST} still points at {os.readlink(latest)}" if latest.is_symlink() else "no earlier checkpoint"
+    return (f"no space left on the device while writing checkpoint {path}; the partial checkpoint was removed and "
+            f"{kept}. Free space (or lower ckpt.keep_last) and rerun the same command: it resumes from there")
 
 
 def start_checkpoint(root: Path, step: int) -> Path:
@@ -97,12 +167,13 @@ def commit_checkpoint(root: Path, step: int, tmp: Path) -> Path:
     if final.exists():  # re-saving a step after resuming from an earlier one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _point_latest(root, final.name)
+    point_latest(root, final.name)
     _fsync_dir(root)
     return final
 
 
-def _point_latest(root: Path, name: str) -> None:
+def point_latest(root: Path, name: str) -> None:
+    """Atomically repoint ``root/latest`` at the step directory ``name``."""
     link = root / LATEST
     tmp_link = root / f".{LATEST}.tmp"
     if tmp_link.is_symlink() or tmp_link.exists():

@@ -9,8 +9,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from clip_train.config import ConfigError, WandbConfig
 
 log = logging.getLogger("clip_train")
 
@@ -50,18 +54,34 @@ class JsonlBackend:
 
 
 def truncate_metrics_after(path: Path, step: int) -> None:
-    """Drop lines logged after ``step``: a resumed run re-logs them, so each step appears exactly once."""
+    """Drop lines logged after ``step``: a resumed run re-logs them, so each step appears exactly once.
+
+    Lines are appended in step order, so what goes is a tail: the file is cut in place (``os.truncate``),
+    which needs no free space (a rerun on a full disk must get as far as its own clear error). Only a file
+    whose kept lines are not a prefix (edited by hand) is rewritten through a temporary file.
+    """
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    data = path.read_bytes()
+    kept, offset, cut = [], 0, None
+    for raw in data.splitlines(keepends=True):
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
+            keep = json.loads(raw).get("step", 0) <= step and raw.endswith(b"\n")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            keep = False  # a line torn by a kill mid-write
+        if keep:
+            kept.append(raw)
+            if cut is None:
+                offset += len(raw)
+        elif cut is None:
+            cut = offset
+    if cut is None:
+        return
+    if offset == sum(len(line) for line in kept):  # the kept lines are exactly the first `cut` bytes
+        os.truncate(path, cut)
+        return
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_bytes(b"".join(kept))
     os.replace(tmp, path)
 
 
@@ -100,25 +120,97 @@ class ConsoleBackend:
         pass
 
 
+# WANDB_MODE values that wandb 0.17+ understands ("dryrun" and "run" are its old names for offline/online).
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+# The project when neither logger.wandb.project nor WANDB_PROJECT names one (W&B's own is "uncategorized").
+DEFAULT_WANDB_PROJECT = "clip_train"
+
+
+@dataclass
+class WandbInit:
+    """The keyword arguments for ``wandb.init``: what the config sets, and None where the ``WANDB_*``
+    environment (or W&B's own default) decides, because an explicit argument would override the environment."""
+
+    mode: str | None
+    project: str | None
+    entity: str | None
+    name: str | None
+    group: str | None
+    tags: list[str] | None
+    dir: str | None
+    id: str | None
+    resume: str | None
+
+
+def resolve_wandb_init(
+    cfg: WandbConfig, run_dir: Path, run_id: str | None, environ: Mapping[str, str] | None = None
+) -> WandbInit | None:
+    """Merge ``logger.wandb`` with the standard ``WANDB_*`` environment; None when W&B is off.
+
+    Precedence per setting: the config key when set, else the environment variable, else our default
+    (mode ``logger.wandb.default_mode``, project ``clip_train``, name the run dir's name, files under the run
+    dir). ``run_id`` is the id a resumed training run stored in its checkpoint; it wins over ``WANDB_RUN_ID``
+    so the resumed run continues the same W&B run.
+    """
+    env = os.environ if environ is None else environ
+    env_mode = env.get("WANDB_MODE") or None
+    if env_mode is not None and env_mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={env_mode!r} is not one of {', '.join(WANDB_MODES)}; fix or unset it")
+    if cfg.mode is not None:
+        mode: str | None = cfg.mode
+        effective = cfg.mode
+    elif env_mode is not None:
+        mode, effective = None, env_mode  # wandb reads WANDB_MODE itself
+    else:
+        mode = effective = cfg.default_mode
+    if effective == "disabled":
+        return None
+
+    def unless_env(value: Any, variable: str, fallback: Any = None) -> Any:
+        if value is not None:
+            return value
+        return None if env.get(variable) else fallback
+
+    return WandbInit(
+        mode=mode,
+        project=unless_env(cfg.project, "WANDB_PROJECT", DEFAULT_WANDB_PROJECT),
+        entity=cfg.entity,  # None: WANDB_ENTITY, else the account's default entity
+        name=unless_env(cfg.name, "WANDB_NAME", run_dir.name),
+        group=cfg.group,  # None: WANDB_RUN_GROUP
+        tags=list(cfg.tags) if cfg.tags is not None else None,  # None: WANDB_TAGS (comma-separated)
+        dir=unless_env(cfg.dir, "WANDB_DIR", str(run_dir)),
+        id=run_id,  # None: WANDB_RUN_ID, else a new id, which the checkpoint then keeps
+        resume=None if env.get("WANDB_RESUME") else "allow",
+    )
+
+
 class WandbBackend:
     """A W&B run under the run dir, resumed (same id) when the training run resumes."""
 
-    def __init__(self, run_dir: Path, mode: str, project: str, entity: str | None, name: str | None,
-                 tags: list[str], config: dict[str, Any], run_id: str | None) -> None:
+    def __init__(self, settings: WandbInit, config: dict[str, Any]) -> None:
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(
-            dir=str(run_dir),
-            mode=mode,
-            project=project,
-            entity=entity,
-            name=name or run_dir.name,
-            tags=tags,
-            config=config,
-            id=run_id,  # None: W&B makes a new id, which the checkpoint then keeps
-            resume="allow",
-        )
+        if settings.dir is not None:
+            Path(settings.dir).expanduser().mkdir(parents=True, exist_ok=True)  # logger.wandb.dir may be new
+        try:
+            self.run = wandb.init(**asdict(settings), config=config)
+        except wandb.errors.UsageError as err:
+            if "API key" not in str(err):
+                raise
+            # wandb raises this in online mode when no key is found and it cannot prompt (a batch job).
+            raise ConfigError(
+                "W&B is online but no API key is configured: run `wandb login` or set WANDB_API_KEY, or log "
+                "locally with WANDB_MODE=offline (upload later with `wandb sync RUN_DIR/wandb/offline-run-*`)"
+            ) from None
+
+    @classmethod
+    def from_config(
+        cls, cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: str | None
+    ) -> WandbBackend | None:
+        """The backend ``logger.wandb`` and the ``WANDB_*`` environment ask for, or None when W&B is off."""
+        settings = resolve_wandb_init(cfg, run_dir, run_id)
+        return None if settings is None else cls(settings, config)
 
     @property
     def run_id(self) -> str:

@@ -95,3 +95,25 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
     warmup = min(cfg.warmup_steps, total_steps)
     return LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup, total_steps, cfg.min_lr_ratio))
+
+
+def apply_config_on_resume(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg: OptimConfig) -> None:
+    """After loading a checkpoint's optimizer and schedule: put the *new* config's hyperparameters back.
+
+    ``load_state_dict`` restores the saved param groups (lr, betas, eps, weight decay) and the saved
+    schedule's base lr, so without this a resumed run would silently keep the old values. The moments and
+    step counts stay as loaded; the schedule's lambda was built from the new config (warmup, shape,
+    ``train.max_steps``), so only its base lr and the current lr need setting, at the loaded step.
+    """
+    betas = (cfg.betas[0], cfg.betas[1])
+    for index, group in enumerate(optimizer.param_groups):
+        group["betas"] = betas
+        group["eps"] = cfg.eps
+        # parameter_groups() puts the decayed matrices first; the second group is never decayed.
+        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0
+        group["initial_lr"] = cfg.lr
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    step = scheduler.last_epoch
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

@@ -12,6 +12,9 @@ script can restart, and ``ckpt.resume=auto`` continues from the checkpoint).
 Under SLURM every rank exits 0 after the requeue: srun's ``--kill-on-bad-exit`` would otherwise kill
 rank 0 on the first non-zero exit of a peer, possibly before it has requeued the job.
 
+SIGINT (Ctrl-C) is taken like SIGTERM and ends with :data:`EXIT_INTERRUPTED` (130); a second SIGINT exits
+at once (a save in progress is abandoned as its temporary directory, never torn).
+
 SIGTERM (a time limit, ``scancel``, torchrun shutting its workers down; torchrun escalates to SIGKILL
 after 30 s) is taken the same way, up to the checkpoint, but then ends with :data:`EXIT_PREEMPTED` on
 every rank without requeueing: a user's ``scancel`` must stay cancelled, and SLURM requeues a job it
@@ -34,9 +37,12 @@ log = logging.getLogger("clip_train")
 PREEMPT_SIGNAL = signal.SIGUSR2
 EXIT_PREEMPTED = 3
 """Exit code of a run stopped by the preemption signal after writing its checkpoint, outside SLURM."""
+EXIT_INTERRUPTED = 130
+"""Exit code of a run stopped by Ctrl-C (SIGINT) after writing its checkpoint: 128 + SIGINT, as shells report."""
 
 _received = False
 _terminated = False
+_interrupted = False
 _previous: Any = None
 
 
@@ -87,11 +93,38 @@ def disarm() -> None:
     # must not turn that exit into death by signal (torchrun still escalates to SIGKILL if we linger).
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_terminate:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGINT keeps its handler: a first Ctrl-C now has nothing to wait for and is ignored, a second one
+    # exits at once (never a KeyboardInterrupt traceback from the interpreter's shutdown).
 
 
 def requested() -> bool:
-    """Whether this process has received the preemption signal or SIGTERM."""
-    return _received or _terminated
+    """Whether this process has received the preemption signal, SIGTERM or SIGINT."""
+    return _received or _terminated or _interrupted
+
+
+def _on_interrupt(signum: int, frame: FrameType | None) -> None:
+    global _interrupted
+    if _interrupted:
+        # A second Ctrl-C: stop now. A save in progress is only ever a .tmp-step_* directory until its
+        # atomic rename, so leaving mid-save loses that save, never an earlier checkpoint.
+        os.write(2, b"clip_train: second SIGINT; exiting now without waiting for the checkpoint\n")
+        os._exit(EXIT_INTERRUPTED)
+    _interrupted = True
+    os.write(2, b"clip_train: SIGINT received; checkpointing after this step, then exiting (Ctrl-C again to "
+                b"exit at once)\n")
+
+
+def install_interrupt() -> None:
+    """Take Ctrl-C (SIGINT) like SIGTERM: checkpoint at the next step boundary, then exit 130 (main thread).
+
+    Instead of Python's KeyboardInterrupt, which would unwind from wherever the step was, with no checkpoint.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
+
+
+def interrupted() -> bool:
+    return _interrupted
 
 
 def _on_terminate(signum: int, frame: FrameType | None) -> None:
@@ -128,6 +161,8 @@ def hand_off(rank: int) -> None:
 
     Returns on ranks that should simply end with exit code 0; exits the process otherwise.
     """
+    if _interrupted:  # Ctrl-C: the user stops the run; never requeue
+        sys.exit(EXIT_INTERRUPTED)
     if _terminated and not _received:  # SIGTERM alone: stop with the checkpoint, never requeue on our own
         sys.exit(EXIT_PREEMPTED)
     if callable(_previous):

@@ -17,15 +17,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clip_train.checkpoint_paths import resolve_training_checkpoint
 from clip_train.config import TrainConfig
 from clip_train.data import build_train_loader, normalize_on_device
 from clip_train.loss import ClipLoss, SigLipLoss
 from clip_train.models import CLIP, create_model_from_config
 from clip_train.models.clip import MAX_LOGIT_SCALE
 from clip_train.models.lock import lock_image_tower, lock_text_tower
+from clip_train.models.pretrained import CheckpointError, check_finite, fit_problems
 from clip_train.tokenizer import get_model_tokenizer
 from clip_train.train import checkpoint as ckpt_io
-from clip_train.train import preemption
+from clip_train.train import preemption, run_lock
+from clip_train.train import resume as resume_rules
 from clip_train.train import sharded_checkpoint as sharded_io
 from clip_train.train.distributed import DistributedContext, any_rank, barrier, broadcast_object
 from clip_train.train.metrics import (
@@ -36,7 +39,7 @@ from clip_train.train.metrics import (
     WandbBackend,
     truncate_metrics_after,
 )
-from clip_train.train.optim import build_optimizer, build_scheduler
+from clip_train.train.optim import apply_config_on_resume, build_optimizer, build_scheduler
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
 from clip_train.train.rng import rng_state, seed_everything, set_rng_state
@@ -179,13 +182,29 @@ class Trainer:
             return None
         if resume == "auto":
             return ckpt_io.find_resumable(self.checkpoint_dir)
-        return ckpt_io.resolve_checkpoint_path(Path(resume))
+        return resolve_training_checkpoint(resume)
+
+    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        """One line, before anything is loaded, if the checkpoint's model is another architecture or not finite."""
+        if "model" not in state:
+            return  # sharded: DCP checks keys and shapes itself when loading
+        problems = fit_problems(self.model.state_dict(), state["model"])
+        if problems:
+            saved = (state.get("model_config") or {}).get("name", "?")
+            raise CheckpointError(
+                f"checkpoint {path} holds a model of another architecture ({saved}; this run builds "
+                f"{self.cfg.model.name}): " + "; ".join(problems)
+                + ". Resume with the model config it was trained with, or start afresh with ckpt.resume=none"
+            )
+        if not self.cfg.model.allow_nonfinite_weights:
+            check_finite(state["model"], f"checkpoint {path}")
 
     def maybe_resume(self) -> None:
         path = broadcast_object(self._checkpoint_to_resume() if self.ctx.is_main else None, self.ctx)
         if path is None:
             return
         state = ckpt_io.load_checkpoint(Path(path))
+        self._check_resumable(Path(path), state)
         parts = self._stateful_parts()
         model, optimizer = parts.pop("model"), parts.pop("optimizer")
         if sharded_io.is_sharded(Path(path)):  # an FSDP run's checkpoint, into FSDP or DDP alike
@@ -197,6 +216,14 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
         for name, part in parts.items():
             part.load_state_dict(state[name])
+        # Hyperparameters come from the new config, not the checkpoint (docs/reliability.md, "Resume").
+        apply_config_on_resume(self.optimizer, self.scheduler, self.cfg.optim)
+        if self.ctx.is_main:
+            for change in resume_rules.config_changes(state.get("config"), self.resolved_config):
+                log.info("resume: %s (from the new config)", change)
+            if self.cfg.ckpt.resume not in ("auto", "none"):  # auto skips damaged newer ones; they are rewritten
+                resume_rules.retire_newer_checkpoints(self.checkpoint_dir, self.state.step,
+                                                      self.run_dir / METRICS_FILE)
         self.wandb_run_id = state.get("wandb_run_id")
         per_rank = state["per_rank"]
         if state["world_size"] == self.ctx.world_size:
@@ -224,12 +251,10 @@ class Trainer:
                 start_step=self.state.step,
             ),
         ]
-        wandb_cfg = self.cfg.logger.wandb
-        if wandb_cfg.mode != "disabled":
-            wandb = WandbBackend(
-                self.run_dir, wandb_cfg.mode, wandb_cfg.project, wandb_cfg.entity, wandb_cfg.name,
-                list(wandb_cfg.tags), self.resolved_config, self.wandb_run_id,
-            )
+        wandb = WandbBackend.from_config(
+            self.cfg.logger.wandb, self.run_dir, self.resolved_config, self.wandb_run_id
+        )
+        if wandb is not None:  # logger.wandb and the WANDB_* environment decide
             self.wandb_run_id = wandb.run_id
             backends.append(wandb)
         self.metrics = MetricsProcessor(backends)
@@ -319,7 +344,8 @@ class Trainer:
             if step % cfg.train.log_every_n_steps == 0 or step == cfg.train.max_steps:
                 self._check_bad_steps()
                 loss = self._mean_over_ranks(out["loss"].float().reshape(1)).item()
-                skipped = torch.tensor([float(self.loader.skipped_samples)], device=self.device)
+                skipped = torch.tensor([float(self.loader.skipped_samples),
+                                        float(getattr(self.loader, "skipped_shards", 0))], device=self.device)
                 if self.ctx.enabled:
                     dist.all_reduce(skipped)
                 elapsed = time.perf_counter() - window_start
@@ -332,7 +358,8 @@ class Trainer:
                     "data_wait_s": data_wait,
                     "compute_s": elapsed - data_wait,
                     "data_wait_fraction": data_wait / elapsed,
-                    "skipped_samples": int(skipped.item()),
+                    "skipped_samples": int(skipped[0].item()),
+                    "skipped_shards": int(skipped[1].item()),
                     "skipped_steps": self.state.skipped_steps,
                     "world_size": self.ctx.world_size,
                     "global_batch_size": self.global_batch_size,
@@ -346,6 +373,10 @@ class Trainer:
             saved = (every_ckpt and step % every_ckpt == 0) or step == cfg.train.max_steps
             if saved:
                 self.save_checkpoint()
+            lock = run_lock.current()
+            if lock is not None and lock.lost():  # another trainer now owns the run dir: write nothing more
+                raise run_lock.RunDirLocked(f"another trainer took over the lock on {self.run_dir}; stopping "
+                                            "without writing further")
             # The preemption signal reaches ranks at slightly different moments; agreeing here makes
             # every rank stop after this same step (one small all-reduce per step).
             if step < cfg.train.max_steps and any_rank(preemption.requested(), self.ctx):

@@ -14,6 +14,7 @@ from torch import nn
 from clip_train.config import RetrievalSetConfig, TrainConfig, ZeroShotSetConfig
 from clip_train.data import normalize_on_device
 from clip_train.eval.data import CaptionedImages, ClassificationSpec, LabelledImages
+from clip_train.eval.imagefolder import folder_class_indices, imagefolder_classes, is_imagefolder
 from clip_train.eval.retrieval import embed_captioned, retrieval_recall
 from clip_train.eval.templates import load_classnames, load_templates
 from clip_train.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
@@ -23,6 +24,10 @@ from clip_train.train.distributed import DistributedContext
 def metric_prefix(set_name: str) -> str:
     """``zeroshot`` for the default set name, ``zeroshot_<name>`` for others (e.g. ``zeroshot_imagenet``)."""
     return "zeroshot" if set_name == "zeroshot" else f"zeroshot_{set_name}"
+
+
+def _classnames_source(spec: ZeroShotSetConfig) -> str:
+    return f"eval.zeroshot[{spec.name}].classnames={spec.classnames}"
 
 
 class ZeroShotHook:
@@ -41,19 +46,24 @@ class ZeroShotHook:
         """Class names and templates, read once at start-up; ``demo`` names the built-in digits set."""
         where = ClassificationSpec(spec.data, spec.classnames, spec.templates).resolved()
         spec = dataclasses.replace(spec, data=where.data, classnames=where.classnames, templates=where.templates)
-        return spec, load_classnames(spec.classnames), load_templates(spec.templates)
+        classnames = load_classnames(spec.classnames)
+        if is_imagefolder(spec.data):  # fail at start-up, not at the first evaluation, when folders and names differ
+            folder_class_indices(spec.data, imagefolder_classes(spec.data), classnames,
+                                 _classnames_source(spec))
+        return spec, classnames, load_templates(spec.templates)
 
     @property
     def enabled(self) -> bool:
         return bool(self.sets or self.retrieval_sets)
 
-    def _batches(self, spec: ZeroShotSetConfig, image_size: int) -> LabelledImages:
+    def _batches(self, spec: ZeroShotSetConfig, classnames: list[str], image_size: int) -> LabelledImages:
         """``(uint8 images, labels)`` of this rank's share of the set (the same reader as the eval CLI)."""
         if spec.name not in self._data:  # kept: a shard loader's workers persist between evaluations
             self._data[spec.name] = LabelledImages(
                 spec.data, image_size, spec.batch_size, class_key=spec.class_key, rank=self.ctx.rank,
                 world_size=self.ctx.world_size, max_samples=spec.max_samples, tokenizer=self.tokenizer,
                 base_cfg=self.cfg.data, option=f"eval.zeroshot[{spec.name}].data",
+                classnames=classnames, classnames_source=_classnames_source(spec),
             )
         return self._data[spec.name]
 
@@ -63,7 +73,7 @@ class ZeroShotHook:
         for spec, classnames, templates in self.sets:
             classifier = zeroshot_classifier(model, self.tokenizer, classnames, templates, device)
             scores = zeroshot_accuracy(
-                model, classifier, self._batches(spec, model.image_size),
+                model, classifier, self._batches(spec, classnames, model.image_size),
                 preprocess=lambda images: normalize_on_device(images.to(device, non_blocking=True)),
                 device=device,
             )
