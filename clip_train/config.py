@@ -223,6 +223,9 @@ class TrainConfig:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tokenizer: Optional[str] = None
+    """null: CLIP's BPE (models whose text tower needs another tokenizer refuse to start); ``hf:PATH``: a
+    local Hugging Face / SentencePiece tokenizer directory (SigLIP, XLM-RoBERTa, mT5, NLLB, ...)."""
 
 
 def register_configs() -> None:
@@ -269,6 +272,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
     validate_values(cfg)
     validate_profile(cfg.train.profile, cfg.train.max_steps)
+    validate_tokenizer(cfg)
     validate_scaling_options(cfg, world_size)
 
 
@@ -347,6 +351,21 @@ def validate_coca(cfg: TrainConfig) -> None:
             f"train.accum_steps={cfg.train.accum_steps}: gradient accumulation is not supported with loss=coca yet "
             "(its captioning term is per sub-batch); use train.accum_steps=1"
         )
+
+
+def validate_tokenizer(cfg: TrainConfig) -> None:
+    """``tokenizer`` is unset or ``hf:PATH`` of an existing path, and set where the model needs an HF tokenizer."""
+    from clip_train.tokenizer import HF_PREFIX, missing_tokenizer_message, model_tokenizer_need
+
+    if cfg.tokenizer is None:
+        needed = model_tokenizer_need(cfg.model)
+        if needed:
+            raise ConfigError(missing_tokenizer_message(cfg.model.name, needed))
+        return
+    if not cfg.tokenizer.startswith(HF_PREFIX):
+        raise ConfigError(f"tokenizer={cfg.tokenizer!r}: use tokenizer=hf:PATH (a local Hugging Face tokenizer directory)")
+    if not Path(cfg.tokenizer[len(HF_PREFIX) :]).expanduser().exists():
+        raise ConfigError(f"tokenizer={cfg.tokenizer}: no such file or directory")
 
 
 def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import heapq
 import html
+import string
 from functools import lru_cache
 from importlib import resources
 from itertools import pairwise
@@ -251,16 +252,225 @@ def _cached_tokenizer(context_length: int) -> ClipTokenizer:
     return ClipTokenizer(context_length)
 
 
-def get_tokenizer(name: str | None = None, context_length: int | None = None) -> ClipTokenizer:
-    """The tokenizer for model ``name`` (its context length), or CLIP's default 77-token one.
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face / SentencePiece tokenizers, for text towers that were trained with one (SigLIP, XLM-RoBERTa,
+# mT5, NLLB, MetaCLIP 2, CLIPA). They load from local files only: ``hf:PATH``.
+# ---------------------------------------------------------------------------------------------------------
 
-    Tokenizers are cached per context length: building one reads 48,894 merges.
+HF_PREFIX = "hf:"
+"""``get_tokenizer('hf:PATH')`` / ``tokenizer=hf:PATH``: a local Hugging Face tokenizer directory (or tokenizer.json)."""
+HF_CLEAN_MODES = ("whitespace", "lower", "canonicalize")
+
+
+def _basic_clean(text: str) -> str:
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def hf_clean_text(text: str, mode: str = "whitespace") -> str:
+    """OpenCLIP's cleaning before an HF tokenizer: mojibake fixed, HTML unescaped twice, whitespace collapsed;
+    ``lower`` also lower-cases; ``canonicalize`` (SigLIP) also turns ``_`` into spaces and drops ASCII
+    punctuation, then lower-cases."""
+    if mode not in HF_CLEAN_MODES:
+        raise ValueError(f"tokenizer clean={mode!r} is not one of {HF_CLEAN_MODES}")
+    text = _basic_clean(text)
+    if mode == "canonicalize":
+        text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+    elif mode == "lower":
+        text = text.lower()
+    return " ".join(text.split())
+
+
+class HFTokenizer:
+    """Callable Hugging Face tokenizer: ``str | list[str] -> LongTensor[N, context_length]``.
+
+    Rows are cleaned (``hf_clean_text``), tokenized with the tokenizer's own special tokens, truncated to
+    ``context_length`` and padded with its pad token, as OpenCLIP's ``HFTokenizer`` does.
+
+    Args:
+        path: a local directory holding the tokenizer's files (``tokenizer.json``, or SentencePiece
+            ``*.model`` with ``tokenizer_config.json``), or a ``tokenizer.json`` file. Nothing downloads.
+        context_length: tokens per row.
+        clean: ``whitespace`` (default), ``lower`` or ``canonicalize``.
+        strip_sep_token: replace the separator token by padding id 0 (OpenCLIP's CLIPA models).
+        language: source language for tokenizers that take one (NLLB: ``eng_Latn``, ...).
     """
-    if context_length is None:
-        if name is None:
-            context_length = DEFAULT_CONTEXT_LENGTH
-        else:
-            from clip_train.models.registry import get_model_config
 
-            context_length = get_model_config(name).text.context_length
-    return _cached_tokenizer(context_length)
+    def __init__(
+        self,
+        path: str,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        clean: str = "whitespace",
+        strip_sep_token: bool = False,
+        language: str | None = None,
+    ) -> None:
+        if clean not in HF_CLEAN_MODES:
+            raise ValueError(f"tokenizer clean={clean!r} is not one of {HF_CLEAN_MODES}")
+        self.path = path
+        self.context_length = context_length
+        self.clean = clean
+        self.strip_sep_token = strip_sep_token
+        self.tokenizer = _load_hf_tokenizer(path)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(
+                f"tokenizer {HF_PREFIX}{path} names no padding token; add \"pad_token\" to its tokenizer_config.json"
+            )
+        if language is not None:
+            self.set_language(language)
+
+    def set_language(self, language: str) -> None:
+        """Select the source language (NLLB-style tokenizers prefix a language token)."""
+        set_lang = getattr(self.tokenizer, "set_src_lang_special_tokens", None)
+        if not callable(set_lang):
+            raise ValueError(f"tokenizer {HF_PREFIX}{self.path} takes no language")
+        set_lang(language)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        context_length = context_length or self.context_length
+        cleaned = [hf_clean_text(t, self.clean) for t in texts]
+        ids = self.tokenizer(
+            cleaned, max_length=context_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids.long()
+        if self.strip_sep_token and self.tokenizer.sep_token_id is not None:
+            ids = ids.masked_fill(ids == self.tokenizer.sep_token_id, 0)
+        return ids
+
+
+def _load_hf_tokenizer(path: str):  # -> transformers.PreTrainedTokenizerBase
+    """An HF tokenizer from local files only; one line naming the problem otherwise."""
+    from pathlib import Path
+
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise FileNotFoundError(
+            f"tokenizer {HF_PREFIX}{path}: no such file or directory (give a local Hugging Face tokenizer directory)"
+        )
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("HF tokenizers need transformers: pip install 'clip-train[hf]'") from err
+    if location.is_file():
+        if location.suffix != ".json":
+            raise ValueError(f"tokenizer {HF_PREFIX}{path}: a single file must be a tokenizer.json; else give its directory")
+        return transformers.PreTrainedTokenizerFast(tokenizer_file=str(location))
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(location), local_files_only=True)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"tokenizer {HF_PREFIX}{path} could not be loaded: {first_line}") from err
+
+
+def _openclip_text_cfg(name: str) -> dict | None:
+    """The ``text_cfg`` of OpenCLIP's JSON model config for ``name`` (``-quickgelu`` stripped), if there is one.
+
+    Read from the configs vendored with the translator when present, else from an installed open_clip.
+    """
+    try:
+        from clip_train.models import openclip_config  # the vendored configs and their translator
+    except ImportError:
+        openclip_config = None
+    base = name.removesuffix("-quickgelu")
+    if openclip_config is not None:
+        for candidate in (name, base):
+            try:
+                return openclip_config.openclip_json(candidate).get("text_cfg", {})
+            except KeyError:
+                continue
+        return None
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    config_dir = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    for candidate in (name, base):
+        path = config_dir / f"{candidate}.json"
+        if path.is_file():
+            return json.loads(path.read_text()).get("text_cfg", {})
+    return None
+
+
+def required_hf_tokenizer(name: str | None) -> str | None:
+    """The Hugging Face tokenizer model ``name``'s text tower was trained with (OpenCLIP's
+    ``hf_tokenizer_name``, e.g. ``xlm-roberta-base``), or None when CLIP's BPE serves it."""
+    if not name:
+        return None
+    text_cfg = _openclip_text_cfg(name) or {}
+    return text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name") or None
+
+
+def model_tokenizer_need(model_cfg) -> str | None:  # model_cfg: clip_train.models.config.ModelConfig
+    """The HF tokenizer a model config's text tower needs: its OpenCLIP name's, else its HF text model's."""
+    return required_hf_tokenizer(model_cfg.name) or getattr(model_cfg.text, "hf_model_name", None) or None
+
+
+def get_model_tokenizer(model_cfg, tokenizer: str | None = None) -> ClipTokenizer | HFTokenizer:
+    """The tokenizer for a built model's config (any name; context length from the config), as the training
+    app and the eval CLI use it; ``tokenizer`` is ``hf:PATH`` or None."""
+    needed = model_tokenizer_need(model_cfg)
+    if tokenizer is None and needed:
+        raise ValueError(missing_tokenizer_message(model_cfg.name, needed))
+    return get_tokenizer(model_cfg.name, model_cfg.text.context_length, tokenizer=tokenizer)
+
+
+def missing_tokenizer_message(name: str, needed: str) -> str:
+    """One line: which tokenizer ``name`` needs and how to pass it."""
+    return (
+        f"model {name} needs the Hugging Face tokenizer {needed!r}, which is not downloaded: pass a local "
+        f"directory with its files as tokenizer=hf:PATH (Python: get_tokenizer({name!r}, tokenizer='hf:PATH'))"
+    )
+
+
+def get_tokenizer(
+    name: str | None = None, context_length: int | None = None, tokenizer: str | None = None
+) -> ClipTokenizer | HFTokenizer:
+    """The tokenizer for model ``name``, or CLIP's default 77-token BPE.
+
+    Args:
+        name: a model name (its context length and tokenizer options), or ``hf:PATH`` for a local Hugging
+            Face tokenizer on its own.
+        context_length: tokens per row; defaults to the model's (77 without a model).
+        tokenizer: ``hf:PATH`` to use a local Hugging Face tokenizer for model ``name``; models whose text
+            tower needs one (SigLIP, XLM-RoBERTa, mT5, NLLB, ...) refuse to fall back to CLIP's BPE.
+
+    CLIP BPE tokenizers are cached per context length: building one reads 48,894 merges.
+    """
+    if name is not None and name.startswith(HF_PREFIX):
+        name, tokenizer = None, name
+    if tokenizer is not None and not tokenizer.startswith(HF_PREFIX):
+        raise ValueError(f"tokenizer={tokenizer!r}: use hf:PATH (a local Hugging Face tokenizer), or leave it unset")
+    text_cfg = _openclip_text_cfg(name) if name else None
+    needed = required_hf_tokenizer(name)
+    if tokenizer is None and needed:
+        raise ValueError(missing_tokenizer_message(name, needed))  # type: ignore[arg-type]
+    if context_length is None:
+        context_length = _model_context_length(name, text_cfg)
+    if tokenizer is None:
+        return _cached_tokenizer(context_length)
+    options = dict((text_cfg or {}).get("tokenizer_kwargs") or {})  # OpenCLIP's per-model options (clean, ...)
+    return HFTokenizer(tokenizer[len(HF_PREFIX) :], context_length=context_length, **options)
+
+
+def _model_context_length(name: str | None, text_cfg: dict | None) -> int:
+    """Tokens per row of model ``name``: our registry's, else its OpenCLIP config's, else 77."""
+    if name is None:
+        return DEFAULT_CONTEXT_LENGTH
+    from clip_train.models.registry import get_model_config
+
+    try:
+        return get_model_config(name).text.context_length
+    except (KeyError, ValueError):
+        if text_cfg is None:
+            raise
+        return int(text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH))
+

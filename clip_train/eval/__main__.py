@@ -54,14 +54,14 @@ class _Context:
     def __init__(self, args: argparse.Namespace) -> None:
         from clip_train.data import normalize_on_device
         from clip_train.load import load_model
-        from clip_train.tokenizer import get_tokenizer
+        from clip_train.tokenizer import get_model_tokenizer
         from clip_train.train.precision import autocast
 
         self.args = args
         self.rank, self.world_size = args.rank, args.world_size
         self.device = args.dist_device or _device(args.device)
         self.model = load_model(args.checkpoint, name=args.model, device=self.device)
-        self.tokenizer = get_tokenizer(context_length=self.model.context_length)
+        self.tokenizer = get_model_tokenizer(self.model.config, args.tokenizer)
         self.image_size = self.model.image_size
         self.autocast: Callable = lambda: autocast(args.precision, self.device)
         self.preprocess: Callable[[torch.Tensor], torch.Tensor] = (
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--checkpoint", required=True,
                          help="run dir, checkpoints dir, step dir, state.pt, weights file, or HF/OpenCLIP export dir")
         sub.add_argument("--model", default=None, help="architecture name, for weights files that do not record it")
+        sub.add_argument("--tokenizer", default=None,
+                         help="hf:PATH, a local Hugging Face tokenizer, for models whose text tower needs one")
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
         sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")

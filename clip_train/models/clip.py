@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -12,7 +13,7 @@ from clip_train.models.config import ModelConfig
 from clip_train.models.layers import make_act_layer, make_norm_layer
 from clip_train.models.resnet import ModifiedResNet
 from clip_train.models.text import TextTowerMixin, TextTransformer
-from clip_train.models.timm_tower import TimmImageTower
+from clip_train.models.timm_tower import build_timm_tower
 from clip_train.models.vit import VisionTransformer
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -22,13 +23,13 @@ MAX_LOGIT_SCALE = math.log(100.0)
 def build_image_tower(cfg: ModelConfig) -> nn.Module:
     """The image tower ``cfg.vision`` describes: a timm model, a CLIP ViT or a ModifiedResNet."""
     vision = cfg.vision
+    if vision.timm_model_name:
+        return build_timm_tower(cfg)
     if cfg.patch_dropout and not cfg.is_vit:
         raise ValueError(
             f"model.patch_dropout={cfg.patch_dropout} drops ViT patch tokens; {cfg.name}'s image tower is not a "
             "CLIP ViT (set it to 0)"
         )
-    if vision.timm_model_name:
-        return TimmImageTower(vision.timm_model_name, cfg.embed_dim, vision.image_size, vision.timm_pretrained)
     if vision.patch_size is not None:
         if len(vision.layers) != 1:
             raise ValueError(f"a ViT tower takes one layer count, got vision.layers={list(vision.layers)}")
@@ -87,6 +88,8 @@ class CLIP(TextTowerMixin, nn.Module):
                 (SigLIP's pairwise sigmoid loss); this argument wins over the config's value.
         """
         super().__init__()
+        if cfg.text.hf_model_name and not cfg.custom_text:
+            cfg = dataclasses.replace(cfg, custom_text=True)  # a Hugging Face text tower always lives under text.
         self.config = cfg
         self.visual = build_image_tower(cfg)
         if cfg.custom_text:

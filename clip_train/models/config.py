@@ -15,7 +15,7 @@ GELU_APPROXIMATIONS = ("none", "tanh")
 @dataclass
 class VisionConfig:
     """The image tower. ``patch_size`` set: CLIP ViT; ``layers`` as four stage depths: ModifiedResNet;
-    ``timm_model_name`` set: any timm model with a linear projection."""
+    ``timm_model_name`` set: any timm model with OpenCLIP's head variants (``timm_pool``, ``timm_proj``)."""
 
     image_size: int = 224
     """Input resolution (pixels on a side)."""
@@ -54,11 +54,23 @@ class VisionConfig:
     """Name of a timm model to use as the image tower instead of a CLIP tower (e.g. ``convnext_tiny``)."""
     timm_pretrained: bool = False
     """Load timm's pretrained weights for ``timm_model_name`` (downloads them; off by default)."""
+    timm_pool: str = "avg"
+    """timm tower pooling: a timm ``global_pool`` (``avg``, ``token``, ``map``, ...), ``''`` for the model's
+    default, or ``abs_attn`` / ``rot_attn`` for an attention pool in the head (OpenCLIP's ``timm_pool``)."""
+    timm_proj: Optional[str] = "linear"
+    """timm tower projection to ``embed_dim``: ``linear``, ``mlp`` (hidden 2 * embed_dim), ``none`` (pooled
+    trunk features as they are), or null for the trunk's own classifier head sized to ``embed_dim``."""
+    timm_proj_bias: bool = False
+    """Bias in the timm tower's (last) projection layer."""
+    timm_drop: float = 0.0
+    """Dropout in the timm tower's head (before the linear projection, inside the MLP)."""
+    timm_drop_path: Optional[float] = None
+    """Stochastic depth rate of the timm trunk; null keeps timm's default for the model."""
 
 
 @dataclass
 class TextConfig:
-    """The text transformer (causal by default, as in CLIP)."""
+    """The causal text transformer, or a Hugging Face text model when ``hf_model_name`` is set."""
 
     context_length: int = 77
     """Tokens per caption, start and end tokens included."""
@@ -89,6 +101,19 @@ class TextConfig:
     """Epsilon of the text tower's LayerNorms."""
     act_approximate: str = "none"
     """GELU approximation: ``none`` (exact) or ``tanh``; ignored with ``quick_gelu``."""
+
+    hf_model_name: Optional[str] = None
+    """A Hugging Face text model (``xlm-roberta-base``, ``google/mt5-base``, ...) as text tower instead of
+    CLIP's transformer. It names the architecture only: the tower is built from ``hf_config_dir`` (or the
+    config saved with the checkpoint, or transformers' own defaults for that architecture); nothing downloads."""
+    hf_proj_type: Optional[str] = "mlp"
+    """HF text tower projection to ``embed_dim``: ``linear``, ``mlp`` (hidden (width + embed_dim) / 2, GELU)
+    or ``none`` (the pooled features as they are; null does the same when the widths already agree)."""
+    hf_pooler_type: str = "mean_pooler"
+    """HF text tower pooling: ``mean_pooler`` (mean over non-padding tokens), ``max_pooler``, ``cls_pooler``
+    (the model's pooler output when it has one, else the first token) or ``cls_last_hidden_state_pooler``."""
+    hf_config_dir: Optional[str] = None
+    """Local directory holding the HF model's ``config.json`` the text tower is built from."""
 
 
 @dataclass

@@ -66,6 +66,8 @@ def create_model(
         raise ValueError("create_model needs an architecture name, or pretrained weights to infer it from")
     if weights is not None and weights.openai_layout:
         cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
+    if pretrained is not None:
+        cfg.pretrained = str(pretrained)  # towers built from files saved beside the weights (HF text config) find them
     model = build_model(cfg)
     if weights is not None:
         load_weights_into(model, weights, source=str(pretrained), allow_nonfinite=allow_nonfinite_weights)

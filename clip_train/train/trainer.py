@@ -28,7 +28,7 @@ from clip_train.models import CLIP, create_model_from_config
 from clip_train.models.clip import MAX_LOGIT_SCALE
 from clip_train.models.lock import lock_image_tower, lock_text_tower
 from clip_train.models.pretrained import CheckpointError, check_finite, fit_problems
-from clip_train.tokenizer import get_tokenizer
+from clip_train.tokenizer import get_model_tokenizer
 from clip_train.train import checkpoint as ckpt_io
 from clip_train.train import preemption, run_lock
 from clip_train.train import resume as resume_rules
@@ -129,7 +129,7 @@ class Trainer:
         self.state = TrainState()
         self.bad_steps = NonFiniteSteps(self.device)
 
-        self.tokenizer = get_tokenizer(context_length=cfg.model.text.context_length)
+        self.tokenizer = get_model_tokenizer(cfg.model, cfg.tokenizer)
         self.loader = build_train_loader(
             cfg.data, image_size=self.model.image_size, tokenizer=self.tokenizer,
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
