@@ -152,3 +152,21 @@ def test_coca_multimodal_cfg_becomes_a_typed_multimodal_config() -> None:
     assert cfg.multimodal is not None and cfg.custom_text
     assert (cfg.multimodal.width, cfg.multimodal.layers, cfg.multimodal.context_length) == (512, 12, 76)
     assert cfg.vision.attentional_pool and cfg.text.embed_cls
+
+
+def test_attentional_pooler_image_tower_matches_openclips() -> None:
+    """CoCa's image tower on its own: the attentional pooler (``attn_pool.*``) before ``ln_post`` and ``proj``."""
+    from clip_train.models.clip import build_image_tower
+
+    name = "coca_ViT-B-32"
+    cfg = get_model_config(name)
+    reference_cfg = open_clip.get_model_config(name)
+    torch.manual_seed(0)
+    reference = open_clip.model._build_vision_tower(reference_cfg["embed_dim"], reference_cfg["vision_cfg"]).eval()
+    ours = build_image_tower(cfg).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    images = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        expected = reference(images)
+        expected = expected[0] if isinstance(expected, tuple) else expected  # CoCa also returns its tokens
+        assert (ours(images) - expected).abs().max() < TOLERANCE
