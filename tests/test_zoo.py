@@ -81,7 +81,7 @@ def test_clipa_options_match_openclip_at_a_small_width(tmp_path: Path) -> None:
 def test_custom_text_towers_match_openclips(name: str) -> None:
     """Text towers whose image side lives elsewhere, on their own. SigLIP: no causal mask, last-token pooling,
     biased projection, eps 1e-6. CoCa: the appended class token with OpenCLIP's padding mask."""
-    cfg = get_model_config(name)
+    cfg, _ = translate(openclip_json(name), name)  # the text side only: the image side may need another module
     reference_cfg = open_clip.get_model_config(name)
     torch.manual_seed(0)
     reference = open_clip.model._build_text_tower(reference_cfg["embed_dim"], reference_cfg["text_cfg"]).eval()
@@ -113,11 +113,11 @@ def test_unknown_name_is_refused_in_one_line() -> None:
 def test_model_listing_counts_parameters_like_openclip(capsys: pytest.CaptureFixture[str]) -> None:
     from clip_train.models.__main__ import main
 
-    assert main(["--json", "ViT-H-14", "ViT-L-14-worldwide", "RN50"]) == 0
+    assert main(["--json", "ViT-M-16-alt", "RN50", "ViT-L-14-worldwide"]) == 0
     rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
-    for name in ("ViT-H-14", "ViT-L-14-worldwide"):
-        assert rows[name]["parameters"] == sum(p.numel() for p in openclip_model(name, "meta").parameters())
-    assert rows["ViT-L-14-worldwide"]["tokenizer"] == "hf:" + open_clip.get_model_config("ViT-L-14-worldwide")["text_cfg"]["hf_tokenizer_name"]
+    assert rows["ViT-M-16-alt"]["parameters"] == sum(p.numel() for p in openclip_model("ViT-M-16-alt", "meta").parameters())
+    worldwide_tokenizer = open_clip.get_model_config("ViT-L-14-worldwide")["text_cfg"]["hf_tokenizer_name"]
+    assert rows["ViT-L-14-worldwide"]["tokenizer"] == f"hf:{worldwide_tokenizer}"
     assert rows["RN50"]["tokenizer"] == "CLIP BPE" and rows["RN50"]["family"] == "ModifiedResNet"
     assert main(["ViT-Q-99"]) == 2
     assert "unknown model 'ViT-Q-99'" in capsys.readouterr().err
@@ -137,8 +137,10 @@ def test_timm_and_hf_keys_map_onto_their_tower_fields_or_are_reported_missing() 
     assert cfg.custom_text and cfg.text.no_causal_mask and cfg.text.pool_type == "last" and cfg.text.norm_eps == 1e-6
     if hasattr(cfg.vision, "timm_pool"):
         assert (cfg.vision.timm_pool, cfg.vision.timm_proj) == ("map", "none") and not missing
-    else:
+    else:  # and the name is refused rather than built with another head than OpenCLIP's
         assert {"ViT-B-16-SigLIP vision_cfg.timm_pool", "ViT-B-16-SigLIP vision_cfg.timm_proj"} <= set(missing)
+        with pytest.raises(ValueError, match="needs tower options this build lacks"):
+            clip_train.create_model("ViT-B-16-SigLIP")
     cfg, missing = translate(openclip_json("roberta-ViT-B-32"), "roberta-ViT-B-32")
     assert cfg.custom_text
     if hasattr(cfg.text, "hf_model_name"):
@@ -152,3 +154,21 @@ def test_coca_multimodal_cfg_becomes_a_typed_multimodal_config() -> None:
     assert cfg.multimodal is not None and cfg.custom_text
     assert (cfg.multimodal.width, cfg.multimodal.layers, cfg.multimodal.context_length) == (512, 12, 76)
     assert cfg.vision.attentional_pool and cfg.text.embed_cls
+
+
+def test_attentional_pooler_image_tower_matches_openclips() -> None:
+    """CoCa's image tower on its own: the attentional pooler (``attn_pool.*``) before ``ln_post`` and ``proj``."""
+    from clip_train.models.clip import build_image_tower
+
+    name = "coca_ViT-B-32"
+    cfg = get_model_config(name)
+    reference_cfg = open_clip.get_model_config(name)
+    torch.manual_seed(0)
+    reference = open_clip.model._build_vision_tower(reference_cfg["embed_dim"], reference_cfg["vision_cfg"]).eval()
+    ours = build_image_tower(cfg).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    images = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        expected = reference(images)
+        expected = expected[0] if isinstance(expected, tuple) else expected  # CoCa also returns its tokens
+        assert (ours(images) - expected).abs().max() < TOLERANCE

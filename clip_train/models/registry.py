@@ -86,11 +86,13 @@ def get_model_config(name: str) -> ModelConfig:
         cfg.name = name
         return cfg
     try:
-        cfg, _ = openclip_model_config(name.replace("/", "-"))
+        cfg, missing = openclip_model_config(name.replace("/", "-"))
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}; choose one of {', '.join(builtin_models())} or another of the "
             f"{len(list_models())} names `python -m clip_train.models` lists (each also with -quickgelu)"
         ) from None
+    if missing:  # building it without these options would give another network than OpenCLIP's
+        raise ValueError(f"model {name!r} needs tower options this build lacks: {', '.join(missing)}")
     cfg.name = name
     return cfg
