@@ -208,3 +208,70 @@ def test_sigterm_during_the_background_write_exits_3_with_the_pending_and_the_fi
     assert ckpt.verify_checkpoint(checkpoints / ckpt.step_dir_name(stopped)) == stopped
     assert ckpt.load_checkpoint(checkpoints / ckpt.step_dir_name(stopped))["train_state"]["step"] == stopped
     assert max(train_losses(run_dir)) == stopped
+
+
+# ------------------------------------------------------------------------------ FSDP: DCP's async_save
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path):
+    """A real one-process gloo group: enough for fully_shard and DCP, without spawning processes."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_async_save_stages_the_shards_and_seals_the_same_state_as_a_sync_save(one_rank_group, tmp_path):
+    from tests.test_scaling import CPU, batch, contrastive_loss, train_config
+
+    from clip_train.train.optim import build_optimizer
+    from clip_train.train.parallelize import parallelize
+    from clip_train.train.trainer import build_model
+
+    cfg = train_config(strategy="fsdp")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    parallel = parallelize(model, cfg, CPU)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    contrastive_loss(parallel.module, *batch()).backward()
+    parallel.sync_grads()
+    optimizer.step()
+    sharded_io.save_sharded_checkpoint(tmp_path / "sync", 1, model, optimizer, {"step": 1}, is_main=True)
+
+    writer = ckpt.BackgroundWriter()
+    finish = sharded_io.start_sharded_checkpoint_async(tmp_path / "async", 1, model, optimizer,
+                                                       ckpt.HostSnapshot().take({"step": 1}), is_main=True,
+                                                       process_group=dist.new_group(backend="gloo"))
+    writer.submit(ckpt.SaveTiming(1, block_s=0.0), finish)
+    with torch.no_grad():  # the next step changes the live shards while DCP writes its staged copy
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    path = writer.wait().path
+    assert path == tmp_path / "async" / ckpt.step_dir_name(1) and ckpt.verify_checkpoint(path) == 1
+    assert os.readlink(tmp_path / "async" / ckpt.LATEST) == path.name
+    assert ckpt.load_checkpoint(path) == {"step": 1}
+    written = sharded_io.read_sharded_model_state(path)
+    expected = sharded_io.read_sharded_model_state(tmp_path / "sync" / ckpt.step_dir_name(1))
+    assert written.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(written[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow  # two torchrun ranks: about a minute on two loaded cores
+def test_fsdp_async_save_on_two_gloo_ranks_writes_every_shard_before_sealing(cache_dir: Path, tmp_path: Path):
+    run_dir = tmp_path / "fsdp"
+    result = run_cli([*FAST_DEMO, "data.batch_size=8", "train.max_steps=4", "ckpt.every_n_steps=2",
+                      "ckpt.keep_last=0", "train.strategy=fsdp", "ckpt.async_save=true",
+                      f"hydra.run.dir={run_dir}"], cache_dir, torchrun_procs=2, timeout=DEADLINE_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert os.readlink(checkpoints / ckpt.LATEST) == ckpt.step_dir_name(4)
+    for step in (2, 4):
+        path = checkpoints / ckpt.step_dir_name(step)
+        assert ckpt.verify_checkpoint(path) == step
+        assert sorted(p.name for p in (path / sharded_io.SHARDED_DIR).iterdir()) == [
+            ".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert ckpt.load_checkpoint(path)["train_state"]["step"] == step
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
