@@ -12,10 +12,12 @@ one-rank gloo group.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import clip_train
 from clip_train.train import checkpoint as ckpt
 from clip_train.train import sharded_checkpoint as sharded_io
 from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli, train_losses
@@ -73,11 +76,39 @@ def test_async_save_writes_the_same_bytes_as_a_sync_save_from_a_copy_later_steps
     loaded["views"]["tail"][0, 0] = -1.0
     assert loaded["views"]["base"][4] == -1.0
     assert (tmp_path / "async" / ckpt.LATEST).resolve() == timing.path
+    writer.submit(ckpt.SaveTiming(8, block_s=0.0), lambda: None)
+    with pytest.raises(RuntimeError, match="already in flight"):  # one write at a time
+        writer.submit(ckpt.SaveTiming(9, block_s=0.0), lambda: None)
+    writer.wait()
 
     # The next snapshot reuses the host buffers instead of allocating the state again.
     again = snapshot.take(state)
     assert again["model"]["0.weight"].data_ptr() == host["model"]["0.weight"].data_ptr()
     torch.testing.assert_close(again["model"]["0.weight"], state["model"]["0.weight"], rtol=0, atol=0)
+
+
+def test_weights_are_copied_by_the_writer_thread_and_the_optimizer_step_waits_for_that_copy(tmp_path: Path):
+    state = training_like_state()
+    sync_dir = ckpt.write_checkpoint(tmp_path / "sync", 7, state)
+    weights = {t.untyped_storage().data_ptr() for t in state["model"].values()}
+    snapshot = ckpt.HostSnapshot()
+    host = snapshot.take(state, weights)
+    state["views"]["base"].add_(1.0)  # copied by take(): the next forward may change such state at once
+    optimizer_step = threading.Thread(target=snapshot.wait_copied)
+    optimizer_step.start()
+    time.sleep(0.2)
+    assert optimizer_step.is_alive(), "the optimizer step did not wait for the copy of the weights"
+
+    def write() -> Path:
+        snapshot.complete()
+        return ckpt.write_checkpoint(tmp_path / "async", 7, host)
+
+    writer = ckpt.BackgroundWriter()
+    writer.submit(ckpt.SaveTiming(7, block_s=0.0), write)
+    optimizer_step.join(timeout=60)
+    assert not optimizer_step.is_alive() and snapshot.wait_copied() == 0.0
+    path = writer.wait().path
+    assert (path / ckpt.STATE_FILE).read_bytes() == (sync_dir / ckpt.STATE_FILE).read_bytes()
 
 
 def test_a_background_write_that_fills_the_disk_is_raised_on_the_main_thread_and_keeps_latest(
@@ -158,7 +189,8 @@ def test_training_goes_on_during_the_write_and_a_sigkill_mid_write_resumes_from_
     # The slowed write of step 3 is reported once, on a later training line: the step waited only for
     # the host copy, the write took the extra 2 s.
     (report,) = [line for line in killed if line.get("ckpt_step") == 3]
-    assert report["step"] > 3 and "loss" in report
+    # No later than step 7: the save of step 6 waited for it (one write in flight).
+    assert 3 < report["step"] <= 7 and "loss" in report
     assert report["ckpt_write_s"] >= 2.0 and 0.0 < report["ckpt_block_s"] < report["ckpt_write_s"]
 
     result = run_cli([*args], cache_dir, timeout=DEADLINE_S)
@@ -275,3 +307,22 @@ def test_fsdp_async_save_on_two_gloo_ranks_writes_every_shard_before_sealing(cac
             ".metadata", "__0_0.distcp", "__1_0.distcp"]
         assert ckpt.load_checkpoint(path)["train_state"]["step"] == step
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------ the benchmark
+
+
+def test_checkpoint_benchmark_reports_both_stalls_as_a_final_json_line(tmp_path: Path, capsys):
+    from clip_train.bench import checkpoint as bench
+
+    report = bench.main(["--model", "tiny", "--rounds", "2", "--dir", str(tmp_path), "--out",
+                         str(tmp_path / "runs.jsonl")])
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final == json.loads((tmp_path / "runs.jsonl").read_text()) == json.loads(json.dumps(report))
+    assert final["bench"] == "checkpoint" and final["model"] == "tiny"
+    assert len(final["all_s"]["sync_s"]) == len(final["all_s"]["async_stall_s"]) == 2
+    assert 0 < final["async_stall_s"] and 0 < final["sync_stall_s"]
+    assert final["stall_ratio"] == pytest.approx(final["async_stall_s"] / final["sync_stall_s"], rel=1e-2)
+    # Weights and both AdamW moments of every parameter (fp32).
+    assert final["state_bytes"] >= 3 * sum(p.numel() * 4 for p in clip_train.create_model("tiny").parameters())
+    assert list(tmp_path.iterdir()) == [tmp_path / "runs.jsonl"]  # the checkpoints it wrote are gone

@@ -282,20 +282,53 @@ class HostSnapshot:
     so ``torch.save`` of the copy writes the same bytes as of the original. The host buffers are kept
     and reused by the next snapshot (pinned when the source is on an accelerator, so the device-to-host
     copy is one DMA per storage); the caller makes sure the previous write has finished reading them.
+
+    CPU storages named in ``take``'s ``deferred`` (the parameters and optimizer moments: only the optimizer
+    step changes them) are not copied by ``take`` but by :meth:`complete`, which the background writer
+    runs first, while the next step's forward and backward run; that step calls :meth:`wait_copied`
+    before its optimizer step. On CPU the copy is a memcpy as slow as a good part of the write itself,
+    so this hides it behind compute; a GPU's pinned device-to-host copy is fast enough to stay in ``take``.
     """
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor] = []
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, source bytes)
+        self._copied = threading.Event()
+        self._copied.set()
 
-    def take(self, state: Any) -> Any:
-        """A copy of ``state`` whose tensors live in this snapshot's host buffers (a host sync on CUDA)."""
+    def take(self, state: Any, deferred: frozenset[int] | set[int] = frozenset()) -> Any:
+        """A copy of ``state`` whose tensors live in this snapshot's host buffers (a host sync on CUDA).
+
+        ``deferred``: addresses (``untyped_storage().data_ptr()``) of CPU storages left to :meth:`complete`.
+        """
+        self._copied.wait()  # a previous copy still running would race with this one for the buffers
         copied: dict[tuple[str, int], torch.Tensor] = {}  # (device, storage address) -> host bytes
         used = [0]
-        out = self._copy(state, copied, used)
+        self._deferred = []
+        out = self._copy(state, copied, used, deferred)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non_blocking copies have landed before anyone reads them
         del self._buffers[used[0]:]  # a smaller state than last time: free what is no longer used
+        if self._deferred:
+            self._copied.clear()
         return out
+
+    def complete(self) -> None:
+        """Copy the deferred storages (off the main thread); :meth:`wait_copied` returns once done."""
+        try:
+            for host, source in self._deferred:
+                host.copy_(source)
+        finally:
+            self._deferred = []
+            self._copied.set()
+
+    def wait_copied(self) -> float:
+        """Block until the deferred copy is done (call before the live state changes); seconds waited."""
+        if self._copied.is_set():
+            return 0.0
+        start = time.perf_counter()
+        self._copied.wait()
+        return time.perf_counter() - start
 
     def _buffer(self, index: int, nbytes: int, pin: bool) -> torch.Tensor:
         if index < len(self._buffers) and self._buffers[index].numel() == nbytes and self._buffers[index].is_pinned() == pin:
@@ -307,7 +340,7 @@ class HostSnapshot:
             self._buffers.append(buffer)
         return buffer
 
-    def _copy_tensor(self, tensor: torch.Tensor, copied: dict, used: list[int]) -> torch.Tensor:
+    def _copy_tensor(self, tensor: torch.Tensor, copied: dict, used: list[int], deferred) -> torch.Tensor:
         tensor = tensor.detach()
         storage = tensor.untyped_storage()
         key = (str(tensor.device), storage.data_ptr())
@@ -316,22 +349,25 @@ class HostSnapshot:
             source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
             host = self._buffer(used[0], storage.nbytes(), pin=tensor.device.type != "cpu")
             used[0] += 1
-            host.copy_(source, non_blocking=tensor.device.type != "cpu")
+            if tensor.device.type == "cpu" and storage.data_ptr() in deferred:
+                self._deferred.append((host, source))
+            else:
+                host.copy_(source, non_blocking=tensor.device.type != "cpu")
             copied[key] = host
         return torch.empty(0, dtype=tensor.dtype).set_(
             host.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
         )
 
-    def _copy(self, value: Any, copied: dict, used: list[int]) -> Any:
+    def _copy(self, value: Any, copied: dict, used: list[int], deferred) -> Any:
         if isinstance(value, torch.Tensor):
-            return self._copy_tensor(value, copied, used)
+            return self._copy_tensor(value, copied, used, deferred)
         if isinstance(value, dict):
-            out = type(value)((key, self._copy(item, copied, used)) for key, item in value.items())
+            out = type(value)((key, self._copy(item, copied, used, deferred)) for key, item in value.items())
             if getattr(value, "__dict__", None):  # a module state dict's _metadata (versions for loading)
                 out.__dict__.update(copy.deepcopy(value.__dict__))
             return out
         if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-            return type(value)(self._copy(item, copied, used) for item in value)
+            return type(value)(self._copy(item, copied, used, deferred) for item in value)
         return copy.deepcopy(value)
 
 

@@ -133,6 +133,7 @@ class Trainer:
         self._host_copy = ckpt_io.HostSnapshot()
         self._ckpt_group: dist.ProcessGroup | None = None
         self._saves_to_report: list[ckpt_io.SaveTiming] = []
+        self._copy_timing: ckpt_io.SaveTiming | None = None
 
     # ------------------------------------------------------------------ checkpoint state (Stateful parts)
 
@@ -202,7 +203,14 @@ class Trainer:
         self._finish_pending_save()
         step, sharded = self.state.step, self.parallel.sharded
         state = self._checkpoint_state(sharded)
-        host_state = self._host_copy.take(state) if state is not None else None
+        # Weights and moments change only in the optimizer step: they are copied during the next
+        # forward/backward (HostSnapshot), and that step's optimizer update waits for the copy.
+        deferred: set[int] = set()
+        if not sharded:  # FSDP's shards go through DCP's own staging instead
+            deferred = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+            deferred |= {value.untyped_storage().data_ptr() for per_param in self.optimizer.state.values()
+                         for value in per_param.values() if isinstance(value, torch.Tensor)}
+        host_state = self._host_copy.take(state, deferred) if state is not None else None
         root, keep_last, is_main = self.checkpoint_dir, self.cfg.ckpt.keep_last, self.ctx.is_main
         if sharded:
             if self._ckpt_group is None:  # collective, and every rank saves at the same step
@@ -215,13 +223,22 @@ class Trainer:
                 return ckpt_io.write_checkpoint(root, step, host_state) if is_main else None
 
         def write() -> Path | None:
+            self._host_copy.complete()
             path = write_shards()
             if is_main:
                 ckpt_io.prune_checkpoints(root, keep_last)
             return path
 
         timing = ckpt_io.SaveTiming(step, block_s=time.perf_counter() - start)
+        self._copy_timing = timing  # the next optimizer step adds its wait for the copy
         self._writer.submit(timing, write)
+
+    def _wait_for_host_copy(self) -> None:
+        """Before the optimizer changes weights and moments: the checkpoint's copy of them is complete."""
+        waited = self._host_copy.wait_copied()
+        if self._copy_timing is not None:
+            self._copy_timing.block_s += waited
+            self._copy_timing = None
 
     def _finish_pending_save(self) -> None:
         """Wait for the background write, if any; a failed write (e.g. ``DiskFull``) is raised here."""
@@ -358,6 +375,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip_norm or math.inf
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
+        self._wait_for_host_copy()  # ckpt.async_save: no update while a checkpoint copies the weights
         if self.scaler.is_enabled():
             # fp16: the scaler skips non-finite steps and lowers its scale; early overflows are routine.
             self.scaler.step(self.optimizer)
