@@ -256,11 +256,10 @@ def one_rank_group(tmp_path: Path):
 
 
 def test_fsdp_async_save_stages_the_shards_and_seals_the_same_state_as_a_sync_save(one_rank_group, tmp_path):
-    from tests.test_scaling import CPU, batch, contrastive_loss, train_config
-
     from clip_train.train.optim import build_optimizer
     from clip_train.train.parallelize import parallelize
     from clip_train.train.trainer import build_model
+    from tests.test_scaling import CPU, batch, contrastive_loss, train_config
 
     cfg = train_config(strategy="fsdp")
     torch.manual_seed(0)

@@ -224,6 +224,10 @@ class Trainer:
 
         def write() -> Path | None:
             self._host_copy.complete()
+            lock = run_lock.current()
+            if lock is not None and lock.lost():  # the run dir changed hands while this save waited
+                raise run_lock.RunDirLocked(f"another trainer took over the lock on {root.parent}; the "
+                                            f"checkpoint of step {step} was not written")
             path = write_shards()
             if is_main:
                 ckpt_io.prune_checkpoints(root, keep_last)
