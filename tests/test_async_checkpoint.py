@@ -216,6 +216,20 @@ def test_a_sync_save_reports_its_whole_write_as_the_stall(cache_dir: Path, tmp_p
     assert report["ckpt_write_s"] >= 1.0 and report["ckpt_block_s"] >= report["ckpt_write_s"]
 
 
+def test_a_full_disk_in_the_background_write_ends_the_run_with_the_one_line_and_exit_6(cache_dir: Path,
+                                                                                      tmp_path: Path):
+    run_dir = tmp_path / "run"
+    proc = _start([*RUN, "train.max_steps=8", "ckpt.async_save=true", f"hydra.run.dir={run_dir}"], cache_dir,
+                  {"CLIP_TRAIN_TEST_FULL_SAVE": "6"})
+    out, _ = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 6, out[-3000:]
+    errors = [line for line in out.splitlines() if "clip_train: error:" in line]
+    assert len(errors) == 1 and "no space left on the device while writing checkpoint" in errors[0]
+    assert "latest still points at step_000000003" in errors[0] and "Traceback" not in out
+    checkpoints = run_dir / "checkpoints"
+    assert not list(checkpoints.glob(".tmp-*")) and os.readlink(checkpoints / ckpt.LATEST) == ckpt.step_dir_name(3)
+
+
 def test_sigterm_during_the_background_write_exits_3_with_the_pending_and_the_final_checkpoint_complete(
     cache_dir: Path, tmp_path: Path
 ):
