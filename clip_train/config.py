@@ -126,6 +126,10 @@ class CheckpointConfig:
     """Keep the newest N checkpoints (0 keeps all)."""
     resume: str = "auto"
     """``auto``: newest complete checkpoint in the run dir, if any; ``none``: start fresh; or a checkpoint path."""
+    async_save: bool = False
+    """Write checkpoints in the background: a step blocks only while the state is copied to host memory
+    (pinned on CUDA); the write, fsync, manifest and ``latest`` follow in a thread, one save at a time.
+    Holds one extra host copy of the state for the run's life."""
 
 
 @dataclass

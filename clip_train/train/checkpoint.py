@@ -16,6 +16,7 @@ the old set of checkpoints or the new one, never a torn directory that looks com
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -23,6 +24,10 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +262,172 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
         return
     for _, path in list_checkpoints(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- async saves
+#
+# ckpt.async_save: the training step pays only for a copy of the state into host memory; a background
+# thread then does everything write_checkpoint does (torch.save, fsync, SHA-256 manifest, rename, latest,
+# pruning). A thread rather than a process: torch.save's file writes, hashlib over large blocks and
+# fsync all release the GIL, so the thread overlaps the step's kernels, and it reads the host copy in
+# place, where a process would need that copy moved into shared memory first (torchtitan's "async" mode
+# is a thread for the same reason). A SIGKILL kills the thread with the process: its save is then only
+# a .tmp-step_* directory and ``latest`` still names the previous checkpoint.
+
+
+class HostSnapshot:
+    """Copies a state tree into host memory that the live training state no longer touches.
+
+    Tensors are copied storage by storage, keeping their offsets, strides and any storage they share,
+    so ``torch.save`` of the copy writes the same bytes as of the original. The host buffers are kept
+    and reused by the next snapshot (pinned when the source is on an accelerator, so the device-to-host
+    copy is one DMA per storage); the caller makes sure the previous write has finished reading them.
+
+    CPU storages named in ``take``'s ``deferred`` (the parameters and optimizer moments: only the optimizer
+    step changes them) are not copied by ``take`` but by :meth:`complete`, which the background writer
+    runs first, while the next step's forward and backward run; that step calls :meth:`wait_copied`
+    before its optimizer step. On CPU the copy is a memcpy as slow as a good part of the write itself,
+    so this hides it behind compute; a GPU's pinned device-to-host copy is fast enough to stay in ``take``.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, source bytes)
+        self._copied = threading.Event()
+        self._copied.set()
+
+    def take(self, state: Any, deferred: frozenset[int] | set[int] = frozenset()) -> Any:
+        """A copy of ``state`` whose tensors live in this snapshot's host buffers (a host sync on CUDA).
+
+        ``deferred``: addresses (``untyped_storage().data_ptr()``) of CPU storages left to :meth:`complete`.
+        """
+        self._copied.wait()  # a previous copy still running would race with this one for the buffers
+        copied: dict[tuple[str, int], torch.Tensor] = {}  # (device, storage address) -> host bytes
+        used = [0]
+        self._deferred = []
+        out = self._copy(state, copied, used, deferred)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non_blocking copies have landed before anyone reads them
+        del self._buffers[used[0]:]  # a smaller state than last time: free what is no longer used
+        if self._deferred:
+            self._copied.clear()
+        return out
+
+    def complete(self) -> None:
+        """Copy the deferred storages (off the main thread); :meth:`wait_copied` returns once done."""
+        try:
+            for host, source in self._deferred:
+                host.copy_(source)
+        finally:
+            self._deferred = []
+            self._copied.set()
+
+    def wait_copied(self) -> float:
+        """Block until the deferred copy is done (call before the live state changes); seconds waited."""
+        if self._copied.is_set():
+            return 0.0
+        start = time.perf_counter()
+        self._copied.wait()
+        return time.perf_counter() - start
+
+    def _buffer(self, index: int, nbytes: int, pin: bool) -> torch.Tensor:
+        if index < len(self._buffers) and self._buffers[index].numel() == nbytes and self._buffers[index].is_pinned() == pin:
+            return self._buffers[index]
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if index < len(self._buffers):
+            self._buffers[index] = buffer
+        else:
+            self._buffers.append(buffer)
+        return buffer
+
+    def _copy_tensor(self, tensor: torch.Tensor, copied: dict, used: list[int], deferred) -> torch.Tensor:
+        tensor = tensor.detach()
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        host = copied.get(key)
+        if host is None:
+            source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            host = self._buffer(used[0], storage.nbytes(), pin=tensor.device.type != "cpu")
+            used[0] += 1
+            if tensor.device.type == "cpu" and storage.data_ptr() in deferred:
+                self._deferred.append((host, source))
+            else:
+                host.copy_(source, non_blocking=tensor.device.type != "cpu")
+            copied[key] = host
+        return torch.empty(0, dtype=tensor.dtype).set_(
+            host.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride()
+        )
+
+    def _copy(self, value: Any, copied: dict, used: list[int], deferred) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._copy_tensor(value, copied, used, deferred)
+        if isinstance(value, dict):
+            out = type(value)((key, self._copy(item, copied, used, deferred)) for key, item in value.items())
+            if getattr(value, "__dict__", None):  # a module state dict's _metadata (versions for loading)
+                out.__dict__.update(copy.deepcopy(value.__dict__))
+            return out
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(self._copy(item, copied, used, deferred) for item in value)
+        return copy.deepcopy(value)
+
+
+@dataclass
+class SaveTiming:
+    """How long one save stopped training (``block_s``) and how long its write took (``write_s``)."""
+
+    step: int
+    block_s: float
+    write_s: float | None = None  # None while an async write is still running
+    path: Path | None = None
+
+
+class BackgroundWriter:
+    """Runs one checkpoint write at a time in a thread; its error comes back on the main thread.
+
+    ``submit`` expects the previous write to have been waited for (``wait``); ``wait`` re-raises, on the
+    caller's thread, whatever the write raised (``DiskFull`` included), once.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._timing: SaveTiming | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether a submitted write has not been waited for yet (finished or not)."""
+        return self._thread is not None
+
+    def done(self) -> bool:
+        """Whether the submitted write (if any) has finished; never blocks."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def submit(self, timing: SaveTiming, write: Callable[[], Path | None]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("a checkpoint write is already in flight; wait() for it first")
+
+        def run() -> None:
+            start = time.perf_counter()
+            try:
+                timing.path = write()
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread by wait()
+                self._error = err
+            finally:
+                timing.write_s = time.perf_counter() - start
+
+        self._timing, self._error = timing, None
+        # Not a daemon: a run that ends by an exception still finishes (or is killed during) the write,
+        # instead of the interpreter abandoning it half-way at shutdown.
+        self._thread = threading.Thread(target=run, name=f"checkpoint-step-{timing.step}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> SaveTiming | None:
+        """Block until the write in flight (if any) is finished; its timing, or its error raised here."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        timing, error = self._timing, self._error
+        self._thread = self._timing = self._error = None
+        if error is not None:
+            raise error
+        return timing

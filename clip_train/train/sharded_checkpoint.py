@@ -19,6 +19,7 @@ import enum
 import io
 import pathlib
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,36 @@ def save_sharded_checkpoint(
         torch.save(replicated_state, tmp / ckpt_io.STATE_FILE)
         final = ckpt_io.commit_checkpoint(root, step, tmp)
     return final
+
+
+def start_sharded_checkpoint_async(
+    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, replicated_state: dict | None,
+    is_main: bool, process_group: dist.ProcessGroup,
+) -> Callable[[], Path | None]:
+    """Collective: stage every rank's shards to host memory through DCP's ``async_save`` and start writing.
+
+    Returns the rest of the save, to run off the main thread: wait for DCP's write (whose last phase
+    gathers every rank's result and writes ``.metadata`` on rank 0, so on rank 0 its completion means every
+    rank's shards are on disk), then on rank 0 write ``state.pt`` from ``replicated_state`` (which must
+    already be a host copy) and seal the directory. ``process_group`` is a group of its own (gloo), so
+    DCP's background collectives never interleave with the training step's.
+    """
+    tmp = root / f".tmp-{ckpt_io.step_dir_name(step)}"
+    if is_main:
+        ckpt_io.start_checkpoint(root, step)
+    dist.barrier()  # the empty temporary directory exists before anyone writes into it
+    model_state, optim_state = get_state_dict(model, optimizer)
+    written = dcp.async_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDED_DIR,
+                             process_group=process_group)
+
+    def finish() -> Path | None:
+        written.result()
+        if not is_main:
+            return None
+        ckpt_io.save_state_file(replicated_state, tmp / ckpt_io.STATE_FILE)
+        return ckpt_io.commit_checkpoint(root, step, tmp)
+
+    return finish
 
 
 def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

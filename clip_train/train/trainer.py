@@ -141,6 +141,13 @@ class Trainer:
         self.eta: EtaEstimator | None = None
         self.wandb_run_id: str | None = None
         self.global_batch_size = cfg.data.batch_size * ctx.world_size
+        # ckpt.async_save: the write in flight (at most one), the reused host copy, and the saves whose
+        # figures (ckpt_block_s, ckpt_write_s) the next training metrics line reports.
+        self._writer = ckpt_io.BackgroundWriter()
+        self._host_copy = ckpt_io.HostSnapshot()
+        self._ckpt_group: dist.ProcessGroup | None = None
+        self._saves_to_report: list[ckpt_io.SaveTiming] = []
+        self._copy_timing: ckpt_io.SaveTiming | None = None
 
     # ------------------------------------------------------------------ checkpoint state (Stateful parts)
 
@@ -163,22 +170,17 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Every rank contributes its RNG and data position; rank 0 writes; all wait for the write.
 
-        Under FSDP every rank also writes its own shards of the model and optimizer (DCP).
+        Under FSDP every rank also writes its own shards of the model and optimizer (DCP). With
+        ``ckpt.async_save`` the write goes to the background (:meth:`_save_in_background`).
         """
+        start = time.perf_counter()
         self._check_bad_steps()
-        per_rank = self._gather({"rng": rng_state(), "dataloader": self.loader.state_dict(gather=False)})
+        if self.cfg.ckpt.async_save:
+            self._save_in_background(start)
+            return
         sharded = self.parallel.sharded
-        state = None
-        if self.ctx.is_main:
-            parts = self._stateful_parts()
-            if sharded:  # these two go to sharded/ instead
-                del parts["model"], parts["optimizer"]
-            state = {name: part.state_dict() for name, part in parts.items()}
-            state["per_rank"] = per_rank
-            state["world_size"] = self.ctx.world_size
-            state["wandb_run_id"] = self.wandb_run_id
-            state["config"] = self.resolved_config
-            state["model_config"] = dataclasses.asdict(self.cfg.model)
+        state = self._checkpoint_state(sharded)
+        path = None
         if sharded:
             path = sharded_io.save_sharded_checkpoint(
                 self.checkpoint_dir, self.state.step, self.model, self.optimizer, state, self.ctx.is_main
@@ -189,6 +191,94 @@ class Trainer:
             ckpt_io.prune_checkpoints(self.checkpoint_dir, self.cfg.ckpt.keep_last)
             log.info("saved checkpoint %s", path)
         barrier(self.ctx)
+        took = time.perf_counter() - start
+        self._saves_to_report.append(ckpt_io.SaveTiming(self.state.step, block_s=took, write_s=took, path=path))
+
+    def _checkpoint_state(self, sharded: bool) -> dict[str, Any] | None:
+        """What rank 0 writes to ``state.pt`` (every rank takes part in gathering it); None on other ranks."""
+        per_rank = self._gather({"rng": rng_state(), "dataloader": self.loader.state_dict(gather=False)})
+        if not self.ctx.is_main:
+            return None
+        parts = self._stateful_parts()
+        if sharded:  # these two go to sharded/ instead
+            del parts["model"], parts["optimizer"]
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state["per_rank"] = per_rank
+        state["world_size"] = self.ctx.world_size
+        state["wandb_run_id"] = self.wandb_run_id
+        state["config"] = self.resolved_config
+        state["model_config"] = dataclasses.asdict(self.cfg.model)
+        return state
+
+    def _save_in_background(self, start: float) -> None:
+        """The step waits for the previous write (at most one in flight, its error raised here), copies the
+        state to host memory, and goes on; a thread writes, fsyncs, seals and prunes. Under FSDP, DCP's
+        ``async_save`` stages and writes the shards and rank 0 seals once they are all on disk."""
+        self._finish_pending_save()
+        step, sharded = self.state.step, self.parallel.sharded
+        state = self._checkpoint_state(sharded)
+        # Weights and moments change only in the optimizer step: they are copied during the next
+        # forward/backward (HostSnapshot), and that step's optimizer update waits for the copy.
+        deferred: set[int] = set()
+        if not sharded:  # FSDP's shards go through DCP's own staging instead
+            deferred = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+            deferred |= {value.untyped_storage().data_ptr() for per_param in self.optimizer.state.values()
+                         for value in per_param.values() if isinstance(value, torch.Tensor)}
+        host_state = self._host_copy.take(state, deferred) if state is not None else None
+        root, keep_last, is_main = self.checkpoint_dir, self.cfg.ckpt.keep_last, self.ctx.is_main
+        if sharded:
+            if self._ckpt_group is None:  # collective, and every rank saves at the same step
+                self._ckpt_group = dist.new_group(backend="gloo")
+            write_shards = sharded_io.start_sharded_checkpoint_async(
+                root, step, self.model, self.optimizer, host_state, is_main, self._ckpt_group
+            )
+        else:
+            def write_shards() -> Path | None:
+                return ckpt_io.write_checkpoint(root, step, host_state) if is_main else None
+
+        def write() -> Path | None:
+            self._host_copy.complete()
+            lock = run_lock.current()
+            if lock is not None and lock.lost():  # the run dir changed hands while this save waited
+                raise run_lock.RunDirLocked(f"another trainer took over the lock on {root.parent}; the "
+                                            f"checkpoint of step {step} was not written")
+            path = write_shards()
+            if is_main:
+                ckpt_io.prune_checkpoints(root, keep_last)
+            return path
+
+        timing = ckpt_io.SaveTiming(step, block_s=time.perf_counter() - start)
+        self._copy_timing = timing  # the next optimizer step adds its wait for the copy
+        self._writer.submit(timing, write)
+
+    def _wait_for_host_copy(self) -> None:
+        """Before the optimizer changes weights and moments: the checkpoint's copy of them is complete."""
+        waited = self._host_copy.wait_copied()
+        if self._copy_timing is not None:
+            self._copy_timing.block_s += waited
+            self._copy_timing = None
+
+    def _finish_pending_save(self) -> None:
+        """Wait for the background write, if any; a failed write (e.g. ``DiskFull``) is raised here."""
+        timing = self._writer.wait()
+        if timing is not None:
+            self._record_finished_save(timing)
+
+    def _record_finished_save(self, timing: ckpt_io.SaveTiming) -> None:
+        if self.ctx.is_main:
+            log.info("saved checkpoint %s (training blocked %.3f s, background write %.3f s)",
+                     timing.path, timing.block_s, timing.write_s)
+        self._saves_to_report.append(timing)
+
+    def _save_figures(self) -> dict[str, float]:
+        """``ckpt_block_s``/``ckpt_write_s``/``ckpt_step`` of the newest save finished since the last line."""
+        if self._writer.pending and self._writer.done():  # finished in the background: collect, never block
+            self._finish_pending_save()
+        if not self._saves_to_report:
+            return {}
+        newest = self._saves_to_report[-1]
+        self._saves_to_report.clear()
+        return {"ckpt_step": newest.step, "ckpt_block_s": newest.block_s, "ckpt_write_s": newest.write_s}
 
     def _checkpoint_to_resume(self) -> Path | None:
         resume = self.cfg.ckpt.resume
@@ -312,6 +402,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip_norm or math.inf
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
+        self._wait_for_host_copy()  # ckpt.async_save: no update while a checkpoint copies the weights
         if self.scaler.is_enabled():
             # fp16: the scaler skips non-finite steps and lowers its scale; early overflows are routine.
             self.scaler.step(self.optimizer)
@@ -409,6 +500,14 @@ class Trainer:
         self.profiler.install_signal()
         try:
             return self._train()
+        except BaseException:
+            # An earlier checkpoint still being written is good: let it finish, but its own error (if
+            # any) must not hide the one that ended the run.
+            try:
+                self._finish_pending_save()
+            except Exception as err:  # noqa: BLE001
+                log.error("the background checkpoint write failed too: %s", err)
+            raise
         finally:
             self.profiler.close(self.state.step)
             self.profiler.restore_signal()
@@ -464,6 +563,7 @@ class Trainer:
                     **{name: float(value) for name, value in getattr(self.loss_fn, "last_terms", {}).items()},
                     "world_size": self.ctx.world_size,
                     "global_batch_size": self.global_batch_size,
+                    **self._save_figures(),
                 })
                 window_start, window_steps = time.perf_counter(), 0
 
@@ -485,8 +585,12 @@ class Trainer:
             if step < cfg.train.max_steps and any_rank(preemption.requested(), self.ctx):
                 if not saved:
                     self.save_checkpoint()
+                self._finish_pending_save()  # the checkpoint the exit code promises is on disk
+                barrier(self.ctx)
                 self.metrics.close()
                 raise preemption.Preempted(step)
+        self._finish_pending_save()  # the end of training waits for the last write
+        barrier(self.ctx)
         self.metrics.close()
         if last_eval and self.ctx.is_main:
             summary = ", ".join(f"{key} {value:.4f}" for key, value in last_eval.items())
