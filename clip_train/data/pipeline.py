@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from clip_train.data.config import DataConfig
 from clip_train.data.decode import SampleDecoder
 from clip_train.data.manifest import count_tar_samples, sample_counts
+from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.remote import RemoteOptions
 from clip_train.data.sources import ShardSource, check_first_shard, resolve_sources
-from clip_train.data.order import GlobalOrder
 from clip_train.data.stream import DataUnavailable, GlobalBatchStream, ShardStream
 
 log = logging.getLogger(__name__)
@@ -479,7 +479,8 @@ def _first_shard_count(sources: list[ShardSource], options: RemoteOptions) -> in
     for url in [u for s in sources for u in s.urls][:4]:
         try:
             count = count_tar_samples(url, options)
-        except Exception:  # noqa: BLE001 - an unreadable or empty tar: try the next one
+        except Exception as exn:  # noqa: BLE001 - an unreadable or empty tar: try the next one
+            log.debug("data: cannot count %s (%s); trying the next shard", url, exn)
             continue
         if count > 0:
             return count

@@ -21,7 +21,7 @@ from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.reader import block_samples
-from clip_train.data.remote import RemoteOptions
+from clip_train.data.remote import RemoteOptions, ShardUnavailable
 
 # Order of the fields in each batch's meta tensor.
 META_FIELDS = ("worker", "epoch", "block", "within", "batches", "skipped", "skipped_shards")
@@ -238,14 +238,12 @@ class GlobalBatchStream(IterableDataset):
             owner = start == need
             lost = [0]
 
-            def handler_for(url: str, _owner: bool = owner) -> Callable[[Exception], bool]:
+            def handler_for(url: str, _owner: bool = owner, _lost: list[int] = lost) -> Callable[[Exception], bool]:
                 counted = counter.tar_error_handler(url) if _owner else None
 
                 def handler(exn: Exception) -> bool:
-                    from clip_train.data.remote import ShardUnavailable
-
                     if isinstance(exn, ShardUnavailable):
-                        lost[0] += 1
+                        _lost[0] += 1
                     return counted(exn) if counted is not None else True
                 return handler
 
