@@ -20,7 +20,7 @@ from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
-from clip_train.data.reader import block_samples
+from clip_train.data.reader import block_samples, materialize
 from clip_train.data.remote import RemoteOptions, ShardUnavailable
 
 # Order of the fields in each batch's meta tensor.
@@ -225,6 +225,7 @@ class GlobalBatchStream(IterableDataset):
         last_good: tuple[np.ndarray, str] | None = None
         index = order.locate(epoch, self.slice_start(batch))
         empty_run, failed_run = 0, 0
+        open_files: dict[str, object] = {}  # the local shard being materialized from
         while True:
             start = order.block_start(epoch, index)
             end = start + order.block_size(epoch, index)
@@ -247,7 +248,7 @@ class GlobalBatchStream(IterableDataset):
                     return counted(exn) if counted is not None else True
                 return handler
 
-            samples = iter(block_samples(block, handler_for, self.shuffle_buffer, self.remote))
+            samples = iter(block_samples(block, handler_for, self.shuffle_buffer, self.remote, lazy=True))
             position, good = start, 0
             while need < end:
                 sample = next(samples, None) if position <= need else None
@@ -259,6 +260,10 @@ class GlobalBatchStream(IterableDataset):
                     slots.append(None)  # not counted: the tar error or lost shard that cut it short was
                 else:
                     try:
+                        try:
+                            sample = materialize(sample, open_files)
+                        except OSError as exn:
+                            raise BadSample(f"unreadable: {exn}") from None
                         image, text, _ = self.decoder(sample, sample_rng(order.seed, epoch, need))
                         slots.append((image, text))
                         good += 1
