@@ -338,10 +338,8 @@ class TrainLoader:
         """
         entries = state if isinstance(state, list) else state.get("ranks") or [state]
         for entry in entries:
-            if entry.get("version") != STATE_VERSION:
-                raise ValueError(f"data loader state version {entry.get('version')!r} is not {STATE_VERSION}; "
-                                 "a checkpoint from before topology-independent data orders resumes the "
-                                 "weights only with data.* unchanged if you drop its loader state")
+            if entry.get("version") not in (1, STATE_VERSION):
+                raise ValueError(f"data loader state version {entry.get('version')!r} is not {STATE_VERSION}")
         rank, world = self._dataset.rank, self._dataset.world_size
         same_shape = len(entries) == world
         # All ranks of a run are at the same global batch; with the saved shape each takes its own entry.
@@ -355,7 +353,9 @@ class TrainLoader:
         self._skipped_base = [sum(int(e.get("skipped_samples", 0)) for e in carried),
                               sum(int(e.get("skipped_shards", 0)) for e in carried)]
         now = self._local_state()
-        differ = [k for k in _ORDER_KEYS if entry.get(k) != now[k]]
+        # A version-1 state (per-worker streams, before the global order) has no global batch index to continue.
+        differ = ["version"] if entry.get("version") != STATE_VERSION else \
+            [k for k in _ORDER_KEYS if entry.get(k) != now[k]]
         self.epoch = int(entry["epoch"])
         if not differ:
             self._batches_in_epoch = int(entry["batches_in_epoch"])
