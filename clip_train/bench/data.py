@@ -1,6 +1,7 @@
 """Benchmark of the data pipeline: training samples per second, ours against OpenCLIP's, on the same shards.
 
     python -m clip_train.bench.data PATTERN --image-size 224 --workers N [--batches K] [--batch-size 64]
+        [--world-size W]
         [--baseline open_clip] [--synthetic DIR [--synthetic-samples 512]]
 
 ``--synthetic DIR`` first writes shards of LAION-sized JPEGs (400-800 px a side, smooth gradients, shapes
@@ -13,16 +14,20 @@ batches, tokenised in the workers (normalisation happens later on the device, so
 transform, OpenCLIP's tokenizer, batching in the workers) in a ``wds.WebLoader``.
 
 Both run ``--warmup`` batches (worker start-up, shuffle-buffer fill) before ``--batches`` timed ones. A
-progress bar goes to stderr; the last line on stdout is JSON with ``samples_per_s``, the machine, the
-date and the command.
+progress bar goes to stderr; the last line on stdout is JSON with ``samples_per_s``, ``read_mb_per_sample``
+(bytes read by the process and its workers over the run, per sample delivered: the cost of the read
+pattern), the machine, the date and the command. ``--world-size W`` reads as rank 0 of W ranks, where every
+worker of every rank passes over the blocks it shares with the others (docs/data.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import io
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -89,17 +94,28 @@ def write_synthetic_shards(out_dir: str, samples: int, per_shard: int = 128, see
 # ------------------------------------------------------------------------------------------ pipelines
 
 
-def ours(pattern: str, image_size: int, workers: int, batch_size: int, shuffle: int) -> Iterable:
-    """clip_train's training loader in resampled mode, with CLIP's 77-token tokenizer."""
+def ours(pattern: str, image_size: int, workers: int, batch_size: int, shuffle: int, world_size: int = 1
+         ) -> Iterable:
+    """clip_train's training loader in resampled mode, with CLIP's 77-token tokenizer (rank 0 of ``world_size``)."""
     from clip_train.data import DataConfig, build_train_loader
     from clip_train.tokenizer import get_tokenizer
 
     cfg = DataConfig(train_shards=pattern, batch_size=batch_size, num_workers=workers, resampled=True,
                      shuffle_buffer=shuffle)
-    return build_train_loader(cfg, image_size, get_tokenizer())
+    return build_train_loader(cfg, image_size, get_tokenizer(), rank=0, world_size=world_size)
 
 
-def open_clip_baseline(pattern: str, image_size: int, workers: int, batch_size: int, shuffle: int) -> Iterable:
+def bytes_read() -> int | None:
+    """Bytes this process and its reaped children (DataLoader workers) have read (``rchar``), or None."""
+    try:
+        with open("/proc/self/io") as f:
+            return int(dict(line.split(": ") for line in f.read().splitlines())["rchar"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def open_clip_baseline(pattern: str, image_size: int, workers: int, batch_size: int, shuffle: int,
+                       world_size: int = 1) -> Iterable:
     """OpenCLIP's training data path, assembled from webdataset stages in the order OpenCLIP uses."""
     import open_clip
     import webdataset as wds
@@ -127,7 +143,12 @@ PIPELINES = {"clip_train": ours, "open_clip": open_clip_baseline}
 
 
 def measure(loader: Iterable, batches: int, warmup: int, batch_size: int, label: str) -> dict:
-    """Time ``batches`` batches after ``warmup`` ones; throughput counts only the timed part."""
+    """Time ``batches`` batches after ``warmup`` ones; throughput counts only the timed part.
+
+    Also the bytes read per sample delivered over the whole run (warm-up, prefetch and the workers included:
+    they are counted once the workers have exited), the cost of the reading pattern.
+    """
+    read_before = bytes_read()
     start = time.perf_counter()
     it: Iterator = iter(loader)
     first = None
@@ -144,8 +165,18 @@ def measure(loader: Iterable, batches: int, warmup: int, batch_size: int, label:
         progress.update()
     elapsed = time.perf_counter() - timed_start
     progress.close()
+    del it
+    if hasattr(loader, "close"):
+        loader.close()
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:  # reaped: their reads count
+        time.sleep(0.05)
+    read_after = bytes_read()
+    read = None if read_before is None or read_after is None else read_after - read_before
     return {"samples_per_s": round(batches * batch_size / elapsed, 2), "timed_s": round(elapsed, 3),
-            "first_batch_s": round(first, 3) if first is not None else None}
+            "first_batch_s": round(first, 3) if first is not None else None,
+            "read_mb_per_sample": round(read / 2**20 / ((warmup + batches) * batch_size), 4) if read else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per batch")
     parser.add_argument("--shuffle-buffer", type=int, default=1000, help="sample shuffle buffer (both pipelines)")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="ours: read as rank 0 of this many ranks (--batch-size per rank), to see the reads")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads of this process (DataLoader workers always use 1)")
     parser.add_argument("--baseline", choices=["open_clip"], default=None,
@@ -168,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-samples", type=int, default=512, help="samples to write with --synthetic")
     args = parser.parse_args(argv)
     try:
-        if args.batches < 1 or args.batch_size < 1 or args.warmup < 0 or args.workers < 0:
-            raise CliError("--batches and --batch-size must be >= 1, --warmup and --workers >= 0")
+        if args.batches < 1 or args.batch_size < 1 or args.warmup < 0 or args.workers < 0 or args.world_size < 1:
+            raise CliError("--batches, --batch-size and --world-size must be >= 1, --warmup and --workers >= 0")
         import torch
 
         # With --workers 0 the transforms run here; one thread is what they get inside a DataLoader worker,
@@ -181,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         if not pattern:
             raise CliError("give a shard PATTERN or --synthetic DIR")
         name = args.baseline or "clip_train"
+        if args.baseline and args.world_size > 1:
+            raise CliError("--world-size applies to clip_train's loader only (the baseline does not split ranks)")
         try:
-            loader = PIPELINES[name](pattern, args.image_size, args.workers, args.batch_size, args.shuffle_buffer)
+            loader = PIPELINES[name](pattern, args.image_size, args.workers, args.batch_size, args.shuffle_buffer,
+                                     args.world_size)
         except ValueError as exn:
             raise CliError(str(exn)) from None
         except ImportError as exn:
@@ -193,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = {
         "pipeline": name, **result, "image_size": args.image_size, "workers": args.workers,
+        "world_size": args.world_size,
         "batch_size": args.batch_size, "batches": args.batches, "torch_threads": args.torch_threads,
         "pattern": pattern,
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs",

@@ -44,15 +44,17 @@ class DataConfig:
     """Tar member extension holding an integer class label, read by the eval loader only (-1 when absent)."""
 
     resampled: bool = True
-    """True: each worker draws shards with replacement, endlessly (the usual choice at scale).
+    """True: blocks of shards drawn with replacement, endlessly (the usual choice at scale).
     False: epoch mode, every shard read once per epoch and every rank given the same number of batches."""
 
     shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer (0 disables sample shuffling)."""
+    """Samples of a block's shuffle buffer (0 disables sample shuffling). Part of the global order: every
+    worker holds one buffer of raw samples while it reads a block."""
 
     shards_per_block: int = 4
-    """Shards a worker reads interleaved at once. More mixes better; resuming re-reads up to this many
-    shards' bytes (without decoding) to reach the saved position."""
+    """Shards read interleaved as one block of the global order (part of the order, like the seed). More
+    mixes better; resuming re-reads up to this many shards' bytes (without decoding) to reach the saved
+    position."""
 
     train_crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])
     """Random resized crop: range of the crop's area as a fraction of the image's."""

@@ -22,17 +22,19 @@ from torch.utils.data import DataLoader
 
 from clip_train.data.config import DataConfig
 from clip_train.data.decode import SampleDecoder
-from clip_train.data.manifest import sample_counts
+from clip_train.data.manifest import count_tar_samples, sample_counts
+from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.remote import RemoteOptions
 from clip_train.data.sources import ShardSource, check_first_shard, resolve_sources
-from clip_train.data.stream import DataUnavailable, ShardStream, WorkerPosition
+from clip_train.data.stream import DataUnavailable, GlobalBatchStream, ShardStream
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-# A resumed position is only exact if these match the run that saved it.
-_TOPOLOGY_KEYS = ("world_size", "num_workers", "batch_size", "mode", "seed", "num_shards")
+STATE_VERSION = 2
+# The saved position continues the same global order only if these match the run that saved it (world size,
+# worker count and per-rank batch size may change freely).
+_ORDER_KEYS = ("global_batch_size", "mode", "seed", "num_shards")
 _exit_hook_installed = False
 
 
@@ -138,15 +140,17 @@ class TrainLoader:
     with the next batch.
     """
 
-    def __init__(self, dataset: ShardStream, cfg: DataConfig, batches_per_epoch: int | None) -> None:
+    def __init__(self, dataset: GlobalBatchStream, cfg: DataConfig, batches_per_epoch: int | None) -> None:
         self._dataset = dataset
         self._cfg = cfg
-        self._plan: StreamPlan = dataset.plan
+        self._order: GlobalOrder = dataset.order
         self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
         self._batches_in_epoch = 0
         self._samples_seen = 0
-        self._positions = [WorkerPosition() for _ in range(self._plan.num_workers)]
+        # Skip counts: those of finished DataLoader iterators, plus each live worker's running count.
+        self._skipped_base = [0, 0]
+        self._skipped_live: dict[int, tuple[int, int]] = {}
         self._it: Iterator | None = None
         self._waiting_since: float | None = None  # set while the training loop waits for a batch
         self._watchdog: threading.Thread | None = None
@@ -160,12 +164,12 @@ class TrainLoader:
     @property
     def skipped_samples(self) -> int:
         """Bad samples skipped by this rank's workers since the run began (restored by ``load_state_dict``)."""
-        return sum(p.skipped for p in self._positions)
+        return self._skipped_base[0] + sum(c[0] for c in self._skipped_live.values())
 
     @property
     def skipped_shards(self) -> int:
         """Shards this rank's workers abandoned as unavailable (open failed, or reads past the retries)."""
-        return sum(p.skipped_shards for p in self._positions)
+        return self._skipped_base[1] + sum(c[1] for c in self._skipped_live.values())
 
     @property
     def samples_seen(self) -> int:
@@ -239,16 +243,16 @@ class TrainLoader:
 
     def waiting_on(self) -> str:
         """Which worker the next batch is due from and the shards it is reading (from the plan: no IPC)."""
-        logical = self._batches_in_epoch % self._plan.num_workers
-        position = self._positions[logical]
+        workers = max(1, self._cfg.num_workers)
+        worker = (self._batches_in_epoch - self._dataset.first_batch) % workers
+        first = self._order.locate(self.epoch, self._dataset.slice_start(self._batches_in_epoch))
         urls: list[str] = []
-        for index in (position.block, position.block + 1):
-            block = self._plan.block(self.epoch, logical, index)
-            for unit in block.units if block is not None else ():
+        for index in (first, first + 1):
+            for unit in self._order.block(self.epoch, index).units:
                 if unit.url not in urls:
                     urls.append(unit.url)
         shown = ", ".join(urls[:8]) + (f" and {len(urls) - 8} more" if len(urls) > 8 else "")
-        return f"worker {logical} of rank {self._plan.rank}, reading {shown or 'nothing'}"
+        return f"worker {worker} of rank {self._dataset.rank}, reading {shown or 'nothing'}"
 
     def _epoch_complete(self) -> bool:
         return self.batches_per_epoch is not None and self._batches_in_epoch >= self.batches_per_epoch
@@ -257,18 +261,23 @@ class TrainLoader:
         if self._it is None:
             ds = self._dataset
             ds.epoch = self.epoch
-            ds.rotation = self._batches_in_epoch % self._plan.num_workers
-            ds.positions = [WorkerPosition(*p.as_list()) for p in self._positions]
-            if self.batches_per_epoch is not None:
-                ds.quotas = [self._plan.worker_quota(self.batches_per_epoch, w) for w in range(self._plan.num_workers)]
+            ds.first_batch = self._batches_in_epoch
+            ds.end_batch = self.batches_per_epoch
+            self._fold_skips()
             self._it = iter(_dataloader(ds, self._cfg))
         return self._it
 
+    def _fold_skips(self) -> None:
+        """Move the live workers' skip counts into the base (a new DataLoader iterator counts from zero)."""
+        self._skipped_base = [self.skipped_samples, self.skipped_shards]
+        self._skipped_live = {}
+
     def _record(self, meta: list[int]) -> None:
-        worker, epoch, block, within, batches, skipped, skipped_shards = meta
-        if epoch != self.epoch:
-            raise RuntimeError(f"data: got a batch of epoch {epoch} while in epoch {self.epoch}")
-        self._positions[worker] = WorkerPosition(block, within, batches, skipped, skipped_shards)
+        worker, epoch, batch, skipped, skipped_shards = meta
+        if epoch != self.epoch or batch != self._batches_in_epoch:
+            raise RuntimeError(f"data: got global batch {batch} of epoch {epoch}, expected batch "
+                               f"{self._batches_in_epoch} of epoch {self.epoch}")
+        self._skipped_live[worker] = (skipped, skipped_shards)
         self._batches_in_epoch += 1
         self._samples_seen += self.batch_size
 
@@ -276,7 +285,7 @@ class TrainLoader:
         self._it = None
         self.epoch = epoch
         self._batches_in_epoch = 0
-        self._positions = [WorkerPosition(skipped=p.skipped, skipped_shards=p.skipped_shards) for p in self._positions]
+        self._fold_skips()
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the loader is garbage collected)."""
@@ -284,31 +293,29 @@ class TrainLoader:
 
     # ---- resumable state -------------------------------------------------------------------------------------
     def _local_state(self) -> dict[str, Any]:
-        plan = self._plan
         return {
             "version": STATE_VERSION,
-            "rank": plan.rank,
-            "world_size": plan.world_size,
-            "num_workers": plan.num_workers,
+            "rank": self._dataset.rank,
+            "world_size": self._dataset.world_size,
+            "num_workers": self._cfg.num_workers,
             "batch_size": self.batch_size,
-            "mode": plan.mode,
-            "seed": plan.seed,
-            "num_shards": len(plan.urls),
-            "salt": plan.salt,
+            "global_batch_size": self._dataset.global_batch,
+            "mode": self._order.mode,
+            "seed": self._order.seed,
+            "num_shards": len(self._order.urls),
             "epoch": self.epoch,
             "batches_in_epoch": self._batches_in_epoch,
             "samples_seen": self._samples_seen,
             "skipped_samples": self.skipped_samples,
             "skipped_shards": self.skipped_shards,
-            "workers": [p.as_list() for p in self._positions],
         }
 
     def state_dict(self, gather: bool | None = None) -> dict[str, Any]:
         """This rank's position as plain Python values; with ``gather`` also every rank's, under ``"ranks"``.
 
-        ``gather`` defaults to True when ``torch.distributed`` is initialised with more than one rank; it is
-        then a collective call that every rank must make (the checkpoint saved by rank 0 then resumes all
-        ranks exactly). The top-level keys always describe the calling rank.
+        The position is the global batch index within the epoch, the same on every rank, so any world size
+        and worker count can continue from it. ``gather`` defaults to True when ``torch.distributed`` is
+        initialised with more than one rank; it is then a collective call that every rank must make.
         """
         state = self._local_state()
         if gather is None:
@@ -320,41 +327,48 @@ class TrainLoader:
             state["ranks"] = everyone
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the saved run was: the next batch is the one it would have yielded next.
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue the saved run's global sequence: the next global batch is the one it would have used next.
 
-        Accepts a state from ``state_dict()`` (this rank's entry is taken from ``"ranks"`` when present). If
-        the saved run used another world size, worker count, batch size, mode, seed or shard list, exact
-        resume is impossible: the loader warns, keeps the epoch, sample and skip counts, and starts a
-        fresh data order (resampled) or the saved epoch afresh (epoch mode).
+        ``state`` is one ``state_dict()`` or every saved rank's (a list, or under ``"ranks"``); the saved run
+        may have had any world size and worker count. Skip counts of all saved ranks are carried by rank 0
+        (the trainer sums them over ranks). A change of the global batch size (or of the mode, seed or shard
+        list) cannot continue the same sequence: the loader warns once and starts the saved epoch afresh
+        in the new plan (resampled mode: the stream restarts from the seed).
         """
-        ranks = state.get("ranks")
-        entry = state
-        if isinstance(ranks, list) and len(ranks) == self._plan.world_size:
-            entry = ranks[self._plan.rank]
-        if entry.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {entry.get('version')!r} is not {STATE_VERSION}")
+        entries = state if isinstance(state, list) else state.get("ranks") or [state]
+        for entry in entries:
+            if entry.get("version") not in (1, STATE_VERSION):
+                raise ValueError(f"data loader state version {entry.get('version')!r} is not {STATE_VERSION}")
+        rank, world = self._dataset.rank, self._dataset.world_size
+        same_shape = len(entries) == world
+        # All ranks of a run are at the same global batch; with the saved shape each takes its own entry.
+        entry = entries[rank] if same_shape else entries[0]
         self._it = None  # workers restart from the loaded position
-        mine = self._local_state()
-        differ = [k for k in _TOPOLOGY_KEYS if entry.get(k) != mine[k]]
-        if entry.get("rank") != self._plan.rank:
-            differ.append("rank")
-        self._samples_seen = int(entry["samples_seen"])
+        # samples_seen is per rank: the run's total, shared out over the new world size
+        self._samples_seen = (int(entry["samples_seen"]) * int(entry.get("world_size", 1))
+                              // self._dataset.world_size)
+        self._skipped_live = {}
+        carried = [entry] if same_shape or len(entries) == 1 else entries if rank == 0 else []
+        self._skipped_base = [sum(int(e.get("skipped_samples", 0)) for e in carried),
+                              sum(int(e.get("skipped_shards", 0)) for e in carried)]
+        now = self._local_state()
+        # A version-1 state (per-worker streams, before the global order) has no global batch index to continue.
+        differ = ["version"] if entry.get("version") != STATE_VERSION else \
+            [k for k in _ORDER_KEYS if entry.get(k) != now[k]]
+        self.epoch = int(entry["epoch"])
         if not differ:
-            self._plan.set_salt(int(entry["salt"]))
-            self.epoch = int(entry["epoch"])
             self._batches_in_epoch = int(entry["batches_in_epoch"])
-            self._positions = [WorkerPosition(*map(int, w)) for w in entry["workers"]]
             return
-        log.warning("data: the saved loader position cannot be restored exactly (%s differ: saved %s, now %s); "
-                    "continuing with a fresh data order", ", ".join(differ),
-                    {k: entry.get(k) for k in differ}, {k: mine.get(k) for k in differ})
-        self._plan.set_salt(mix_seed(int(entry.get("salt", 0)), self._samples_seen, 0x5A17))
-        self.epoch = int(entry.get("epoch", 0)) if self._plan.mode == "epoch" else 0
+        if self._order.mode == "resampled":
+            self.epoch = 0
         self._batches_in_epoch = 0
-        self._positions = [WorkerPosition() for _ in range(self._plan.num_workers)]
-        self._positions[0].skipped = int(entry.get("skipped_samples", 0))
-        self._positions[0].skipped_shards = int(entry.get("skipped_shards", 0))
+        if self._dataset.rank == 0:
+            log.warning("data: %s changed (saved %s, now %s): the global order is re-planned; %s",
+                        ", ".join(differ), {k: entry.get(k) for k in differ}, {k: now[k] for k in differ},
+                        f"epoch {self.epoch} starts again from its first batch in the new order (its samples "
+                        "already seen in this epoch are seen again)" if self._order.mode == "epoch"
+                        else "the resampled stream starts again from the seed")
 
 
 def _worker_message(exn: Exception) -> str:
@@ -409,8 +423,10 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
                        world_size: int = 1, seed: int = 0) -> TrainLoader:
     """The training loader of ``rank`` out of ``world_size``; raises ``ValueError`` on bad shard settings.
 
-    The sample order is a pure function of (``seed``, ``cfg.seed``, rank, world size, worker count). Shard
-    patterns are expanded and checked here, so a pattern that matches nothing fails before training.
+    The sequence of global batches (``world_size * cfg.batch_size`` samples each, and every sample's random
+    crop) is a pure function of the shards, ``seed``, ``cfg.seed``, the epoch and the global batch size;
+    the rank, world size and worker count only decide who reads what (``order.py``). Shard patterns are
+    expanded and checked here, so a pattern that matches nothing fails before training.
     """
     cfg = as_data_config(cfg)
     if cfg.batch_size < 1:
@@ -425,13 +441,50 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
             raise ValueError("data.train_shards weights need data.resampled=true (epoch mode reads every shard "
                              "exactly once per epoch)")
         counts = sample_counts([u for s in sources for u in s.urls], cfg.manifest, options)
-    plan = _plan_for(sources, mode, cfg, seed=mix_seed(seed, cfg.seed), rank=rank, world_size=world_size,
-                     counts=counts)
-    batches_per_epoch = plan.batches_per_rank(cfg.batch_size, cfg.epoch_samples) if mode == "epoch" else None
+    else:
+        urls = [u for s in sources for u in s.urls]
+        try:  # resampled mode uses counts where they are known (a manifest or img2dataset stats)
+            counts = sample_counts(urls, cfg.manifest, options)
+        except (OSError, ValueError):
+            counts = None
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    global_batch = cfg.batch_size * world_size
+    fallback = counts[0] if counts else _first_shard_count(sources, options)
+    order = GlobalOrder(sources, mode, seed=mix_seed(seed, cfg.seed), shards_per_block=cfg.shards_per_block,
+                        counts=counts, fallback_count=fallback)
+    batches_per_epoch = None
+    if mode == "epoch":
+        total = sum(counts) if counts is not None else cfg.epoch_samples
+        if total is None:
+            raise ValueError("data.resampled=false (epoch mode) needs the number of samples per epoch: put a "
+                             "shards.json manifest next to the shards (python -m clip_train.data.make_shards "
+                             "writes one), set data.manifest, or set data.epoch_samples")
+        batches_per_epoch = total // global_batch
+        if batches_per_epoch < 1:
+            raise ValueError(f"an epoch of {total} samples is smaller than one global batch "
+                             f"({world_size} ranks x data.batch_size={cfg.batch_size}); lower data.batch_size")
     decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=True, crop_scale=cfg.train_crop_scale,
                             crop_ratio=cfg.train_crop_ratio, max_pixels=cfg.max_image_pixels)
-    dataset = _stream(plan, decoder, tokenizer, cfg.batch_size, cfg.shuffle_buffer, cfg)
+    dataset = GlobalBatchStream(order, decoder, _default_tokenizer(tokenizer), global_batch, rank, world_size,
+                                cfg.shuffle_buffer, max_pixels=cfg.max_image_pixels,
+                                remote=RemoteOptions.from_config(cfg),
+                                max_failed_shards_in_row=cfg.max_failed_shards_in_row)
     return TrainLoader(dataset, cfg, batches_per_epoch)
+
+
+def _first_shard_count(sources: list[ShardSource], options: RemoteOptions) -> int:
+    """Samples in the first shard that has any (of the first four): the global positions given to each shard
+    whose count is unknown (its real length only decides how many of them are filled)."""
+    for url in [u for s in sources for u in s.urls][:4]:
+        try:
+            count = count_tar_samples(url, options)
+        except Exception as exn:  # noqa: BLE001 - an unreadable or empty tar: try the next one
+            log.debug("data: cannot count %s (%s); trying the next shard", url, exn)
+            continue
+        if count > 0:
+            return count
+    return 1000
 
 
 def build_eval_loader(cfg: Any, image_size: int, tokenizer: Callable | None = None, rank: int = 0,

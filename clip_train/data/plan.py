@@ -1,5 +1,7 @@
-"""Which shards each DataLoader worker reads, as a pure function of (seed, epoch, rank, worker, block).
+"""Which shards a reader reads, as a pure function of (seed, epoch, reader, block).
 
+Training uses it with one single global reader (``order.py`` turns its blocks into global positions that
+any rank and worker can find); evaluation splits the shard list over every worker of every rank.
 Nothing here reads data. Because the plan is deterministic, a worker can jump to any block of its stream
 without replaying what came before, which is what makes exact resume cheap.
 
@@ -63,9 +65,6 @@ class StreamPlan:
     (each epoch shuffles the shard list and splits it across all ranks' workers; a worker that runs out
     before its batch quota pads from the rest of the epoch's units) and ``eval`` (no shuffling, one pass).
 
-    In epoch mode with known sample counts and ``batch_size``, the shuffled shard list is cut into one
-    contiguous run of samples per worker, each at least that worker's batch quota, so no worker needs to
-    pad and clean data is seen exactly once per epoch (only bad samples can make a worker pad).
     """
 
     def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, rank: int, world_size: int,
@@ -122,41 +121,12 @@ class StreamPlan:
             order = [i for i in order if self.counts[i] > 0]
         if self.mode != "eval":
             random.Random(mix_seed(self.seed, self.salt, epoch, 0xE90C)).shuffle(order)
-        if self.mode == "epoch" and self.counts is not None and self.batch_size is not None:
-            return self._cut_by_quota(order)
         workers = self.num_global_workers
         parts = max(1, math.ceil(workers / max(1, len(order))))
         per_worker: list[list[Unit]] = [[] for _ in range(workers)]
         units = [Unit(self.urls[i], p, parts) for i in order for p in range(parts)]
         for j, unit in enumerate(units):
             per_worker[j % workers].append(unit)
-        return tuple(tuple(u) for u in per_worker)
-
-    def _cut_by_quota(self, order: Sequence[int]) -> tuple[tuple[Unit, ...], ...]:
-        """Consecutive sample ranges of the shuffled shards, one run per global worker.
-
-        Worker ``g`` gets its batch quota's worth of samples plus an even share of the epoch's surplus (the
-        samples beyond ``batches_per_rank`` global batches), which absorbs bad samples before any padding.
-        Only the shards at the seams are split, so at most ``workers - 1`` shards are read by two workers.
-        """
-        assert self.counts is not None and self.batch_size is not None
-        workers = self.num_global_workers
-        per_rank = self.batches_per_rank(self.batch_size, None)
-        demand = [self.worker_quota(per_rank, g % self.num_workers) * self.batch_size for g in range(workers)]
-        surplus = sum(self.counts[i] for i in order) - sum(demand)
-        lengths = [d + surplus // workers + (1 if g < surplus % workers else 0) for g, d in enumerate(demand)]
-        per_worker: list[list[Unit]] = [[] for _ in range(workers)]
-        g, room = 0, lengths[0]
-        for i in order:
-            start, count = 0, self.counts[i]
-            while start < count:
-                while room == 0:
-                    g, room = g + 1, lengths[g + 1]
-                take = min(room, count - start)
-                whole = start == 0 and take == count
-                per_worker[g].append(Unit(self.urls[i], num_samples=take, start=start,
-                                          stop=None if whole else start + take))
-                start, room = start + take, room - take
         return tuple(tuple(u) for u in per_worker)
 
     def worker_units(self, epoch: int, logical: int) -> tuple[Unit, ...]:
@@ -207,21 +177,3 @@ class StreamPlan:
         per_block = self._per_block(mine)
         total = sum(len(units) for units in self.assignment(epoch))
         return math.ceil(len(mine) / per_block) + math.ceil(total / per_block)
-
-    # ---- epoch lengths --------------------------------------------------------------------------------------
-    def batches_per_rank(self, batch_size: int, epoch_samples: int | None) -> int:
-        """Batches every rank yields per epoch: the dataset's samples over the global batch, rounded down."""
-        total = sum(self.counts) if self.counts is not None else epoch_samples
-        if total is None:
-            raise ValueError("data.resampled=false (epoch mode) needs the number of samples per epoch: put a "
-                             "shards.json manifest next to the shards (python -m clip_train.data.make_shards "
-                             "writes one), set data.manifest, or set data.epoch_samples")
-        batches = total // (self.world_size * batch_size)
-        if batches < 1:
-            raise ValueError(f"an epoch of {total} samples is smaller than one global batch "
-                             f"({self.world_size} ranks x data.batch_size={batch_size}); lower data.batch_size")
-        return batches
-
-    def worker_quota(self, batches_per_rank: int, logical: int) -> int:
-        """Batches worker ``logical`` yields per epoch; round-robin order over workers makes this exact."""
-        return batches_per_rank // self.num_workers + (1 if logical < batches_per_rank % self.num_workers else 0)

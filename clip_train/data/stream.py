@@ -18,9 +18,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
+from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
-from clip_train.data.reader import block_samples
-from clip_train.data.remote import RemoteOptions
+from clip_train.data.reader import block_samples, materialize
+from clip_train.data.remote import RemoteOptions, ShardUnavailable
 
 # Order of the fields in each batch's meta tensor.
 META_FIELDS = ("worker", "epoch", "block", "within", "batches", "skipped", "skipped_shards")
@@ -161,3 +162,157 @@ class ShardStream(IterableDataset):
             out.append(torch.tensor(labels, dtype=torch.long))
         out.append(torch.tensor(meta, dtype=torch.long))
         return tuple(out)
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> random.Random:
+    """The augmentation randomness of the sample at global ``position`` of ``epoch``: the same whoever reads it."""
+    return random.Random(mix_seed(seed, epoch, position, 0xA06))
+
+
+class GlobalBatchStream(IterableDataset):
+    """One rank's share of the global batches, split over its DataLoader workers by batch index.
+
+    The main process sets ``epoch``, ``first_batch`` (the next global batch the training loop needs) and
+    ``end_batch`` (None: endless) before each DataLoader iterator is created. Physical worker ``j`` of
+    ``K`` then yields global batches ``first_batch + j``, ``first_batch + j + K``, ... — DataLoader's round
+    robin over workers (which starts at worker 0) hands them to the loop in batch order. Each batch is this
+    rank's contiguous slice of the global batch (see ``order.py``), so a worker reads, in order, the blocks
+    holding its slices: the bytes of samples it does not own are read and passed over, never decoded.
+
+    A bad sample is replaced by a copy of a good one of the same slice (or, if the whole slice is bad, the
+    last good sample this worker produced, or the next one it finds), so batches keep their size.
+    """
+
+    def __init__(self, order: GlobalOrder, decoder: SampleDecoder, tokenizer: Callable, global_batch: int,
+                 rank: int, world_size: int, shuffle_buffer: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 remote: RemoteOptions | None = None, max_failed_shards_in_row: int = 16) -> None:
+        super().__init__()
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} does not split over {world_size} ranks")
+        self.order = order
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = global_batch // world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.max_pixels = max_pixels
+        self.remote = remote or RemoteOptions()
+        self.max_failed_shards_in_row = max(1, max_failed_shards_in_row)
+        self.epoch = 0
+        self.first_batch = 0
+        self.end_batch: int | None = None
+
+    def slice_start(self, batch: int) -> int:
+        """First global position of this rank's slice of global batch ``batch``."""
+        return batch * self.global_batch + self.rank * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        info = get_worker_info()
+        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # PIL's own bomb check, at our limit
+        counter = SkipCounter(0, where=f"data (rank {self.rank}, worker {physical})")
+        return self._batches(physical, count, counter)
+
+    def _batches(self, physical: int, workers: int, counter: SkipCounter) -> Iterator[tuple[torch.Tensor, ...]]:
+        order, epoch, size = self.order, self.epoch, self.batch_size
+        batch = self.first_batch + physical
+        if self.end_batch is not None and batch >= self.end_batch:
+            return
+        slots: list[tuple[np.ndarray, str] | None] = []  # this batch's slice so far (None: a bad sample)
+        pending: list[tuple[int, list]] = []  # whole-bad slices waiting for a first good sample
+        last_good: tuple[np.ndarray, str] | None = None
+        index = order.locate(epoch, self.slice_start(batch))
+        empty_run, failed_run = 0, 0
+        open_files: dict[str, object] = {}  # the local shard being materialized from
+        while True:
+            start = order.block_start(epoch, index)
+            end = start + order.block_size(epoch, index)
+            need = self.slice_start(batch) + len(slots)
+            if need >= end:  # none of this block's positions is ours: not even opened
+                index += 1
+                continue
+            block = order.block(epoch, index)
+            # Only the worker owning the block's first position counts its tar errors and lost shards, so
+            # each is counted once whatever the topology; every reader sees its own failures for the stop rule.
+            owner = start == need
+            lost = [0]
+
+            def handler_for(url: str, _owner: bool = owner, _lost: list[int] = lost) -> Callable[[Exception], bool]:
+                counted = counter.tar_error_handler(url) if _owner else None
+
+                def handler(exn: Exception) -> bool:
+                    if isinstance(exn, ShardUnavailable):
+                        _lost[0] += 1
+                    return counted(exn) if counted is not None else True
+                return handler
+
+            samples = iter(block_samples(block, handler_for, self.shuffle_buffer, self.remote, lazy=True))
+            position, good = start, 0
+            while need < end:
+                sample = next(samples, None) if position <= need else None
+                while sample is not None and position < need:  # someone else's: pass over its bytes
+                    position += 1
+                    sample = next(samples, None)
+                if sample is None:  # the block ended early: our remaining positions in it are bad
+                    position = need
+                    slots.append(None)  # not counted: the tar error or lost shard that cut it short was
+                else:
+                    try:
+                        try:
+                            sample = materialize(sample, open_files)
+                        except OSError as exn:
+                            raise BadSample(f"unreadable: {exn}") from None
+                        image, text, _ = self.decoder(sample, sample_rng(order.seed, epoch, need))
+                        slots.append((image, text))
+                        good += 1
+                        last_good = (image, text)
+                    except BadSample as exn:
+                        counter.skip(f"{sample.get('__url__')} key {sample.get('__key__')}: {exn}")
+                        slots.append(None)
+                    position += 1
+                if last_good is not None and pending:
+                    for waiting_batch, waiting in pending:
+                        yield self._collate(waiting, last_good, (physical, epoch, waiting_batch, counter.count,
+                                                                 counter.shards))
+                    pending = []
+                    if self.end_batch is not None and batch >= self.end_batch:
+                        return
+                if len(slots) == size:
+                    if any(s is not None for s in slots) or last_good is not None:
+                        if not pending:
+                            yield self._collate(slots, last_good, (physical, epoch, batch, counter.count,
+                                                                   counter.shards))
+                        else:
+                            pending.append((batch, slots))
+                    else:
+                        pending.append((batch, slots))
+                    slots = []
+                    batch += workers
+                    # (slices still waiting for a good sample keep reading past the end for one)
+                    if self.end_batch is not None and batch >= self.end_batch and not pending:
+                        return
+                need = self.slice_start(batch) + len(slots)
+            empty_run = 0 if good else empty_run + 1
+            failed_run = 0 if good else failed_run + lost[0]
+            if failed_run >= self.max_failed_shards_in_row:
+                raise DataUnavailable(f"data: {failed_run} shards in a row could not be read (last: "
+                                      f"{counter.last_shard_error}); check that the store is reachable, or raise "
+                                      "data.read_timeout_s / data.read_retries / data.max_failed_shards_in_row")
+            if empty_run >= order.max_empty_blocks():
+                raise DataUnavailable(f"data: {empty_run} blocks of shards in a row gave no usable sample "
+                                      f"(last shard read: {block.units[-1].url}); {counter.count} samples were "
+                                      "skipped as bad. Check data.train_shards, data.image_key and data.text_key.")
+            index += 1
+
+    def _collate(self, slots: list, fallback: tuple[np.ndarray, str] | None, meta: tuple[int, ...]
+                 ) -> tuple[torch.Tensor, ...]:
+        good = [s for s in slots if s is not None]
+        filled = [s if s is not None else (good[i % len(good)] if good else fallback)
+                  for i, s in enumerate(slots)]
+        size = self.decoder.image_size
+        batch = np.empty((len(filled), 3, size, size), dtype=np.uint8)
+        for i, (image, _) in enumerate(filled):
+            batch[i] = image.transpose(2, 0, 1)  # HWC -> CHW, one copy into the batch
+        return torch.from_numpy(batch), self.tokenizer([text for _, text in filled]), torch.tensor(meta)

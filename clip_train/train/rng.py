@@ -36,3 +36,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_streams(per_rank: list[dict[str, Any]], rank: int, seed: int, step: int) -> None:
+    """Give this rank the random streams it had when the checkpoint was written, when it existed then.
+
+    Data augmentation does not use these streams (each sample's crop is seeded by its global position), so
+    they matter only for model-side randomness such as ``model.vision.patch_dropout``, which is per rank by
+    nature. A rank beyond the saved world size starts fresh streams from ``(seed, rank, step)``, so a resume
+    at another shape is still reproducible.
+    """
+    if rank < len(per_rank) and "rng" in per_rank[rank]:
+        set_rng_state(per_rank[rank]["rng"])
+        return
+    seed_everything(seed + rank + 1_000_003 * (step + 1))

@@ -47,7 +47,7 @@ from clip_train.train.optim import apply_config_on_resume, build_optimizer, buil
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
 from clip_train.train.profiler import OnDemandProfiler
-from clip_train.train.rng import rng_state, seed_everything, set_rng_state
+from clip_train.train.rng import restore_rng_streams, rng_state, seed_everything
 from clip_train.train.step import NonFiniteSteps, forward_backward, step_unless_nonfinite
 from clip_train.train.timing import EtaEstimator, StepTimer, peak_memory_bytes
 from clip_train.train.zeroshot_hook import ZeroShotHook
@@ -330,14 +330,10 @@ class Trainer:
                                                       self.run_dir / METRICS_FILE)
         self.wandb_run_id = state.get("wandb_run_id")
         per_rank = state["per_rank"]
-        if state["world_size"] == self.ctx.world_size:
-            set_rng_state(per_rank[self.ctx.rank]["rng"])
-            self.loader.load_state_dict(per_rank[self.ctx.rank]["dataloader"])
-        else:
-            log.warning(
-                "checkpoint was written by %d ranks, this run has %d: model and optimizer resume, "
-                "data order and random streams restart from the seed", state["world_size"], self.ctx.world_size,
-            )
+        # The data position is the global batch index, which any world size and worker count continues;
+        # the loader takes every saved rank's entry (skip counts included) and warns only for a new global batch.
+        self.loader.load_state_dict([entry["dataloader"] for entry in per_rank])
+        restore_rng_streams(per_rank, self.ctx.rank, self.cfg.train.seed, self.state.step)
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ------------------------------------------------------------------ logging

@@ -147,17 +147,29 @@ def image_bytes_bad() -> bytes:
     return good_sample(999, fmt="jpg")["jpg"][:200]  # a JPEG cut short
 
 
-def test_state_from_another_topology_warns_and_keeps_going(make_shards, tokenizer, caplog):
+def test_state_from_another_worker_count_continues_the_same_batches(make_shards, tokenizer):
     pattern, _ = make_shards([8, 8])
+    expected = take(build_train_loader(config(pattern, num_workers=0), 16, tokenizer), 5)[3:]
     first = build_train_loader(config(pattern, num_workers=2), 16, tokenizer)
     take(first, 3)
     state = first.state_dict()
     resumed = build_train_loader(config(pattern, num_workers=0), 16, tokenizer)
-    with caplog.at_level(logging.WARNING, logger="clip_train.data"):
-        resumed.load_state_dict(state)
-    assert "num_workers" in caplog.text
+    resumed.load_state_dict(state)
     assert resumed.samples_seen == state["samples_seen"]
-    assert len(take(resumed, 2)) == 2
+    for (ie, te), (ig, tg) in zip(expected, take(resumed, 2)):
+        assert torch.equal(ie, ig) and torch.equal(te, tg)
+
+
+def test_state_with_another_global_batch_warns_once_and_restarts_the_epoch(make_shards, tokenizer, caplog):
+    pattern, _ = make_shards([8, 8])
+    first = build_train_loader(config(pattern, resampled=False), 16, tokenizer)
+    take(first, 3)
+    resumed = build_train_loader(config(pattern, resampled=False, batch_size=4), 16, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="clip_train.data"):
+        resumed.load_state_dict(first.state_dict())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "global_batch_size" in warnings[0] and "epoch 0 starts again" in warnings[0]
+    assert len(list(resumed)) == 4  # the whole epoch of 16 samples in batches of 4
 
 
 def test_bomb_and_bad_samples_in_training_are_counted(make_shards, tokenizer):

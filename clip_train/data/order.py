@@ -1,0 +1,92 @@
+"""The global sample order of training: which raw sample sits at each global position, for any topology.
+
+The order is a pure function of the shard list (and their sample counts), the seed, the epoch, the mode,
+``shards_per_block`` and ``shuffle_buffer``; ranks and DataLoader workers only decide who reads what:
+
+- The epoch's shard list is shuffled (epoch mode) or shards are drawn with replacement (resampled mode),
+  in *blocks* of ``shards_per_block`` shards (the plan of one single global worker, see ``plan.py``).
+- A block's samples are its shards read interleaved and passed through a seeded shuffle buffer
+  (``reader.block_samples``), so a block's order depends on the block's seed only.
+- Block ``i`` occupies the global positions ``[start_i, start_i + size_i)``, where ``size_i`` is the sum of
+  its shards' sample counts from the manifest (or, without counts, an estimate per shard). A shard that
+  yields fewer samples than its count leaves those positions bad; extra samples are ignored. So positions
+  never shift, whoever reads them.
+- Global batch ``b`` is positions ``[b * G, (b + 1) * G)`` of the epoch; rank ``r`` of ``W`` takes the
+  slice ``[b * G + r * G / W, b * G + (r + 1) * G / W)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from clip_train.data.plan import Block, StreamPlan, Unit
+from clip_train.data.sources import ShardSource
+
+
+class GlobalOrder:
+    """Blocks of the global order and the global positions each one covers."""
+
+    def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, shards_per_block: int,
+                 counts: Sequence[int] | None, fallback_count: int) -> None:
+        if mode not in ("resampled", "epoch"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.mode = mode
+        self.seed = seed
+        self._plan = StreamPlan(sources, mode, seed=seed, rank=0, world_size=1, num_workers=1,
+                                shards_per_block=shards_per_block, counts=counts)
+        self.urls = self._plan.urls
+        self._counts = {url: int(c) for url, c in zip(self.urls, counts)} if counts is not None else {}
+        self._fallback = max(1, int(fallback_count))
+        self._starts: dict[int, list[int]] = {}  # epoch -> start position of blocks 0..n (grown on demand)
+
+    @property
+    def shards_per_block(self) -> int:
+        return self._plan.shards_per_block
+
+    def block(self, epoch: int, index: int) -> Block:
+        """Block ``index`` of ``epoch`` (epoch mode wraps around the shard list past its end)."""
+        block = self._plan.block(epoch if self.mode == "epoch" else 0, 0, index)
+        if block is None:  # pragma: no cover - train modes never end
+            raise RuntimeError("the global order ended")
+        return block
+
+    def unit_size(self, unit: Unit) -> int:
+        """Global positions a unit occupies: its sample count, or the estimate when counts are unknown."""
+        if unit.num_samples is not None:
+            return unit.num_samples
+        return self._counts.get(unit.url, self._fallback)
+
+    def block_size(self, epoch: int, index: int) -> int:
+        return sum(self.unit_size(u) for u in self.block(epoch, index).units)
+
+    def _grow(self, epoch: int, until_position: int | None = None, until_index: int | None = None) -> list[int]:
+        if len(self._starts) > 4 and epoch not in self._starts:
+            self._starts = {}
+        starts = self._starts.setdefault(epoch, [0])
+        while ((until_position is not None and starts[-1] <= until_position)
+               or (until_index is not None and len(starts) <= until_index + 1)):
+            starts.append(starts[-1] + self.block_size(epoch, len(starts) - 1))
+        return starts
+
+    def block_start(self, epoch: int, index: int) -> int:
+        """First global position of block ``index``."""
+        return self._grow(epoch, until_index=index)[index]
+
+    def locate(self, epoch: int, position: int) -> int:
+        """Index of the block holding global ``position``."""
+        starts = self._grow(epoch, until_position=position)
+        lo, hi = 0, len(starts) - 1  # starts[hi] > position
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if starts[mid] <= position:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def max_empty_blocks(self) -> int:
+        """Blocks in a row without one usable sample after which the data is deemed unusable."""
+        if self.mode == "resampled":
+            return max(2, -(-50 // self.shards_per_block))
+        blocks = -(-max(1, len(self.urls)) // self.shards_per_block)
+        return 2 * blocks + 1
