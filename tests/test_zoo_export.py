@@ -15,7 +15,9 @@ from tests.zoo_reference import example_inputs
 TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("name", ["ViT-M-16-alt"])  # layer scale: a key set OpenAI's layout does not have
+# ViT-M-16-alt: layer scale, a key set OpenAI's layout does not have; coca_tiny: OpenCLIP's CoCa needs the
+# towers' output_tokens flags in the config; MobileCLIP2-S0: a timm trunk with a bidirectional text tower.
+@pytest.mark.parametrize("name", ["ViT-M-16-alt", "coca_tiny", "MobileCLIP2-S0"])
 def test_open_clip_export_loads_in_openclip_with_equal_features(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     ours = clip_train.create_model(name).eval()

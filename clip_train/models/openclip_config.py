@@ -267,4 +267,8 @@ def to_openclip(cfg: ModelConfig) -> dict[str, Any]:
         if approximate != "none":
             mm["act_kwargs"] = {"approximate": approximate}
         out["multimodal_cfg"] = mm
+        # OpenCLIP's CoCa unpacks (pooled, tokens) from both towers, which they return only when told to;
+        # without these flags it splits the pooled batch into two rows and gives other features.
+        vision_cfg["output_tokens"] = True
+        text_cfg["output_tokens"] = True
     return out
