@@ -60,3 +60,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def write_perturbed_tiny_checkpoint(run_dir: Path, step: int = 5):
+    """The tiny model moved away from its initialisation (so every weight matters), saved as ``run_dir``'s
+    training checkpoint at ``step``; returns the model in eval mode."""
+    import dataclasses
+
+    import torch
+
+    import clip_train
+    from clip_train.train.checkpoint import write_checkpoint
+
+    torch.manual_seed(0)
+    model = clip_train.create_model("tiny").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    write_checkpoint(run_dir / "checkpoints", step,
+                     {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)})
+    return model

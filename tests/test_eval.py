@@ -6,7 +6,6 @@ at the model's 32 px, so no resampling stands between the two), and against hand
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 
@@ -23,9 +22,9 @@ from clip_train.data.writer import ManifestShardWriter
 from clip_train.eval.__main__ import main as eval_main
 from clip_train.eval.linear_probe import linear_probe, stratified_split
 from clip_train.eval.retrieval import retrieval_recall
-from clip_train.train.checkpoint import write_checkpoint
 from clip_train.train.distributed import DistributedContext
 from clip_train.train.zeroshot_hook import ZeroShotHook
+from tests.cli_helpers import write_perturbed_tiny_checkpoint
 
 CLASSES = ["blue", "green", "red"]  # sorted, as ImageFolder numbers its folders
 TEMPLATES = ["a photo of {}.", "something {}"]
@@ -46,14 +45,8 @@ def _png(pixels: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_and_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = clip_train.create_model("tiny").eval()
-    with torch.no_grad():  # away from the initialisation, so every weight matters
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
     run = tmp_path_factory.mktemp("run")
-    write_checkpoint(run / "checkpoints", 5, {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)})
-    return model, run
+    return write_perturbed_tiny_checkpoint(run), run
 
 
 @pytest.fixture(scope="module")

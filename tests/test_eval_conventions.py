@@ -3,7 +3,6 @@ template files), and accepts its inputs the way training does (a folder of shard
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -22,9 +21,9 @@ from clip_train.eval.__main__ import main as eval_main
 from clip_train.eval.imagefolder import folder_class_indices
 from clip_train.eval.retrieval import retrieval_recall
 from clip_train.eval.templates import load_templates
-from clip_train.train.checkpoint import write_checkpoint
 from clip_train.train.distributed import DistributedContext
 from clip_train.train.zeroshot_hook import ZeroShotHook
+from tests.cli_helpers import write_perturbed_tiny_checkpoint
 
 
 def clip_benchmark_recall(scores: torch.Tensor, positive: torch.Tensor, k: int) -> float:
@@ -97,14 +96,8 @@ def _digit_image(rng: np.random.Generator, index: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model_and_run(tmp_path_factory):
-    torch.manual_seed(0)
-    model = clip_train.create_model("tiny").eval()
-    with torch.no_grad():  # away from the initialisation, so every weight matters
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
     run = tmp_path_factory.mktemp("run")
-    write_checkpoint(run / "checkpoints", 5, {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)})
-    return model, run
+    return write_perturbed_tiny_checkpoint(run), run
 
 
 @pytest.fixture(scope="module")
