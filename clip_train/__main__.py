@@ -17,7 +17,7 @@ import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from clip_train.config import ConfigError, TrainConfig, register_configs, validate
+from clip_train.config import ConfigError, TrainConfig, register_configs, renamed_key_error, validate
 from clip_train.config_source import hydra_config_path
 from clip_train.models.pretrained import CheckpointError
 from clip_train.train import preemption, preflight, run_lock
@@ -143,6 +143,10 @@ def main() -> None:
             "clip_train: error: run Hydra sweeps (-m) outside torchrun and srun; every rank would run the whole "
             "sweep. Use `python -m clip_train -m ...` (each job starts its own ranks) or -m hydra/launcher=slurm\n"
         )
+        sys.exit(EXIT_BAD_INPUT)
+    renamed = renamed_key_error([a for a in sys.argv[1:] if not a.startswith("-")])
+    if renamed is not None:  # every mode and rank (sweeps and ranks > 0 skip the pre-Hydra checks below)
+        sys.stderr.write(f"clip_train: error: {renamed}\n")
         sys.exit(EXIT_BAD_INPUT)
     sys.argv = sys.argv[:1] + _quiet_non_zero_ranks(sys.argv[1:])
     if _plain_single_run(sys.argv[1:]) and launch_env().rank == 0:

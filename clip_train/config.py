@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from clip_train.data.config import DataConfig
+from clip_train.data.config import RENAMED_OPTIONS, DataConfig, renamed_option_message
 from clip_train.models.config import ModelConfig
 
 
@@ -242,6 +242,37 @@ class ConfigError(ValueError):
     """A configuration that cannot work, found before any expensive work starts."""
 
 
+# Keys that were renamed (full dotted names). Hydra would only say the old one is "not in struct"; these get
+# one line naming the new key instead.
+RENAMED_KEYS = {f"data.{old}": renamed_option_message(old) for old in RENAMED_OPTIONS}
+
+
+def override_key(override: str) -> str:
+    """The dotted key an override sets: ``+data.x=1``, ``++data.x=1``, ``~data.x`` and ``data.x=1`` -> ``data.x``."""
+    return override.lstrip("~+").split("=", 1)[0].strip()
+
+
+def renamed_key_error(overrides: list[str]) -> str | None:
+    """The one-line refusal for the first override that sets a renamed key, or None."""
+    for override in overrides:
+        message = RENAMED_KEYS.get(override_key(override))
+        if message is not None:
+            return message
+    return None
+
+
+def renamed_key_in(err: BaseException) -> str | None:
+    """The one-line refusal when a composition error (or one of its causes) is about a renamed key, e.g. one
+    set in a YAML file, else None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        message = RENAMED_KEYS.get(str(getattr(seen, "full_key", "") or ""))  # OmegaConf's errors name the key
+        if message is not None:
+            return message
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     """Reject combinations the schema's types cannot express, each in one line that says how to fix it."""
     choices = {
@@ -317,6 +348,9 @@ def validate_values(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.num_workers must be >= 0 (0 reads in the training process), got {cfg.data.num_workers}")
     if cfg.data.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer must be >= 0 (0 disables shuffling), got {cfg.data.shuffle_buffer}")
+    if cfg.data.shuffle_shards < 1:
+        raise ConfigError(f"data.shuffle_shards must be >= 1 (shards interleaved into one block of the global "
+                          f"order; 1 reads one shard at a time), got {cfg.data.shuffle_shards}")
     if cfg.data.num_workers > 0 and cfg.data.prefetch_factor < 1:
         raise ConfigError(f"data.prefetch_factor must be at least 1, got {cfg.data.prefetch_factor}")
     resume = cfg.ckpt.resume

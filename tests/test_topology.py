@@ -40,14 +40,78 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _loader(shards: str, world_size: int, rank: int, workers: int):
+def _loader(shards: str, world_size: int, rank: int, workers: int, shuffle_shards: int = 2):
     cfg = DataConfig(train_shards=shards, batch_size=GLOBAL_BATCH // world_size, num_workers=workers,
-                     resampled=False, shuffle_buffer=20, shards_per_block=2)
+                     resampled=False, shuffle_buffer=20, shuffle_shards=shuffle_shards)
     return build_train_loader(cfg, 16, get_tokenizer(context_length=16), rank=rank, world_size=world_size, seed=7)
 
 
 def _keys(tokens, tokenizer) -> list[str]:
     return [tokenizer.decode(row.tolist()).replace(" ", "") for row in tokens]
+
+
+def _epoch_keys(shards: str, world_size: int, workers: int, shuffle_shards: int = 2) -> list[list[str]]:
+    """The sample keys of each global batch of epoch 0: every rank's slice, in rank order."""
+    tokenizer = get_tokenizer(context_length=16)
+    batches: list[list[str]] = [[] for _ in range(7)]
+    for rank in range(world_size):
+        loader = _loader(shards, world_size, rank, workers, shuffle_shards)
+        for b, (_, tokens) in enumerate(loader):
+            batches[b] += _keys(tokens, tokenizer)
+        loader.close()
+    return batches
+
+
+def test_global_batches_depend_on_shuffle_shards_not_on_ranks_or_workers(shards):
+    """data.shuffle_shards is part of the order: 1 rank x 0 workers and 2 ranks x 2 workers give the same
+    global batches (sample keys, in order); another data.shuffle_shards gives another order of the same
+    epoch."""
+    one = _epoch_keys(shards, 1, 0)
+    assert _epoch_keys(shards, 2, 2) == one
+    wider = _epoch_keys(shards, 1, 0, shuffle_shards=4)
+    assert wider != one
+    for keys in (one, wider):  # both are orders of the epoch: no sample twice
+        flat = [k for batch in keys for k in batch]
+        assert len(flat) == 7 * GLOBAL_BATCH and len(set(flat)) == len(flat)
+
+
+RENAMED_LINE = ("data.shards_per_block was renamed data.shuffle_shards: it sets the global order's mixing, which "
+                "is the same at every world size and worker count")
+
+
+def test_the_old_shards_per_block_key_is_refused_in_one_line_naming_its_new_name(shards, cache_dir, tmp_path):
+    """On the command line (any prefix, also in a sweep), in a YAML file and in a dict config."""
+    from clip_train.config import ConfigError, register_configs
+    from clip_train.config_source import hydra_config_path
+    from clip_train.data.pipeline import as_data_config
+    from clip_train.train import preflight
+
+    result = run_cli(["+experiment=demo", "data.shards_per_block=4", f"hydra.run.dir={tmp_path / 'run'}"],
+                     cache_dir, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert errors == [f"clip_train: error: {RENAMED_LINE}"]
+    assert not (tmp_path / "run").exists()  # refused before Hydra writes anything
+    result = run_cli(["-m", "+experiment=demo", "data.shards_per_block=2,4", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                     cache_dir, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"clip_train: error: {RENAMED_LINE}"
+    assert not (tmp_path / "sweep").exists()
+
+    register_configs()  # what python -m clip_train does on import
+    config_dir = str(Path(hydra_config_path()).resolve())
+    experiments = tmp_path / "configs" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "old.yaml").write_text("# @package _global_\ndata:\n  shards_per_block: 2\n")
+    for overrides in (["+experiment=demo", "+data.shards_per_block=4"],
+                      ["+experiment=demo", "++data.shards_per_block=4"],
+                      [f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "+experiment=old"]):
+        with pytest.raises(ConfigError) as refused:
+            preflight.check(config_dir, "train", overrides, world_size=1)
+        assert str(refused.value) == RENAMED_LINE, overrides
+    with pytest.raises(ConfigError, match="^data.shuffle_shards must be >= 1 .*got 0$"):
+        preflight.check(config_dir, "train", ["+experiment=demo", "data.shuffle_shards=0"], world_size=1)
+    with pytest.raises(ValueError, match="^data.shards_per_block was renamed data.shuffle_shards: "):
+        as_data_config({"train_shards": shards, "shards_per_block": 2})
 
 
 @pytest.mark.parametrize(("before", "after"), [((2, 0), (1, 2)), ((1, 2), (2, 0))], ids=["2to1", "1to2"])
@@ -100,7 +164,7 @@ def test_an_epoch_split_across_two_shapes_sees_every_sample_once(shards, before,
 
 def _args(shards: str, world_size: int, workers: int, run_dir: Path) -> list[str]:
     return ["+experiment=demo", f"data.train_shards='{shards}'", "data.resampled=false", "data.shuffle_buffer=20",
-            "data.shards_per_block=2", f"data.batch_size={GLOBAL_BATCH // world_size}",
+            "data.shuffle_shards=2", f"data.batch_size={GLOBAL_BATCH // world_size}",
             f"data.num_workers={workers}", "eval.zeroshot=[]", "eval.every_n_steps=0", "train.log_every_n_steps=1",
             "train.max_steps=6", "ckpt.every_n_steps=2", "ckpt.keep_last=0", "optim.warmup_steps=2",
             "train.seed=5", f"hydra.run.dir={run_dir}"]

@@ -11,6 +11,21 @@ from typing import Any, List, Optional
 # PIL's own default; an image with more pixels than this is treated as a decompression bomb and skipped.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
+# Options that were renamed: old name -> (new name, why). The old name is refused in one line naming the new
+# one (``renamed_option_message``), by the CLI's config check and by ``as_data_config``.
+RENAMED_OPTIONS = {
+    "shards_per_block": ("shuffle_shards",
+                         "it sets the global order's mixing, which is the same at every world size and worker count"),
+}
+
+
+def renamed_option_message(option: str, prefix: str = "data.") -> str | None:
+    """``"data.OLD was renamed data.NEW: why"`` when ``option`` is a renamed data option, else None."""
+    if option not in RENAMED_OPTIONS:
+        return None
+    new, why = RENAMED_OPTIONS[option]
+    return f"{prefix}{option} was renamed {prefix}{new}: {why}"
+
 
 @dataclass
 class DataConfig:
@@ -48,13 +63,17 @@ class DataConfig:
     False: epoch mode, every shard read once per epoch and every rank given the same number of batches."""
 
     shuffle_buffer: int = 1000
-    """Samples of a block's shuffle buffer (0 disables sample shuffling). Part of the global order: every
-    worker holds one buffer of raw samples while it reads a block."""
+    """Samples of a block's shuffle buffer (0 disables sample shuffling). Part of the global order, like the
+    seeds: the same at every world size and worker count, recorded in checkpoints (a resume with another
+    value re-plans the epoch, with one warning). Every worker holds one buffer of raw samples while it reads
+    a block."""
 
-    shards_per_block: int = 4
-    """Shards read interleaved as one block of the global order (part of the order, like the seed). More
-    mixes better; resuming re-reads up to this many shards' bytes (without decoding) to reach the saved
-    position."""
+    shuffle_shards: int = 4
+    """Shards interleaved into one block of the global order, read interleaved through the shuffle buffer.
+    Part of the order, like the seeds: the same at every world size and worker count, recorded in
+    checkpoints (a resume with another value re-plans the epoch, with one warning). More mixes better;
+    resuming re-reads up to this many shards' bytes (without decoding) to reach the saved position.
+    (Formerly ``data.shards_per_block``.)"""
 
     train_crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])
     """Random resized crop: range of the crop's area as a fraction of the image's."""

@@ -1,10 +1,12 @@
 """The global sample order of training: which raw sample sits at each global position, for any topology.
 
 The order is a pure function of the shard list (and their sample counts), the seed, the epoch, the mode,
-``shards_per_block`` and ``shuffle_buffer``; ranks and DataLoader workers only decide who reads what:
+``data.shuffle_shards`` and ``data.shuffle_buffer``; ranks and DataLoader workers only decide who reads what:
 
 - The epoch's shard list is shuffled (epoch mode) or shards are drawn with replacement (resampled mode),
-  in *blocks* of ``shards_per_block`` shards (the plan of one single global worker, see ``plan.py``).
+  in *blocks* of ``shuffle_shards`` shards (the plan of one single global worker, see ``plan.py``, where
+  the block width is ``StreamPlan.shards_per_block``). There is no per-worker block: the width is a property
+  of the order, the same at every world size and worker count.
 - A block's samples are its shards read interleaved and passed through a seeded shuffle buffer
   (``reader.block_samples``), so a block's order depends on the block's seed only.
 - Block ``i`` occupies the global positions ``[start_i, start_i + size_i)``, where ``size_i`` is the sum of
@@ -26,21 +28,22 @@ from clip_train.data.sources import ShardSource
 class GlobalOrder:
     """Blocks of the global order and the global positions each one covers."""
 
-    def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, shards_per_block: int,
+    def __init__(self, sources: Sequence[ShardSource], mode: str, *, seed: int, shuffle_shards: int,
                  counts: Sequence[int] | None, fallback_count: int) -> None:
         if mode not in ("resampled", "epoch"):
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
         self.seed = seed
         self._plan = StreamPlan(sources, mode, seed=seed, rank=0, world_size=1, num_workers=1,
-                                shards_per_block=shards_per_block, counts=counts)
+                                shards_per_block=shuffle_shards, counts=counts)
         self.urls = self._plan.urls
         self._counts = {url: int(c) for url, c in zip(self.urls, counts)} if counts is not None else {}
         self._fallback = max(1, int(fallback_count))
         self._starts: dict[int, list[int]] = {}  # epoch -> start position of blocks 0..n (grown on demand)
 
     @property
-    def shards_per_block(self) -> int:
+    def shuffle_shards(self) -> int:
+        """Shards interleaved into one block (``data.shuffle_shards``, at least 1)."""
         return self._plan.shards_per_block
 
     def block(self, epoch: int, index: int) -> Block:
@@ -87,6 +90,6 @@ class GlobalOrder:
     def max_empty_blocks(self) -> int:
         """Blocks in a row without one usable sample after which the data is deemed unusable."""
         if self.mode == "resampled":
-            return max(2, -(-50 // self.shards_per_block))
-        blocks = -(-max(1, len(self.urls)) // self.shards_per_block)
+            return max(2, -(-50 // self.shuffle_shards))
+        blocks = -(-max(1, len(self.urls)) // self.shuffle_shards)
         return 2 * blocks + 1

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader
 
-from clip_train.data.config import DataConfig
+from clip_train.data.config import RENAMED_OPTIONS, DataConfig, renamed_option_message
 from clip_train.data.decode import SampleDecoder
 from clip_train.data.manifest import count_tar_samples, sample_counts
 from clip_train.data.order import GlobalOrder
@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2
 # The saved position continues the same global order only if these match the run that saved it (world size,
 # worker count and per-rank batch size may change freely).
-_ORDER_KEYS = ("global_batch_size", "mode", "seed", "num_shards")
+_ORDER_KEYS = ("global_batch_size", "mode", "seed", "num_shards", "shuffle_buffer", "shuffle_shards")
+# Recorded since the block width became ``data.shuffle_shards`` (still version 2: no saved value changed
+# meaning). A state saved before lacks them; nothing says what they were, so they count as unchanged: a
+# resume with the same settings continues exactly, instead of every older checkpoint restarting its epoch.
+_ORDER_KEYS_ADDED_LATER = ("shuffle_buffer", "shuffle_shards")
 _exit_hook_installed = False
 
 
@@ -62,6 +66,9 @@ def as_data_config(cfg: Any) -> DataConfig:
     if isinstance(cfg, dict):
         known = {f.name for f in dataclasses.fields(DataConfig)}
         unknown = sorted(set(cfg) - known)
+        renamed = [renamed_option_message(key) for key in unknown if key in RENAMED_OPTIONS]
+        if renamed:
+            raise ValueError(renamed[0])
         if unknown:
             raise ValueError(f"unknown data option(s) {unknown}; known: {sorted(known)}")
         return DataConfig(**cfg)
@@ -303,6 +310,8 @@ class TrainLoader:
             "mode": self._order.mode,
             "seed": self._order.seed,
             "num_shards": len(self._order.urls),
+            "shuffle_buffer": max(0, int(self._dataset.shuffle_buffer)),
+            "shuffle_shards": self._order.shuffle_shards,
             "epoch": self.epoch,
             "batches_in_epoch": self._batches_in_epoch,
             "samples_seen": self._samples_seen,
@@ -332,9 +341,11 @@ class TrainLoader:
 
         ``state`` is one ``state_dict()`` or every saved rank's (a list, or under ``"ranks"``); the saved run
         may have had any world size and worker count. Skip counts of all saved ranks are carried by rank 0
-        (the trainer sums them over ranks). A change of the global batch size (or of the mode, seed or shard
-        list) cannot continue the same sequence: the loader warns once and starts the saved epoch afresh
-        in the new plan (resampled mode: the stream restarts from the seed).
+        (the trainer sums them over ranks). A change of the global batch size (or of the mode, seed, shard
+        list, ``data.shuffle_buffer`` or ``data.shuffle_shards``) cannot continue the same sequence: the loader
+        warns once and starts the saved epoch afresh in the new plan (resampled mode: the stream restarts
+        from the seed). A state saved before ``shuffle_buffer``/``shuffle_shards`` were recorded is taken to
+        have today's values.
         """
         entries = state if isinstance(state, list) else state.get("ranks") or [state]
         for entry in entries:
@@ -355,7 +366,8 @@ class TrainLoader:
         now = self._local_state()
         # A version-1 state (per-worker streams, before the global order) has no global batch index to continue.
         differ = ["version"] if entry.get("version") != STATE_VERSION else \
-            [k for k in _ORDER_KEYS if entry.get(k) != now[k]]
+            [k for k in _ORDER_KEYS if entry.get(k) != now[k]
+             and not (k in _ORDER_KEYS_ADDED_LATER and k not in entry)]
         self.epoch = int(entry["epoch"])
         if not differ:
             self._batches_in_epoch = int(entry["batches_in_epoch"])
@@ -408,8 +420,9 @@ def _plan_for(sources: list[ShardSource], mode: str, cfg: DataConfig, *, seed: i
               world_size: int, counts: list[int] | None = None) -> StreamPlan:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    # Evaluation reads one shard at a time (StreamPlan ignores the block width in eval mode).
     return StreamPlan(sources, mode, seed=seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                      shards_per_block=cfg.shards_per_block, counts=counts, batch_size=cfg.batch_size)
+                      shards_per_block=1, counts=counts, batch_size=cfg.batch_size)
 
 
 def _stream(plan: StreamPlan, decoder: SampleDecoder, tokenizer: Callable | None, batch_size: int,
@@ -424,8 +437,9 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
     """The training loader of ``rank`` out of ``world_size``; raises ``ValueError`` on bad shard settings.
 
     The sequence of global batches (``world_size * cfg.batch_size`` samples each, and every sample's random
-    crop) is a pure function of the shards, ``seed``, ``cfg.seed``, the epoch and the global batch size;
-    the rank, world size and worker count only decide who reads what (``order.py``). Shard patterns are
+    crop) is a pure function of the shards, ``seed``, ``cfg.seed``, the epoch, the global batch size,
+    ``cfg.shuffle_shards`` and ``cfg.shuffle_buffer``; the rank, world size and worker count only decide
+    who reads what (``order.py``). Shard patterns are
     expanded and checked here, so a pattern that matches nothing fails before training.
     """
     cfg = as_data_config(cfg)
@@ -451,7 +465,7 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     global_batch = cfg.batch_size * world_size
     fallback = counts[0] if counts else _first_shard_count(sources, options)
-    order = GlobalOrder(sources, mode, seed=mix_seed(seed, cfg.seed), shards_per_block=cfg.shards_per_block,
+    order = GlobalOrder(sources, mode, seed=mix_seed(seed, cfg.seed), shuffle_shards=cfg.shuffle_shards,
                         counts=counts, fallback_count=fallback)
     batches_per_epoch = None
     if mode == "epoch":

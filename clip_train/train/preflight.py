@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from clip_train.config import ConfigError, TrainConfig, validate
+from clip_train.config import ConfigError, TrainConfig, renamed_key_error, renamed_key_in, validate
 
 _PLAIN_OVERRIDE_VALUE = re.compile(r"^[A-Za-z0-9_/.\-+:@~%]+$")
 _HYDRA_DETAIL_LINES = ("full_key:", "reference_type", "object_type", "Set the environment variable",
@@ -68,6 +68,9 @@ def check(config_dir: str, config_name: str, overrides: list[str], world_size: i
     import torch
     from hydra.core.hydra_config import HydraConfig
 
+    renamed = renamed_key_error(overrides)
+    if renamed is not None:
+        raise ConfigError(renamed)
     try:
         cfg = compose(config_dir, config_name, overrides)
         HydraConfig.instance().set_config(cfg)
@@ -77,6 +80,9 @@ def check(config_dir: str, config_name: str, overrides: list[str], world_size: i
         del job["hydra"]  # what the task function receives: the TrainConfig schema, without Hydra's node
         typed: TrainConfig = OmegaConf.to_object(job)  # type: ignore[assignment]
     except Exception as err:  # noqa: BLE001 - every composition failure is a configuration error
+        renamed = renamed_key_in(err)  # e.g. an old key in a YAML file
+        if renamed is not None:
+            raise ConfigError(renamed) from None
         raise ConfigError(
             f"{one_line(err)} (keys and types are listed in clip_train/config.py; python -m clip_train --cfg job "
             "prints the composed config)"

@@ -16,7 +16,7 @@ from clip_train.data import DataConfig, build_train_loader
 
 
 def config(pattern, **kw) -> DataConfig:
-    base = {"train_shards": pattern, "batch_size": 3, "num_workers": 2, "shuffle_buffer": 8, "shards_per_block": 2}
+    base = {"train_shards": pattern, "batch_size": 3, "num_workers": 2, "shuffle_buffer": 8, "shuffle_shards": 2}
     base.update(kw)
     return DataConfig(**base)
 
@@ -170,6 +170,43 @@ def test_state_with_another_global_batch_warns_once_and_restarts_the_epoch(make_
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "global_batch_size" in warnings[0] and "epoch 0 starts again" in warnings[0]
     assert len(list(resumed)) == 4  # the whole epoch of 16 samples in batches of 4
+
+
+@pytest.mark.parametrize(("key", "value"), [("shuffle_buffer", 3), ("shuffle_shards", 1)])
+def test_state_with_another_shuffle_setting_warns_once_and_restarts_the_epoch(make_shards, tokenizer, caplog, key,
+                                                                              value):
+    """data.shuffle_buffer and data.shuffle_shards are part of the order and recorded in the state: a resume
+    that changes one re-plans (one warning naming it, the epoch again from its first batch in the new
+    order); with both unchanged it continues exactly, also from a state saved before they were recorded."""
+    pattern, _ = make_shards([8, 8])  # 16 samples: 5 batches of 3 per epoch
+    expected = take(build_train_loader(config(pattern, resampled=False), 16, tokenizer), 5)
+    first = build_train_loader(config(pattern, resampled=False), 16, tokenizer)
+    take(first, 3)
+    state = first.state_dict()
+    assert (state["shuffle_buffer"], state["shuffle_shards"]) == (8, 2)
+
+    changed = build_train_loader(config(pattern, resampled=False, **{key: value}), 16, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="clip_train.data"):
+        changed.load_state_dict(state)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and key in warnings[0] and "epoch 0 starts again" in warnings[0], warnings
+    restarted = list(changed)
+    fresh = list(build_train_loader(config(pattern, resampled=False, **{key: value}), 16, tokenizer))
+    assert len(restarted) == 5
+    for (ir, tr), (i_f, tf) in zip(restarted, fresh):
+        assert torch.equal(ir, i_f) and torch.equal(tr, tf)
+
+    older = {k: v for k, v in state.items() if k not in ("shuffle_buffer", "shuffle_shards")}
+    for saved in (state, older):
+        caplog.clear()
+        same = build_train_loader(config(pattern, resampled=False), 16, tokenizer)
+        with caplog.at_level(logging.WARNING, logger="clip_train.data"):
+            same.load_state_dict(saved)
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+        got = list(same)
+        assert len(got) == 2
+        for (ie, te), (ig, tg) in zip(expected[3:], got):
+            assert torch.equal(ie, ig) and torch.equal(te, tg)
 
 
 def test_bomb_and_bad_samples_in_training_are_counted(make_shards, tokenizer):

@@ -105,7 +105,7 @@ def test_weighted_sources_are_mixed_by_weight(make_shards, tokenizer, captions_o
     heavy, _ = make_shards([2] * 5, name="heavy")
     light, light_captions = make_shards([2] * 5, name="light", first=1000)
     cfg = DataConfig(train_shards=[{"shards": heavy, "weight": 4.0}, {"shards": light, "weight": 1.0}],
-                     num_workers=0, batch_size=10, shuffle_buffer=0, shards_per_block=1)
+                     num_workers=0, batch_size=10, shuffle_buffer=0, shuffle_shards=1)
     seen = [c for _, tokens in islice(iter(build_train_loader(cfg, 8, tokenizer)), 60) for c in captions_of(tokens)]
     share = sum(c not in set(light_captions) for c in seen) / len(seen)
     assert 0.7 < share < 0.9  # 4:1 weights -> 80% of the shards drawn come from the heavy source
