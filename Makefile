@@ -36,6 +36,8 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache outputs multirun
 
-# Numeric parity with OpenCLIP over its whole model zoo (slow; not in CI): rewrites the table in docs/models.md.
+# Numeric parity with OpenCLIP over its whole model zoo (slow; not in CI): rewrites the table in docs/models.md;
+# then the zoo tests outside CI's budget (app training of every timm family).
 test-zoo: $(STAMP)
 	$(PY) -m tests.zoo_parity
+	$(PY) -m pytest -m zoo -q -n 2 tests
