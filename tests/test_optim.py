@@ -9,7 +9,13 @@ import torch
 
 import clip_train
 from clip_train.config import OptimConfig
-from clip_train.train.optim import StableAdamW, build_optimizer, build_scheduler, cosine_with_warmup, parameter_groups
+from clip_train.train.optim import (
+    StableAdamW,
+    build_optimizer,
+    build_scheduler,
+    cosine_with_warmup,
+    parameter_groups,
+)
 
 
 def test_no_weight_decay_on_gains_biases_embeddings_and_temperature() -> None:

@@ -41,7 +41,7 @@ class JsonlBackend:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - held open for the run, closed in close()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
