@@ -3,6 +3,7 @@
     python -m clip_train.bench.data PATTERN --image-size 224 --workers N [--batches K] [--batch-size 64]
         [--world-size W]
         [--baseline open_clip] [--synthetic DIR [--synthetic-samples 512]]
+    python -m clip_train.bench.data --shuffle-quality [...]   (no images: see clip_train/bench/shuffle.py)
 
 ``--synthetic DIR`` first writes shards of LAION-sized JPEGs (400-800 px a side, smooth gradients, shapes
 and noise, quality 90, random captions) into DIR unless it already holds some, and benchmarks those.
@@ -181,6 +182,10 @@ def measure(loader: Iterable, batches: int, warmup: int, batch_size: int, label:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints the result JSON as the last stdout line and returns the exit status."""
+    if "--shuffle-quality" in (sys.argv[1:] if argv is None else argv):  # how well the order mixes shards
+        from clip_train.bench import shuffle
+
+        return shuffle.main(argv)
     parser = argparse.ArgumentParser(prog="python -m clip_train.bench.data", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("pattern", nargs="?", help="shard pattern, e.g. '/data/laion/{00000..00099}.tar'")
