@@ -1,6 +1,6 @@
 """Shuffle quality of the training order: how many shards a global batch mixes, before and after the global order.
 
-    python -m clip_train.bench.data --shuffle-quality [--shards 128] [--samples-per-shard 300]
+    python -m clip_train.bench.data --shuffle-quality [--shards 512] [--samples-per-shard 4000]
         [--positions 16384] [--world-sizes 1,8,64] [--workers-list 1,4] [--global-batches 256,4096]
         [--shuffle-shards-list 4,16,64] [--shuffle-buffer 1000]
 
@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
@@ -73,17 +74,18 @@ class KeyShards:
 
 
 def write_key_shards(out_dir: str, shards: int, samples_per_shard: int, seed: int = 0) -> KeyShards:
-    """``shards`` tars of one 2-byte member per sample, counts uneven in ``samples_per_shard`` ± 25%.
+    """``shards`` tars of one 2-byte member per sample, uneven counts: one of 8 sizes spread over
+    ``samples_per_shard`` ± 25%, drawn per shard.
 
-    Shards with the same count are hard links of one written tar (keys ``000000``...): a sample is told
-    apart by its shard's path, so this costs nothing in what is measured and keeps writing fast.
+    Shards of the same size are hard links of one written tar (keys ``000000``...): a sample is told apart by
+    its shard's path, so this changes nothing in what is measured and keeps writing fast.
     """
     rng = random.Random(seed)
-    low, high = max(1, samples_per_shard * 3 // 4), max(1, samples_per_shard * 5 // 4)
+    sizes = sorted({max(1, round(samples_per_shard * (0.75 + 0.5 * i / 7))) for i in range(8)})
     written: dict[int, str] = {}
     urls, counts = [], []
     for s in range(shards):
-        count = rng.randint(low, high)
+        count = rng.choice(sizes)
         path = os.path.join(out_dir, f"{s:05d}.tar")
         if count in written:
             try:
@@ -128,12 +130,13 @@ def global_order_ids(data: KeyShards, mode: str, shuffle_shards: int, shuffle_bu
     ids, to_id, index = [], SampleIds(data), 0
     while len(ids) < positions:
         size = order.block_size(0, index)
-        block = [to_id(s) for s in block_samples(order.block(0, index), _keep_going, shuffle_buffer, lazy=True)]
-        if len(block) != size:
+        block = [to_id(s) for s in islice(block_samples(order.block(0, index), _keep_going, shuffle_buffer,
+                                                        lazy=True), min(size, positions - len(ids)))]
+        if len(block) < min(size, positions - len(ids)):
             raise RuntimeError(f"block {index} gave {len(block)} samples, its counts say {size}")
         ids.extend(block)
         index += 1
-    return ids[:positions]
+    return ids
 
 
 class WorkerStreams:
@@ -144,7 +147,7 @@ class WorkerStreams:
         self.data, self.shuffle_buffer, self.seed = data, shuffle_buffer, seed
         self._to_id = SampleIds(data)
         self._cache: dict[tuple, list[SampleId]] = {}
-        self.samples_read = 0
+        self.samples_listed = 0
 
     def stream(self, plan: StreamPlan, logical: int, need: int) -> list[SampleId]:
         """The first ``need`` samples worker ``logical`` of ``plan``'s rank yields in epoch 0."""
@@ -157,10 +160,10 @@ class WorkerStreams:
                 block = plan.block(0, logical, index)
                 if block is None:  # pragma: no cover - train modes pad or never end
                     break
-                got.extend(self._to_id(s) for s in block_samples(block, _keep_going, self.shuffle_buffer,
-                                                                 lazy=True))
+                samples = block_samples(block, _keep_going, self.shuffle_buffer, lazy=True)
+                got.extend(self._to_id(s) for s in islice(samples, need - len(got)))
                 index += 1
-            self.samples_read += len(got)
+            self.samples_listed += len(got)
             self._cache[key] = got
         return got[:need]
 
@@ -244,8 +247,8 @@ def split(ids: Sequence[SampleId], global_batch: int) -> list[list[SampleId]]:
 class Setup:
     """What the benchmark compares."""
 
-    shards: int = 128
-    samples_per_shard: int = 300
+    shards: int = 512
+    samples_per_shard: int = 4000
     positions: int = 16384
     world_sizes: tuple[int, ...] = (1, 8, 64)
     workers: tuple[int, ...] = (1, 4)
@@ -275,16 +278,17 @@ def check(setup: Setup) -> None:
 
 
 def run(setup: Setup, work_dir: str) -> tuple[list[Figures], int]:
-    """Every configuration's figures, and the samples read from the tars to get them."""
+    """Every configuration's figures, and the samples listed to get them (the shuffle buffers' fill, read
+    but not yet handed out, comes on top)."""
     check(setup)
     data = write_key_shards(work_dir, setup.shards, setup.samples_per_shard, setup.seed)
     seed = mix_seed(setup.seed, 0)
     rows: list[Figures] = []
-    read = 0
+    listed = 0
     for mode in setup.modes:
         for width in setup.shuffle_shards:  # the global order: one listing serves every G, W and K
             ids = global_order_ids(data, mode, width, setup.shuffle_buffer, setup.positions, seed)
-            read += len(ids)
+            listed += len(ids)
             for g in setup.global_batches:
                 rows.append(figures(split(ids, g), order="global", mode=mode, world_size=None, workers=None,
                                     global_batch=g, shuffle_shards=width, open_shards_per_reader=width,
@@ -298,8 +302,8 @@ def run(setup: Setup, work_dir: str) -> tuple[list[Figures], int]:
                                         global_batch=g, shuffle_shards=OLD_SHARDS_PER_BLOCK,
                                         open_shards_per_reader=OLD_SHARDS_PER_BLOCK,
                                         buffer_samples_per_reader=setup.shuffle_buffer, readers=w * k))
-        read += streams.samples_read
-    return rows, read
+        listed += streams.samples_listed
+    return rows, listed
 
 
 def markdown(rows: Sequence[Figures]) -> str:
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--shards", type=int, default=d.shards, help="tiny shards to write")
     parser.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
-                        help="mean samples per shard (counts vary by ±25%%)")
+                        help="mean samples per shard (8 sizes within ±25%%)")
     parser.add_argument("--positions", type=int, default=d.positions,
                         help="training positions of epoch 0 measured (global batches = positions // G)")
     parser.add_argument("--world-sizes", type=_ints, default=d.world_sizes, help="ranks W, comma-separated")
@@ -352,14 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         if any(m not in MODES for m in setup.modes):
             raise CliError(f"--modes takes epoch and/or resampled, got {','.join(setup.modes)}")
         with tempfile.TemporaryDirectory(prefix="clip_train_shuffle_") as work_dir:
-            rows, read = run(setup, work_dir)
+            rows, listed = run(setup, work_dir)
     except CliError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     print(markdown(rows))
     result = {
         "bench": "shuffle_quality", "setup": asdict(setup), "rows": [asdict(r) for r in rows],
-        "samples_read": read, "elapsed_s": round(time.perf_counter() - start, 2),
+        "samples_listed": listed, "elapsed_s": round(time.perf_counter() - start, 2),
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m clip_train.bench.data --shuffle-quality "
