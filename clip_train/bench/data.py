@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", metavar="DIR", default=None,
                         help="write (or reuse) synthetic 400-800 px JPEG shards in DIR and benchmark them")
     parser.add_argument("--synthetic-samples", type=int, default=512, help="samples to write with --synthetic")
+    parser.add_argument("--shuffle-quality", action="store_true",
+                        help="instead: how many shards a global batch mixes, global order vs per-worker streams "
+                             "(no images; --shuffle-quality --help for its options)")
     args = parser.parse_args(argv)
     try:
         if args.batches < 1 or args.batch_size < 1 or args.warmup < 0 or args.workers < 0 or args.world_size < 1:
