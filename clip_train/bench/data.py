@@ -3,6 +3,7 @@
     python -m clip_train.bench.data PATTERN --image-size 224 --workers N [--batches K] [--batch-size 64]
         [--world-size W]
         [--baseline open_clip] [--synthetic DIR [--synthetic-samples 512]]
+    python -m clip_train.bench.data --shuffle-quality [...]   (no images: see clip_train/bench/shuffle.py)
 
 ``--synthetic DIR`` first writes shards of LAION-sized JPEGs (400-800 px a side, smooth gradients, shapes
 and noise, quality 90, random captions) into DIR unless it already holds some, and benchmarks those.
@@ -181,6 +182,10 @@ def measure(loader: Iterable, batches: int, warmup: int, batch_size: int, label:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints the result JSON as the last stdout line and returns the exit status."""
+    if "--shuffle-quality" in (sys.argv[1:] if argv is None else argv):  # how well the order mixes shards
+        from clip_train.bench import shuffle
+
+        return shuffle.main(argv)
     parser = argparse.ArgumentParser(prog="python -m clip_train.bench.data", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("pattern", nargs="?", help="shard pattern, e.g. '/data/laion/{00000..00099}.tar'")
@@ -199,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", metavar="DIR", default=None,
                         help="write (or reuse) synthetic 400-800 px JPEG shards in DIR and benchmark them")
     parser.add_argument("--synthetic-samples", type=int, default=512, help="samples to write with --synthetic")
+    parser.add_argument("--shuffle-quality", action="store_true",
+                        help="instead: how many shards a global batch mixes, global order vs per-worker streams "
+                             "(no images; --shuffle-quality --help for its options)")
     args = parser.parse_args(argv)
     try:
         if args.batches < 1 or args.batch_size < 1 or args.warmup < 0 or args.workers < 0 or args.world_size < 1:
