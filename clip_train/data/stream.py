@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
-from clip_train.data.order import GlobalOrder
+from clip_train.data.order import BatchLayout, GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.reader import block_samples, materialize
 from clip_train.data.remote import RemoteOptions, ShardUnavailable
@@ -169,6 +169,104 @@ def sample_rng(seed: int, epoch: int, position: int) -> random.Random:
     return random.Random(mix_seed(seed, epoch, position, 0xA06))
 
 
+class _StreamReader:
+    """One worker's forward-only reader of one stream of the global order.
+
+    ``take(position, count)`` decodes those positions and passes over the ones before them (the bytes of other
+    ranks' and workers' samples are read, never decoded). A block is opened only when it holds a position
+    asked for; a block that ends early (a cut tar, a lost shard) leaves its remaining positions bad.
+    """
+
+    def __init__(self, stream: GlobalBatchStream, order: GlobalOrder, epoch: int, counter: SkipCounter) -> None:
+        self.stream = stream
+        self.order = order
+        self.epoch = epoch
+        self.counter = counter
+        self.index = -1  # the open block (-1: none yet)
+        self.start = self.end = 0  # its positions
+        self.samples: Iterator | None = None
+        self.position = 0  # the position the next sample of ``samples`` sits at
+        self.exhausted = False  # the open block ended before its last position
+        self.good = 0  # good samples decoded from the open block
+        self.lost = [0]  # its shards abandoned as unavailable
+        self.empty_run = 0  # opened blocks in a row without one good sample of ours
+        self.failed_run = 0
+        self.open_files: dict[str, object] = {}  # the local shard being materialized from
+
+    def take(self, position: int, count: int) -> list[tuple[np.ndarray, str] | None]:
+        """Positions ``[position, position + count)``, decoded (None: a bad sample)."""
+        out: list[tuple[np.ndarray, str] | None] = []
+        for need in range(position, position + count):
+            if self.samples is None or need >= self.end:
+                self._open(need)
+            sample = None
+            while not self.exhausted and self.position <= need:
+                sample = next(self.samples, None)  # type: ignore[arg-type]
+                if sample is None:
+                    self.exhausted = True  # not counted: the tar error or lost shard that cut it short was
+                elif self.position < need:
+                    sample = None  # someone else's: passed over
+                self.position += 1
+            out.append(None if sample is None else self._decode(sample, need))
+        return out
+
+    def _decode(self, sample: dict, position: int) -> tuple[np.ndarray, str] | None:
+        try:
+            try:
+                sample = materialize(sample, self.open_files)
+            except OSError as exn:
+                raise BadSample(f"unreadable: {exn}") from None
+            image, text, _ = self.stream.decoder(sample, sample_rng(self.order.seed, self.epoch, position))
+        except BadSample as exn:
+            self.counter.skip(f"{sample.get('__url__')} key {sample.get('__key__')}: {exn}")
+            return None
+        self.good += 1
+        return image, text
+
+    def _open(self, need: int) -> None:
+        self._close_block()
+        index = self.order.locate(self.epoch, need)
+        block = self.order.block(self.epoch, index)
+        self.index, self.start = index, self.order.block_start(self.epoch, index)
+        self.end = self.start + self.order.block_size(self.epoch, index)
+        # Only the reader of the block's first position counts its tar errors and lost shards, so each is
+        # counted once whatever the topology; every reader sees its own failures for the stop rule.
+        owner = self.start == need
+        counter, lost = self.counter, [0]
+        self.lost = lost
+
+        def handler_for(url: str) -> Callable[[Exception], bool]:
+            counted = counter.tar_error_handler(url) if owner else None
+
+            def handler(exn: Exception) -> bool:
+                if isinstance(exn, ShardUnavailable):
+                    lost[0] += 1
+                return counted(exn) if counted is not None else True
+            return handler
+
+        self.block = block
+        self.samples = iter(block_samples(block, handler_for, self.stream.shuffle_buffer, self.stream.remote,
+                                          lazy=True))
+        self.position, self.exhausted, self.good = self.start, False, 0
+
+    def _close_block(self) -> None:
+        """Apply the stop rules to the block just read: a long run of blocks without a usable sample, or of
+        shards that could not be read, means the data is unusable."""
+        if self.samples is None:
+            return
+        self.empty_run = 0 if self.good else self.empty_run + 1
+        self.failed_run = 0 if self.good else self.failed_run + self.lost[0]
+        self.samples = None
+        if self.failed_run >= self.stream.max_failed_shards_in_row:
+            raise DataUnavailable(f"data: {self.failed_run} shards in a row could not be read (last: "
+                                  f"{self.counter.last_shard_error}); check that the store is reachable, or raise "
+                                  "data.read_timeout_s / data.read_retries / data.max_failed_shards_in_row")
+        if self.empty_run >= self.order.max_empty_blocks():
+            raise DataUnavailable(f"data: {self.empty_run} blocks of shards in a row gave no usable sample "
+                                  f"(last shard read: {self.block.units[-1].url}); {self.counter.count} samples "
+                                  "were skipped as bad. Check data.train_shards, data.image_key and data.text_key.")
+
+
 class GlobalBatchStream(IterableDataset):
     """One rank's share of the global batches, split over its DataLoader workers by batch index.
 
@@ -176,8 +274,8 @@ class GlobalBatchStream(IterableDataset):
     ``end_batch`` (None: endless) before each DataLoader iterator is created. Physical worker ``j`` of
     ``K`` then yields global batches ``first_batch + j``, ``first_batch + j + K``, ... — DataLoader's round
     robin over workers (which starts at worker 0) hands them to the loop in batch order. Each batch is this
-    rank's contiguous slice of the global batch (see ``order.py``), so a worker reads, in order, the blocks
-    holding its slices: the bytes of samples it does not own are read and passed over, never decoded.
+    rank's slice of the global batch: runs of the order's streams (``order.BatchLayout``), each read in order
+    by one ``_StreamReader``, so the bytes of samples the worker does not own are passed over, never decoded.
 
     A bad sample is replaced by a copy of a good one of the same slice (or, if the whole slice is bad, the
     last good sample this worker produced, or the next one it finds), so batches keep their size.
@@ -185,11 +283,13 @@ class GlobalBatchStream(IterableDataset):
 
     def __init__(self, order: GlobalOrder, decoder: SampleDecoder, tokenizer: Callable, global_batch: int,
                  rank: int, world_size: int, shuffle_buffer: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 remote: RemoteOptions | None = None, max_failed_shards_in_row: int = 16) -> None:
+                 remote: RemoteOptions | None = None, max_failed_shards_in_row: int = 16, streams: int = 1,
+                 batches_per_epoch: int | None = None) -> None:
         super().__init__()
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} does not split over {world_size} ranks")
         self.order = order
+        self.layout = BatchLayout(order, global_batch, streams, batches_per_epoch)
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.global_batch = global_batch
@@ -204,9 +304,14 @@ class GlobalBatchStream(IterableDataset):
         self.first_batch = 0
         self.end_batch: int | None = None
 
-    def slice_start(self, batch: int) -> int:
-        """First global position of this rank's slice of global batch ``batch``."""
-        return batch * self.global_batch + self.rank * self.batch_size
+    @property
+    def streams(self) -> int:
+        """Parallel streams of the order (``data.order_streams``)."""
+        return self.layout.streams
+
+    def slice_runs(self, batch: int) -> list[tuple[int, int, int]]:
+        """``(stream, position, length)`` runs of this rank's slice of global batch ``batch``."""
+        return self.layout.runs(batch, self.rank * self.batch_size, self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
@@ -216,95 +321,29 @@ class GlobalBatchStream(IterableDataset):
         return self._batches(physical, count, counter)
 
     def _batches(self, physical: int, workers: int, counter: SkipCounter) -> Iterator[tuple[torch.Tensor, ...]]:
-        order, epoch, size = self.order, self.epoch, self.batch_size
-        batch = self.first_batch + physical
-        if self.end_batch is not None and batch >= self.end_batch:
-            return
-        slots: list[tuple[np.ndarray, str] | None] = []  # this batch's slice so far (None: a bad sample)
+        epoch, end = self.epoch, self.end_batch
+        readers = [_StreamReader(self, order, epoch, counter) for order in self.layout.orders]
         pending: list[tuple[int, list]] = []  # whole-bad slices waiting for a first good sample
         last_good: tuple[np.ndarray, str] | None = None
-        index = order.locate(epoch, self.slice_start(batch))
-        empty_run, failed_run = 0, 0
-        open_files: dict[str, object] = {}  # the local shard being materialized from
-        while True:
-            start = order.block_start(epoch, index)
-            end = start + order.block_size(epoch, index)
-            need = self.slice_start(batch) + len(slots)
-            if need >= end:  # none of this block's positions is ours: not even opened
-                index += 1
-                continue
-            block = order.block(epoch, index)
-            # Only the worker owning the block's first position counts its tar errors and lost shards, so
-            # each is counted once whatever the topology; every reader sees its own failures for the stop rule.
-            owner = start == need
-            lost = [0]
-
-            def handler_for(url: str, _owner: bool = owner, _lost: list[int] = lost) -> Callable[[Exception], bool]:
-                counted = counter.tar_error_handler(url) if _owner else None
-
-                def handler(exn: Exception) -> bool:
-                    if isinstance(exn, ShardUnavailable):
-                        _lost[0] += 1
-                    return counted(exn) if counted is not None else True
-                return handler
-
-            samples = iter(block_samples(block, handler_for, self.shuffle_buffer, self.remote, lazy=True))
-            position, good = start, 0
-            while need < end:
-                sample = next(samples, None) if position <= need else None
-                while sample is not None and position < need:  # someone else's: pass over its bytes
-                    position += 1
-                    sample = next(samples, None)
-                if sample is None:  # the block ended early: our remaining positions in it are bad
-                    position = need
-                    slots.append(None)  # not counted: the tar error or lost shard that cut it short was
+        batch = self.first_batch + physical
+        while end is None or batch < end or pending:
+            slots: list[tuple[np.ndarray, str] | None] = []
+            for stream, position, length in self.slice_runs(batch):
+                slots += readers[stream].take(position, length)
+            good = [s for s in slots if s is not None]
+            if good:
+                last_good = good[-1]
+            if pending and last_good is not None:
+                for waiting_batch, waiting in pending:
+                    yield self._collate(waiting, last_good, (physical, epoch, waiting_batch, counter.count,
+                                                             counter.shards))
+                pending = []
+            if end is None or batch < end:  # (past the end a slice is read only to find a good sample)
+                if last_good is not None:
+                    yield self._collate(slots, last_good, (physical, epoch, batch, counter.count, counter.shards))
                 else:
-                    try:
-                        try:
-                            sample = materialize(sample, open_files)
-                        except OSError as exn:
-                            raise BadSample(f"unreadable: {exn}") from None
-                        image, text, _ = self.decoder(sample, sample_rng(order.seed, epoch, need))
-                        slots.append((image, text))
-                        good += 1
-                        last_good = (image, text)
-                    except BadSample as exn:
-                        counter.skip(f"{sample.get('__url__')} key {sample.get('__key__')}: {exn}")
-                        slots.append(None)
-                    position += 1
-                if last_good is not None and pending:
-                    for waiting_batch, waiting in pending:
-                        yield self._collate(waiting, last_good, (physical, epoch, waiting_batch, counter.count,
-                                                                 counter.shards))
-                    pending = []
-                    if self.end_batch is not None and batch >= self.end_batch:
-                        return
-                if len(slots) == size:
-                    if any(s is not None for s in slots) or last_good is not None:
-                        if not pending:
-                            yield self._collate(slots, last_good, (physical, epoch, batch, counter.count,
-                                                                   counter.shards))
-                        else:
-                            pending.append((batch, slots))
-                    else:
-                        pending.append((batch, slots))
-                    slots = []
-                    batch += workers
-                    # (slices still waiting for a good sample keep reading past the end for one)
-                    if self.end_batch is not None and batch >= self.end_batch and not pending:
-                        return
-                need = self.slice_start(batch) + len(slots)
-            empty_run = 0 if good else empty_run + 1
-            failed_run = 0 if good else failed_run + lost[0]
-            if failed_run >= self.max_failed_shards_in_row:
-                raise DataUnavailable(f"data: {failed_run} shards in a row could not be read (last: "
-                                      f"{counter.last_shard_error}); check that the store is reachable, or raise "
-                                      "data.read_timeout_s / data.read_retries / data.max_failed_shards_in_row")
-            if empty_run >= order.max_empty_blocks():
-                raise DataUnavailable(f"data: {empty_run} blocks of shards in a row gave no usable sample "
-                                      f"(last shard read: {block.units[-1].url}); {counter.count} samples were "
-                                      "skipped as bad. Check data.train_shards, data.image_key and data.text_key.")
-            index += 1
+                    pending.append((batch, slots))
+            batch += workers
 
     def _collate(self, slots: list, fallback: tuple[np.ndarray, str] | None, meta: tuple[int, ...]
                  ) -> tuple[torch.Tensor, ...]:
