@@ -87,6 +87,13 @@ class GlobalOrder:
                 hi = mid
         return lo
 
+    def epoch_end(self, epoch: int) -> int | None:
+        """End of ``epoch``'s own positions in epoch mode (every shard once; past it the order pads with the
+        epoch's shards again), or None in resampled mode, whose order has no end."""
+        if self.mode != "epoch":
+            return None
+        return sum(self.unit_size(u) for u in self._plan.worker_units(epoch, 0))
+
     def max_empty_blocks(self) -> int:
         """Blocks in a row without one usable sample after which the data is deemed unusable."""
         if self.mode == "resampled":

@@ -19,8 +19,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
 from clip_train.data.order import GlobalOrder
-from clip_train.data.plan import StreamPlan, mix_seed
-from clip_train.data.reader import block_samples, materialize
+from clip_train.data.plan import Block, StreamPlan, mix_seed
+from clip_train.data.reader import Sample, block_samples, materialize
 from clip_train.data.remote import RemoteOptions, ShardUnavailable
 
 # Order of the fields in each batch's meta tensor.
@@ -179,8 +179,16 @@ class GlobalBatchStream(IterableDataset):
     rank's contiguous slice of the global batch (see ``order.py``), so a worker reads, in order, the blocks
     holding its slices: the bytes of samples it does not own are read and passed over, never decoded.
 
-    A bad sample is replaced by a copy of a good one of the same slice (or, if the whole slice is bad, the
-    last good sample this worker produced, or the next one it finds), so batches keep their size.
+    Batches keep their size: a bad position ``p`` (a sample that does not decode, or one its shard did not
+    deliver) holds a copy of the sample at the first good position ``q > p`` of the epoch's order, whoever
+    owns ``q``, decoded with ``q``'s own augmentation seed, so the fill is the same at every world size and
+    worker count. The worker finds ``q`` by decoding the positions after ``p`` as its stream passes them (it
+    reads ahead; its own positions met on the way wait in a small buffer). Only the owner of a position
+    counts it as skipped, and a tar error or lost shard counts for the position whose read raised it, so
+    ``skipped_samples`` summed over ranks is the same at every shape. The one fill that depends on the shape:
+    no good position after ``p`` before the end of the epoch (epoch mode) or within
+    ``order.max_empty_blocks()`` blocks (resampled), where ``p`` takes the last good sample this worker had;
+    a worker with none looks on until a sample decodes or the stop rules end the run.
     """
 
     def __init__(self, order: GlobalOrder, decoder: SampleDecoder, tokenizer: Callable, global_batch: int,
@@ -208,6 +216,13 @@ class GlobalBatchStream(IterableDataset):
         """First global position of this rank's slice of global batch ``batch``."""
         return batch * self.global_batch + self.rank * self.batch_size
 
+    def owns(self, position: int, physical: int, workers: int) -> bool:
+        """Whether physical worker ``physical`` of ``workers`` yields global ``position`` in this iteration."""
+        batch, offset = divmod(position, self.global_batch)
+        first = self.first_batch + physical
+        return (offset // self.batch_size == self.rank and batch >= first and (batch - first) % workers == 0
+                and (self.end_batch is None or batch < self.end_batch))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -216,103 +231,183 @@ class GlobalBatchStream(IterableDataset):
         return self._batches(physical, count, counter)
 
     def _batches(self, physical: int, workers: int, counter: SkipCounter) -> Iterator[tuple[torch.Tensor, ...]]:
-        order, epoch, size = self.order, self.epoch, self.batch_size
         batch = self.first_batch + physical
-        if self.end_batch is not None and batch >= self.end_batch:
-            return
-        slots: list[tuple[np.ndarray, str] | None] = []  # this batch's slice so far (None: a bad sample)
-        pending: list[tuple[int, list]] = []  # whole-bad slices waiting for a first good sample
-        last_good: tuple[np.ndarray, str] | None = None
-        index = order.locate(epoch, self.slice_start(batch))
-        empty_run, failed_run = 0, 0
-        open_files: dict[str, object] = {}  # the local shard being materialized from
-        while True:
-            start = order.block_start(epoch, index)
-            end = start + order.block_size(epoch, index)
-            need = self.slice_start(batch) + len(slots)
-            if need >= end:  # none of this block's positions is ours: not even opened
-                index += 1
-                continue
-            block = order.block(epoch, index)
-            # Only the worker owning the block's first position counts its tar errors and lost shards, so
-            # each is counted once whatever the topology; every reader sees its own failures for the stop rule.
-            owner = start == need
-            lost = [0]
+        fill = _Fill(self, self.epoch, lambda position: self.owns(position, physical, workers), counter)
+        while self.end_batch is None or batch < self.end_batch:
+            first = self.slice_start(batch)
+            slots = [fill.sample(position) for position in range(first, first + self.batch_size)]
+            yield self._collate(slots, (physical, self.epoch, batch, counter.count, counter.shards))
+            batch += workers
 
-            def handler_for(url: str, _owner: bool = owner, _lost: list[int] = lost) -> Callable[[Exception], bool]:
-                counted = counter.tar_error_handler(url) if _owner else None
-
-                def handler(exn: Exception) -> bool:
-                    if isinstance(exn, ShardUnavailable):
-                        _lost[0] += 1
-                    return counted(exn) if counted is not None else True
-                return handler
-
-            samples = iter(block_samples(block, handler_for, self.shuffle_buffer, self.remote, lazy=True))
-            position, good = start, 0
-            while need < end:
-                sample = next(samples, None) if position <= need else None
-                while sample is not None and position < need:  # someone else's: pass over its bytes
-                    position += 1
-                    sample = next(samples, None)
-                if sample is None:  # the block ended early: our remaining positions in it are bad
-                    position = need
-                    slots.append(None)  # not counted: the tar error or lost shard that cut it short was
-                else:
-                    try:
-                        try:
-                            sample = materialize(sample, open_files)
-                        except OSError as exn:
-                            raise BadSample(f"unreadable: {exn}") from None
-                        image, text, _ = self.decoder(sample, sample_rng(order.seed, epoch, need))
-                        slots.append((image, text))
-                        good += 1
-                        last_good = (image, text)
-                    except BadSample as exn:
-                        counter.skip(f"{sample.get('__url__')} key {sample.get('__key__')}: {exn}")
-                        slots.append(None)
-                    position += 1
-                if last_good is not None and pending:
-                    for waiting_batch, waiting in pending:
-                        yield self._collate(waiting, last_good, (physical, epoch, waiting_batch, counter.count,
-                                                                 counter.shards))
-                    pending = []
-                    if self.end_batch is not None and batch >= self.end_batch:
-                        return
-                if len(slots) == size:
-                    if any(s is not None for s in slots) or last_good is not None:
-                        if not pending:
-                            yield self._collate(slots, last_good, (physical, epoch, batch, counter.count,
-                                                                   counter.shards))
-                        else:
-                            pending.append((batch, slots))
-                    else:
-                        pending.append((batch, slots))
-                    slots = []
-                    batch += workers
-                    # (slices still waiting for a good sample keep reading past the end for one)
-                    if self.end_batch is not None and batch >= self.end_batch and not pending:
-                        return
-                need = self.slice_start(batch) + len(slots)
-            empty_run = 0 if good else empty_run + 1
-            failed_run = 0 if good else failed_run + lost[0]
-            if failed_run >= self.max_failed_shards_in_row:
-                raise DataUnavailable(f"data: {failed_run} shards in a row could not be read (last: "
-                                      f"{counter.last_shard_error}); check that the store is reachable, or raise "
-                                      "data.read_timeout_s / data.read_retries / data.max_failed_shards_in_row")
-            if empty_run >= order.max_empty_blocks():
-                raise DataUnavailable(f"data: {empty_run} blocks of shards in a row gave no usable sample "
-                                      f"(last shard read: {block.units[-1].url}); {counter.count} samples were "
-                                      "skipped as bad. Check data.train_shards, data.image_key and data.text_key.")
-            index += 1
-
-    def _collate(self, slots: list, fallback: tuple[np.ndarray, str] | None, meta: tuple[int, ...]
-                 ) -> tuple[torch.Tensor, ...]:
-        good = [s for s in slots if s is not None]
-        filled = [s if s is not None else (good[i % len(good)] if good else fallback)
-                  for i, s in enumerate(slots)]
+    def _collate(self, slots: list[tuple[np.ndarray, str]], meta: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         size = self.decoder.image_size
-        batch = np.empty((len(filled), 3, size, size), dtype=np.uint8)
-        for i, (image, _) in enumerate(filled):
+        batch = np.empty((len(slots), 3, size, size), dtype=np.uint8)
+        for i, (image, _) in enumerate(slots):
             batch[i] = image.transpose(2, 0, 1)  # HWC -> CHW, one copy into the batch
-        return torch.from_numpy(batch), self.tokenizer([text for _, text in filled]), torch.tensor(meta)
+        return torch.from_numpy(batch), self.tokenizer([text for _, text in slots]), torch.tensor(meta)
+
+
+class _Positions:
+    """A worker's forward-only pass over the global positions of an epoch, block after block.
+
+    ``read(n)`` gives the raw sample at position ``n`` (None when its block's stream ended before it).
+    Positions between two reads are passed over as bytes, and a block holding no position asked for is not
+    opened. A tar error or lost shard is attributed to the position whose read raised it and kept until that
+    position's owner counts it (``count_errors``): the same position at every topology, however far ahead a
+    worker reads. The stop rules (blocks in a row without a usable sample, shards in a row that could not be
+    read) are checked as each opened block is left.
+    """
+
+    def __init__(self, stream: GlobalBatchStream, epoch: int, owns: Callable[[int], bool],
+                 counter: SkipCounter) -> None:
+        self.order, self.epoch, self.owns, self.counter = stream.order, epoch, owns, counter
+        self.shuffle_buffer, self.remote = stream.shuffle_buffer, stream.remote
+        self.max_failed_shards_in_row = stream.max_failed_shards_in_row
+        self.block: Block | None = None  # the open block
+        self.end = 0  # end of the open block's positions
+        self.next = 0  # the position the open block's stream delivers next
+        self.samples: Iterator[Sample] | None = None  # None once the open block's stream has ended
+        self.reading = -1  # the position being read: errors raised meanwhile belong to it
+        self.errors: dict[int, list[tuple[str, Exception]]] = {}  # own positions -> errors not counted yet
+        self.usable = False  # a sample of the open block decoded (set by the caller)
+        self.lost = 0  # shards of the open block abandoned as unavailable
+        self.last_lost = ""
+        self.empty_run = self.failed_run = 0
+
+    def read(self, position: int) -> Sample | None:
+        if position < self.next:
+            raise RuntimeError(f"data: position {position} asked for after {self.next - 1} (the stream only goes on)")
+        if self.block is None or position >= self.end:
+            self._enter(self.order.locate(self.epoch, position))
+        while self.next < position:  # someone else's: pass over its bytes
+            self._fetch()
+        return self._fetch()
+
+    def count_errors(self, position: int) -> None:
+        """Count the tar errors and lost shards raised while ``position`` (one of this worker's) was read."""
+        for url, exn in self.errors.pop(position, ()):
+            self.counter.tar_error_handler(url)(exn)
+
+    def _fetch(self) -> Sample | None:
+        self.reading = self.next
+        self.next += 1
+        sample = next(self.samples, None) if self.samples is not None else None
+        if sample is None:  # the block ended early: its remaining positions are bad
+            self.samples = None
+        return sample
+
+    def _enter(self, index: int) -> None:
+        if self.block is not None:
+            self._leave()
+        self.block = self.order.block(self.epoch, index)
+        self.next = self.order.block_start(self.epoch, index)
+        self.end = self.next + self.order.block_size(self.epoch, index)
+        self.usable, self.lost = False, 0
+        self.samples = iter(block_samples(self.block, self._handler_for, self.shuffle_buffer, self.remote,
+                                          lazy=True))
+
+    def _handler_for(self, url: str) -> Callable[[Exception], bool]:
+        first = [True]  # a broken tar usually raises twice (the member, the next header): one count
+
+        def handler(exn: Exception) -> bool:
+            if isinstance(exn, ShardUnavailable):
+                self.lost += 1
+                self.last_lost = str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn)
+            if first[0]:
+                first[0] = False
+                if self.owns(self.reading):
+                    self.errors.setdefault(self.reading, []).append((url, exn))
+            return True
+        return handler
+
+    def _leave(self) -> None:
+        assert self.block is not None
+        self.empty_run = 0 if self.usable else self.empty_run + 1
+        self.failed_run = 0 if self.usable else self.failed_run + self.lost
+        if self.failed_run >= self.max_failed_shards_in_row:
+            raise DataUnavailable(f"data: {self.failed_run} shards in a row could not be read (last: "
+                                  f"{self.last_lost or self.counter.last_shard_error}); check that the store is "
+                                  "reachable, or raise data.read_timeout_s / data.read_retries / "
+                                  "data.max_failed_shards_in_row")
+        if self.empty_run >= self.order.max_empty_blocks():
+            last_url = self.block.units[-1].url if self.block.units else ""
+            raise DataUnavailable(f"data: {self.empty_run} blocks of shards in a row gave no usable sample "
+                                  f"(last shard read: {last_url}); {self.counter.count} samples were skipped as "
+                                  "bad. Check data.train_shards, data.image_key and data.text_key.")
+
+
+_Decoded = tuple[np.ndarray, str] | str | None  # a sample, why it is bad, or None: not delivered
+
+
+class _Fill:
+    """The sample in each of a worker's slots: its own position's, or for a bad position ``p`` the sample at
+    the first good position after ``p`` (see ``GlobalBatchStream``)."""
+
+    def __init__(self, stream: GlobalBatchStream, epoch: int, owns: Callable[[int], bool],
+                 counter: SkipCounter) -> None:
+        self.order, self.epoch, self.owns, self.counter = stream.order, epoch, owns, counter
+        self.decoder = stream.decoder
+        self.positions = _Positions(stream, epoch, owns, counter)
+        epoch_end = self.order.epoch_end(epoch)
+        if epoch_end is not None and stream.end_batch is not None:  # (an epoch_samples estimate may pass it)
+            epoch_end = max(epoch_end, stream.end_batch * stream.global_batch)
+        self.epoch_end = epoch_end
+        self.ahead: dict[int, _Decoded] = {}  # own positions decoded while looking for a replacement
+        self.found: tuple[int, tuple[np.ndarray, str]] | None = None  # the last replacement found, and where
+        self.last_good: tuple[np.ndarray, str] | None = None
+        self.files: dict[str, object] = {}  # the local shard being materialized from
+
+    def sample(self, position: int) -> tuple[np.ndarray, str]:
+        """The sample in the slot of ``position`` (one of this worker's, asked for in increasing order); its
+        failure, if any, is counted here."""
+        decoded = self.ahead.pop(position) if position in self.ahead else self._decode(position)
+        self.positions.count_errors(position)
+        if isinstance(decoded, tuple):
+            self.last_good = decoded
+            return decoded
+        if decoded is not None:  # (not delivered: the tar error or lost shard that cut it short counts)
+            self.counter.skip(decoded)
+        return self._replacement(position)
+
+    def _replacement(self, bad: int) -> tuple[np.ndarray, str]:
+        if self.found is not None and self.found[0] > bad:  # every position between was bad too
+            return self.found[1]
+        # The positions from bad + 1 up to where the stream stands were decoded looking for the last
+        # replacement, and were all bad: look on from there.
+        position = max(bad + 1, self.positions.next)
+        end = self._search_end(bad)
+        while end is None or position < end:
+            decoded = self._decode(position)
+            if self.owns(position):
+                self.ahead[position] = decoded
+            if isinstance(decoded, tuple):
+                self.found = (position, decoded)
+                self.last_good = decoded
+                return decoded
+            position += 1
+        assert self.last_good is not None
+        return self.last_good
+
+    def _search_end(self, bad: int) -> int | None:
+        """Where the search for ``bad``'s replacement gives up for the last good sample, or None: never (this
+        worker has no good sample yet; the stop rules end a hopeless search)."""
+        if self.last_good is None:
+            return None
+        if self.epoch_end is not None:
+            return self.epoch_end
+        return self.order.block_start(self.epoch, self.order.locate(self.epoch, bad) + self.order.max_empty_blocks())
+
+    def _decode(self, position: int) -> _Decoded:
+        raw = self.positions.read(position)
+        if raw is None:
+            return None
+        try:
+            try:
+                sample = materialize(raw, self.files)
+            except OSError as exn:
+                raise BadSample(f"unreadable: {exn}") from None
+            image, text, _ = self.decoder(sample, sample_rng(self.order.seed, self.epoch, position))
+        except BadSample as exn:
+            return f"{raw.get('__url__')} key {raw.get('__key__')}: {exn}"
+        self.positions.usable = True
+        return image, text
