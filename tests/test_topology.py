@@ -21,18 +21,29 @@ SIZES = [37, 21, 30, 28]  # 116 samples, uneven: 7 global batches of 16 per epoc
 GLOBAL_BATCH = 16
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("shards")
+def _write_shards(folder: Path, bad: range = range(0)) -> str:
+    """Shards of SIZES samples with manifest; the samples numbered in ``bad`` have an undecodable image."""
     entries, index = [], 0
     for s, size in enumerate(SIZES):
-        samples = [good_sample(index + i) for i in range(size)]
+        samples = [{"__key__": f"{i:06d}", "png": b"not an image", "txt": b"bad"} if i in bad else good_sample(i)
+                   for i in range(index, index + size)]
         index += size
         path = folder / f"{s:05d}.tar"
         write_tar(str(path), samples)
         entries.append((path.name, size, path.stat().st_size))
     write_manifest(str(folder), entries)
     return str(folder / f"{{00000..{len(SIZES) - 1:05d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return _write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory) -> str:
+    """The same shards with every 9th sample undecodable: bad positions spread over batches, slices and blocks."""
+    return _write_shards(tmp_path_factory.mktemp("bad_shards"), bad=range(4, sum(SIZES), 9))
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +194,12 @@ def _resume_from(source: Path, step: int, target: Path) -> None:
     (target / "checkpoints" / "latest").unlink()
 
 
-def test_same_losses_at_1x16_and_2x8_across_resumes_at_the_other_shape(shards, cache_dir, tmp_path):
+def test_same_losses_at_1x16_and_2x8_across_resumes_at_the_other_shape(bad_shards, cache_dir, tmp_path):
     """fp32 on CPU: 1 rank x 16 (0 workers) from the start; its step-2 checkpoint continued on 2 gloo ranks
     x 8 (2 workers); that run's step-4 checkpoint continued on 1 rank x 16 (2 workers). Every step logs the
-    loss of the uninterrupted 1x16 run (the global batches themselves are compared in the test above)."""
+    loss of the uninterrupted 1x16 run (the global batches themselves are compared in the test above), also
+    over shards where every 9th sample is bad (its slot holds the next good position's sample at any shape)."""
+    shards = bad_shards
     one, two, back = tmp_path / "one", tmp_path / "two", tmp_path / "back"
     result = run_cli(_args(shards, 1, 0, one), cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,7 +2,7 @@
 
     python -m clip_train.bench.data --shuffle-quality [--shards 512] [--samples-per-shard 4000]
         [--positions 16384] [--world-sizes 1,8,64] [--workers-list 1,4] [--global-batches 256,4096]
-        [--shuffle-shards-list 4,16,64] [--shuffle-buffer 1000]
+        [--shuffle-shards-list 4,16,64] [--shuffle-buffer 1000] [--order-streams-list 8,64]
 
 No images: tiny tars (one few-byte member per sample, uneven sample counts around ``--samples-per-shard``)
 are written to a temporary directory, and the sample at each training position is listed by the real code.
@@ -10,6 +10,10 @@ are written to a temporary directory, and the sample at each training position i
 - **Global order** (today): ``order.GlobalOrder`` + ``reader.block_samples``; global batch ``b`` is positions
   ``[b·G, (b+1)·G)``. Ranks and workers only split a batch (tests/test_bench_shuffle.py checks the batches
   against ``stream.GlobalBatchStream`` at several shapes), so its figures hold at any W and K.
+- **Global order with parallel streams** (``data.order_streams``, ``--order-streams-list``): read by
+  ``stream.GlobalBatchStream`` itself at one rank and one worker (tests/test_order_streams.py checks that other
+  shapes give the same batches); open shards and buffer samples are given per reader at W = 1 (a reader of a
+  rank that owns S / W streams holds S / W of them).
 - **Per-worker streams** (the loader before the global order): ``plan.StreamPlan(rank=r, world_size=W,
   num_workers=K, shards_per_block=4)`` + ``reader.block_samples`` per worker; rank ``r``'s local batch ``n``
   is the next ``G/W`` samples of its worker ``n % K`` (DataLoader's round robin), the global batch is the

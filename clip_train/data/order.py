@@ -99,6 +99,13 @@ class GlobalOrder:
                 hi = mid
         return lo
 
+    def epoch_end(self, epoch: int) -> int | None:
+        """End of ``epoch``'s own positions in epoch mode (every shard once; past it the order pads with the
+        epoch's shards again), or None in resampled mode, whose order has no end."""
+        if self.mode != "epoch":
+            return None
+        return sum(self.unit_size(u) for u in self._plan.worker_units(epoch, 0))
+
     def max_empty_blocks(self) -> int:
         """Blocks in a row without one usable sample after which the data is deemed unusable."""
         if self.mode == "resampled":
@@ -138,6 +145,22 @@ class BatchLayout:
         if self.orders[0].mode == "epoch" and self.streams > 1:
             return stream * (self.batches_per_epoch or 0) * self.share
         return 0
+
+    def place(self, stream: int, position: int) -> tuple[int, int] | None:
+        """``(batch, batch-space index)`` of ``position`` of ``stream``'s order, or None when no batch of the
+        epoch holds it (epoch mode: the remainder past the last segment)."""
+        if self.orders[0].mode == "epoch":  # segments of one order: the position alone says which stream
+            per_stream = (self.batches_per_epoch or 0) * self.share if self.streams > 1 else None
+            if per_stream is None:
+                batch, offset = divmod(position, self.global_batch)
+                return batch, offset
+            stream, within = divmod(position, per_stream)
+            if stream >= self.streams:
+                return None
+        else:
+            within = position
+        batch, offset = divmod(within, self.share)
+        return batch, stream * self.share + offset
 
     def runs(self, batch: int, start: int, count: int) -> list[tuple[int, int, int]]:
         """``(stream, position, length)`` runs holding batch-space ``[start, start + count)`` of batch ``batch``."""

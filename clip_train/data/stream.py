@@ -19,8 +19,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
 from clip_train.data.order import BatchLayout, GlobalOrder
-from clip_train.data.plan import StreamPlan, mix_seed
-from clip_train.data.reader import block_samples, materialize
+from clip_train.data.plan import Block, StreamPlan, mix_seed
+from clip_train.data.reader import Sample, block_samples, materialize
 from clip_train.data.remote import RemoteOptions, ShardUnavailable
 
 # Order of the fields in each batch's meta tensor.
@@ -169,104 +169,6 @@ def sample_rng(seed: int, epoch: int, position: int) -> random.Random:
     return random.Random(mix_seed(seed, epoch, position, 0xA06))
 
 
-class _StreamReader:
-    """One worker's forward-only reader of one stream of the global order.
-
-    ``take(position, count)`` decodes those positions and passes over the ones before them (the bytes of other
-    ranks' and workers' samples are read, never decoded). A block is opened only when it holds a position
-    asked for; a block that ends early (a cut tar, a lost shard) leaves its remaining positions bad.
-    """
-
-    def __init__(self, stream: GlobalBatchStream, order: GlobalOrder, epoch: int, counter: SkipCounter) -> None:
-        self.stream = stream
-        self.order = order
-        self.epoch = epoch
-        self.counter = counter
-        self.index = -1  # the open block (-1: none yet)
-        self.start = self.end = 0  # its positions
-        self.samples: Iterator | None = None
-        self.position = 0  # the position the next sample of ``samples`` sits at
-        self.exhausted = False  # the open block ended before its last position
-        self.good = 0  # good samples decoded from the open block
-        self.lost = [0]  # its shards abandoned as unavailable
-        self.empty_run = 0  # opened blocks in a row without one good sample of ours
-        self.failed_run = 0
-        self.open_files: dict[str, object] = {}  # the local shard being materialized from
-
-    def take(self, position: int, count: int) -> list[tuple[np.ndarray, str] | None]:
-        """Positions ``[position, position + count)``, decoded (None: a bad sample)."""
-        out: list[tuple[np.ndarray, str] | None] = []
-        for need in range(position, position + count):
-            if self.samples is None or need >= self.end:
-                self._open(need)
-            sample = None
-            while not self.exhausted and self.position <= need:
-                sample = next(self.samples, None)  # type: ignore[arg-type]
-                if sample is None:
-                    self.exhausted = True  # not counted: the tar error or lost shard that cut it short was
-                elif self.position < need:
-                    sample = None  # someone else's: passed over
-                self.position += 1
-            out.append(None if sample is None else self._decode(sample, need))
-        return out
-
-    def _decode(self, sample: dict, position: int) -> tuple[np.ndarray, str] | None:
-        try:
-            try:
-                sample = materialize(sample, self.open_files)
-            except OSError as exn:
-                raise BadSample(f"unreadable: {exn}") from None
-            image, text, _ = self.stream.decoder(sample, sample_rng(self.order.seed, self.epoch, position))
-        except BadSample as exn:
-            self.counter.skip(f"{sample.get('__url__')} key {sample.get('__key__')}: {exn}")
-            return None
-        self.good += 1
-        return image, text
-
-    def _open(self, need: int) -> None:
-        self._close_block()
-        index = self.order.locate(self.epoch, need)
-        block = self.order.block(self.epoch, index)
-        self.index, self.start = index, self.order.block_start(self.epoch, index)
-        self.end = self.start + self.order.block_size(self.epoch, index)
-        # Only the reader of the block's first position counts its tar errors and lost shards, so each is
-        # counted once whatever the topology; every reader sees its own failures for the stop rule.
-        owner = self.start == need
-        counter, lost = self.counter, [0]
-        self.lost = lost
-
-        def handler_for(url: str) -> Callable[[Exception], bool]:
-            counted = counter.tar_error_handler(url) if owner else None
-
-            def handler(exn: Exception) -> bool:
-                if isinstance(exn, ShardUnavailable):
-                    lost[0] += 1
-                return counted(exn) if counted is not None else True
-            return handler
-
-        self.block = block
-        self.samples = iter(block_samples(block, handler_for, self.stream.shuffle_buffer, self.stream.remote,
-                                          lazy=True))
-        self.position, self.exhausted, self.good = self.start, False, 0
-
-    def _close_block(self) -> None:
-        """Apply the stop rules to the block just read: a long run of blocks without a usable sample, or of
-        shards that could not be read, means the data is unusable."""
-        if self.samples is None:
-            return
-        self.empty_run = 0 if self.good else self.empty_run + 1
-        self.failed_run = 0 if self.good else self.failed_run + self.lost[0]
-        self.samples = None
-        if self.failed_run >= self.stream.max_failed_shards_in_row:
-            raise DataUnavailable(f"data: {self.failed_run} shards in a row could not be read (last: "
-                                  f"{self.counter.last_shard_error}); check that the store is reachable, or raise "
-                                  "data.read_timeout_s / data.read_retries / data.max_failed_shards_in_row")
-        if self.empty_run >= self.order.max_empty_blocks():
-            raise DataUnavailable(f"data: {self.empty_run} blocks of shards in a row gave no usable sample "
-                                  f"(last shard read: {self.block.units[-1].url}); {self.counter.count} samples "
-                                  "were skipped as bad. Check data.train_shards, data.image_key and data.text_key.")
-
-
 class GlobalBatchStream(IterableDataset):
     """One rank's share of the global batches, split over its DataLoader workers by batch index.
 
@@ -274,11 +176,19 @@ class GlobalBatchStream(IterableDataset):
     ``end_batch`` (None: endless) before each DataLoader iterator is created. Physical worker ``j`` of
     ``K`` then yields global batches ``first_batch + j``, ``first_batch + j + K``, ... — DataLoader's round
     robin over workers (which starts at worker 0) hands them to the loop in batch order. Each batch is this
-    rank's slice of the global batch: runs of the order's streams (``order.BatchLayout``), each read in order
-    by one ``_StreamReader``, so the bytes of samples the worker does not own are passed over, never decoded.
+    rank's slice of the global batch: runs of the order's streams (``order.BatchLayout``), each stream read in
+    order by one reader, so the bytes of samples the worker does not own are passed over, never decoded.
 
-    A bad sample is replaced by a copy of a good one of the same slice (or, if the whole slice is bad, the
-    last good sample this worker produced, or the next one it finds), so batches keep their size.
+    Batches keep their size: a bad position ``p`` (a sample that does not decode, or one its shard did not
+    deliver) holds a copy of the sample at the first good position ``q > p`` of the epoch's order, whoever
+    owns ``q``, decoded with ``q``'s own augmentation seed, so the fill is the same at every world size and
+    worker count. The worker finds ``q`` by decoding the positions after ``p`` as its stream passes them (it
+    reads ahead; its own positions met on the way wait in a small buffer). Only the owner of a position
+    counts it as skipped, and a tar error or lost shard counts for the position whose read raised it, so
+    ``skipped_samples`` summed over ranks is the same at every shape. The one fill that depends on the shape:
+    no good position after ``p`` before the end of the epoch (epoch mode) or within
+    ``order.max_empty_blocks()`` blocks (resampled), where ``p`` takes the last good sample this worker had;
+    a worker with none looks on until a sample decodes or the stop rules end the run.
     """
 
     def __init__(self, order: GlobalOrder, decoder: SampleDecoder, tokenizer: Callable, global_batch: int,
@@ -313,6 +223,17 @@ class GlobalBatchStream(IterableDataset):
         """``(stream, position, length)`` runs of this rank's slice of global batch ``batch``."""
         return self.layout.runs(batch, self.rank * self.batch_size, self.batch_size)
 
+    def owns(self, stream: int, position: int, physical: int, workers: int) -> bool:
+        """Whether physical worker ``physical`` of ``workers`` yields ``position`` of ``stream``'s order in this
+        iteration."""
+        found = self.layout.place(stream, position)
+        if found is None:
+            return False
+        batch, offset = found
+        first = self.first_batch + physical
+        return (offset // self.batch_size == self.rank and batch >= first and (batch - first) % workers == 0
+                and (self.end_batch is None or batch < self.end_batch))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -321,37 +242,187 @@ class GlobalBatchStream(IterableDataset):
         return self._batches(physical, count, counter)
 
     def _batches(self, physical: int, workers: int, counter: SkipCounter) -> Iterator[tuple[torch.Tensor, ...]]:
-        epoch, end = self.epoch, self.end_batch
-        readers = [_StreamReader(self, order, epoch, counter) for order in self.layout.orders]
-        pending: list[tuple[int, list]] = []  # whole-bad slices waiting for a first good sample
-        last_good: tuple[np.ndarray, str] | None = None
         batch = self.first_batch + physical
-        while end is None or batch < end or pending:
-            slots: list[tuple[np.ndarray, str] | None] = []
-            for stream, position, length in self.slice_runs(batch):
-                slots += readers[stream].take(position, length)
-            good = [s for s in slots if s is not None]
-            if good:
-                last_good = good[-1]
-            if pending and last_good is not None:
-                for waiting_batch, waiting in pending:
-                    yield self._collate(waiting, last_good, (physical, epoch, waiting_batch, counter.count,
-                                                             counter.shards))
-                pending = []
-            if end is None or batch < end:  # (past the end a slice is read only to find a good sample)
-                if last_good is not None:
-                    yield self._collate(slots, last_good, (physical, epoch, batch, counter.count, counter.shards))
-                else:
-                    pending.append((batch, slots))
+        # One reader per stream of the order (epoch mode: the streams are segments of one order, so a search
+        # for a replacement may run on into the next segment).
+        fills = [_Fill(self, order, self.epoch,
+                       lambda position, s=s: self.owns(s, position, physical, workers), counter)
+                 for s, order in enumerate(self.layout.orders)]
+        while self.end_batch is None or batch < self.end_batch:
+            slots = [fills[s].sample(position) for s, start, length in self.slice_runs(batch)
+                     for position in range(start, start + length)]
+            yield self._collate(slots, (physical, self.epoch, batch, counter.count, counter.shards))
             batch += workers
 
-    def _collate(self, slots: list, fallback: tuple[np.ndarray, str] | None, meta: tuple[int, ...]
-                 ) -> tuple[torch.Tensor, ...]:
-        good = [s for s in slots if s is not None]
-        filled = [s if s is not None else (good[i % len(good)] if good else fallback)
-                  for i, s in enumerate(slots)]
+    def _collate(self, slots: list[tuple[np.ndarray, str]], meta: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         size = self.decoder.image_size
-        batch = np.empty((len(filled), 3, size, size), dtype=np.uint8)
-        for i, (image, _) in enumerate(filled):
+        batch = np.empty((len(slots), 3, size, size), dtype=np.uint8)
+        for i, (image, _) in enumerate(slots):
             batch[i] = image.transpose(2, 0, 1)  # HWC -> CHW, one copy into the batch
-        return torch.from_numpy(batch), self.tokenizer([text for _, text in filled]), torch.tensor(meta)
+        return torch.from_numpy(batch), self.tokenizer([text for _, text in slots]), torch.tensor(meta)
+
+
+class _Positions:
+    """A worker's forward-only pass over the global positions of an epoch, block after block.
+
+    ``read(n)`` gives the raw sample at position ``n`` (None when its block's stream ended before it).
+    Positions between two reads are passed over as bytes, and a block holding no position asked for is not
+    opened. A tar error or lost shard is attributed to the position whose read raised it and kept until that
+    position's owner counts it (``count_errors``): the same position at every topology, however far ahead a
+    worker reads. The stop rules (blocks in a row without a usable sample, shards in a row that could not be
+    read) are checked as each opened block is left.
+    """
+
+    def __init__(self, stream: GlobalBatchStream, order: GlobalOrder, epoch: int, owns: Callable[[int], bool],
+                 counter: SkipCounter) -> None:
+        self.order, self.epoch, self.owns, self.counter = order, epoch, owns, counter
+        self.shuffle_buffer, self.remote = stream.shuffle_buffer, stream.remote
+        self.max_failed_shards_in_row = stream.max_failed_shards_in_row
+        self.block: Block | None = None  # the open block
+        self.end = 0  # end of the open block's positions
+        self.next = 0  # the position the open block's stream delivers next
+        self.samples: Iterator[Sample] | None = None  # None once the open block's stream has ended
+        self.reading = -1  # the position being read: errors raised meanwhile belong to it
+        self.errors: dict[int, list[tuple[str, Exception]]] = {}  # own positions -> errors not counted yet
+        self.usable = False  # a sample of the open block decoded (set by the caller)
+        self.lost = 0  # shards of the open block abandoned as unavailable
+        self.last_lost = ""
+        self.empty_run = self.failed_run = 0
+
+    def read(self, position: int) -> Sample | None:
+        if position < self.next:
+            raise RuntimeError(f"data: position {position} asked for after {self.next - 1} (the stream only goes on)")
+        if self.block is None or position >= self.end:
+            self._enter(self.order.locate(self.epoch, position))
+        while self.next < position:  # someone else's: pass over its bytes
+            self._fetch()
+        return self._fetch()
+
+    def count_errors(self, position: int) -> None:
+        """Count the tar errors and lost shards raised while ``position`` (one of this worker's) was read."""
+        for url, exn in self.errors.pop(position, ()):
+            self.counter.tar_error_handler(url)(exn)
+
+    def _fetch(self) -> Sample | None:
+        self.reading = self.next
+        self.next += 1
+        sample = next(self.samples, None) if self.samples is not None else None
+        if sample is None:  # the block ended early: its remaining positions are bad
+            self.samples = None
+        return sample
+
+    def _enter(self, index: int) -> None:
+        if self.block is not None:
+            self._leave()
+        self.block = self.order.block(self.epoch, index)
+        self.next = self.order.block_start(self.epoch, index)
+        self.end = self.next + self.order.block_size(self.epoch, index)
+        self.usable, self.lost = False, 0
+        self.samples = iter(block_samples(self.block, self._handler_for, self.shuffle_buffer, self.remote,
+                                          lazy=True))
+
+    def _handler_for(self, url: str) -> Callable[[Exception], bool]:
+        first = [True]  # a broken tar usually raises twice (the member, the next header): one count
+
+        def handler(exn: Exception) -> bool:
+            if isinstance(exn, ShardUnavailable):
+                self.lost += 1
+                self.last_lost = str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn)
+            if first[0]:
+                first[0] = False
+                if self.owns(self.reading):
+                    self.errors.setdefault(self.reading, []).append((url, exn))
+            return True
+        return handler
+
+    def _leave(self) -> None:
+        assert self.block is not None
+        self.empty_run = 0 if self.usable else self.empty_run + 1
+        self.failed_run = 0 if self.usable else self.failed_run + self.lost
+        if self.failed_run >= self.max_failed_shards_in_row:
+            raise DataUnavailable(f"data: {self.failed_run} shards in a row could not be read (last: "
+                                  f"{self.last_lost or self.counter.last_shard_error}); check that the store is "
+                                  "reachable, or raise data.read_timeout_s / data.read_retries / "
+                                  "data.max_failed_shards_in_row")
+        if self.empty_run >= self.order.max_empty_blocks():
+            last_url = self.block.units[-1].url if self.block.units else ""
+            raise DataUnavailable(f"data: {self.empty_run} blocks of shards in a row gave no usable sample "
+                                  f"(last shard read: {last_url}); {self.counter.count} samples were skipped as "
+                                  "bad. Check data.train_shards, data.image_key and data.text_key.")
+
+
+_Decoded = tuple[np.ndarray, str] | str | None  # a sample, why it is bad, or None: not delivered
+
+
+class _Fill:
+    """The sample in each of a worker's slots: its own position's, or for a bad position ``p`` the sample at
+    the first good position after ``p`` (see ``GlobalBatchStream``)."""
+
+    def __init__(self, stream: GlobalBatchStream, order: GlobalOrder, epoch: int, owns: Callable[[int], bool],
+                 counter: SkipCounter) -> None:
+        self.order, self.epoch, self.owns, self.counter = order, epoch, owns, counter
+        self.decoder = stream.decoder
+        self.positions = _Positions(stream, order, epoch, owns, counter)
+        epoch_end = self.order.epoch_end(epoch)
+        if epoch_end is not None and stream.end_batch is not None:  # (an epoch_samples estimate may pass it)
+            epoch_end = max(epoch_end, stream.end_batch * stream.global_batch)
+        self.epoch_end = epoch_end
+        self.ahead: dict[int, _Decoded] = {}  # own positions decoded while looking for a replacement
+        self.found: tuple[int, tuple[np.ndarray, str]] | None = None  # the last replacement found, and where
+        self.last_good: tuple[np.ndarray, str] | None = None
+        self.files: dict[str, object] = {}  # the local shard being materialized from
+
+    def sample(self, position: int) -> tuple[np.ndarray, str]:
+        """The sample in the slot of ``position`` (one of this worker's, asked for in increasing order); its
+        failure, if any, is counted here."""
+        decoded = self.ahead.pop(position) if position in self.ahead else self._decode(position)
+        self.positions.count_errors(position)
+        if isinstance(decoded, tuple):
+            self.last_good = decoded
+            return decoded
+        if decoded is not None:  # (not delivered: the tar error or lost shard that cut it short counts)
+            self.counter.skip(decoded)
+        return self._replacement(position)
+
+    def _replacement(self, bad: int) -> tuple[np.ndarray, str]:
+        if self.found is not None and self.found[0] > bad:  # every position between was bad too
+            return self.found[1]
+        # The positions from bad + 1 up to where the stream stands were decoded looking for the last
+        # replacement, and were all bad: look on from there.
+        position = max(bad + 1, self.positions.next)
+        end = self._search_end(bad)
+        while end is None or position < end:
+            decoded = self._decode(position)
+            if self.owns(position):
+                self.ahead[position] = decoded
+            if isinstance(decoded, tuple):
+                self.found = (position, decoded)
+                self.last_good = decoded
+                return decoded
+            position += 1
+        assert self.last_good is not None
+        return self.last_good
+
+    def _search_end(self, bad: int) -> int | None:
+        """Where the search for ``bad``'s replacement gives up for the last good sample, or None: never (this
+        worker has no good sample yet; the stop rules end a hopeless search)."""
+        if self.last_good is None:
+            return None
+        if self.epoch_end is not None:
+            return self.epoch_end
+        return self.order.block_start(self.epoch, self.order.locate(self.epoch, bad) + self.order.max_empty_blocks())
+
+    def _decode(self, position: int) -> _Decoded:
+        raw = self.positions.read(position)
+        if raw is None:
+            return None
+        try:
+            try:
+                sample = materialize(raw, self.files)
+            except OSError as exn:
+                raise BadSample(f"unreadable: {exn}") from None
+            image, text, _ = self.decoder(sample, sample_rng(self.order.seed, self.epoch, position))
+        except BadSample as exn:
+            return f"{raw.get('__url__')} key {raw.get('__key__')}: {exn}"
+        self.positions.usable = True
+        return image, text
