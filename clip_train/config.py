@@ -301,6 +301,10 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; raise data.batch_size")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size is per rank and must be at least 1, got {cfg.data.batch_size}")
+    global_batch = cfg.data.batch_size * world_size
+    if cfg.data.order_streams >= 1 and global_batch % cfg.data.order_streams:
+        raise ConfigError(f"data.order_streams={cfg.data.order_streams} must divide the global batch of "
+                          f"{global_batch} samples ({world_size} ranks x data.batch_size={cfg.data.batch_size})")
     if not cfg.train.collective_timeout_s > 0:
         raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {cfg.train.collective_timeout_s}")
     if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
@@ -351,6 +355,9 @@ def validate_values(cfg: TrainConfig) -> None:
     if cfg.data.shuffle_shards < 1:
         raise ConfigError(f"data.shuffle_shards must be >= 1 (shards interleaved into one block of the global "
                           f"order; 1 reads one shard at a time), got {cfg.data.shuffle_shards}")
+    if cfg.data.order_streams < 1:
+        raise ConfigError(f"data.order_streams must be >= 1 (parallel streams of the global order), got "
+                          f"{cfg.data.order_streams}")
     if cfg.data.num_workers > 0 and cfg.data.prefetch_factor < 1:
         raise ConfigError(f"data.prefetch_factor must be at least 1, got {cfg.data.prefetch_factor}")
     resume = cfg.ckpt.resume

@@ -15,7 +15,8 @@ from clip_train.data.plan import mix_seed
 from clip_train.data.stream import GlobalBatchStream
 
 TINY = shuffle.Setup(shards=24, samples_per_shard=60, positions=768, world_sizes=(1, 4), workers=(1, 2),
-                     global_batches=(64,), shuffle_shards=(2, 4, 8), shuffle_buffer=100)
+                     global_batches=(64,), shuffle_shards=(2, 4, 8), shuffle_buffer=100,
+                     order_streams=(4,))
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +34,16 @@ def pick(rows: list[shuffle.Figures], **match: object) -> shuffle.Figures:
 @pytest.mark.parametrize("mode", shuffle.MODES)
 def test_one_rank_one_worker_mixes_like_the_global_order_of_four_shards(rows, mode: str) -> None:
     before = pick(rows, order="per-worker", mode=mode, world_size=1, workers=1)
-    after = pick(rows, order="global", mode=mode, shuffle_shards=4)
+    after = pick(rows, order="global", mode=mode, shuffle_shards=4, order_streams=1)
     assert after.distinct_shards_mean == pytest.approx(before.distinct_shards_mean, rel=0.15)
     assert after.top_shard_share_mean == pytest.approx(before.top_shard_share_mean, rel=0.25)
 
 
 @pytest.mark.parametrize("mode", shuffle.MODES)
 def test_more_shuffle_shards_mix_more_shards_per_batch(rows, mode: str) -> None:
-    means = [pick(rows, order="global", mode=mode, shuffle_shards=s).distinct_shards_mean for s in (2, 4, 8)]
+    means = [pick(rows, order="global", mode=mode, shuffle_shards=s, order_streams=1).distinct_shards_mean for s in (2, 4, 8)]
     assert means[0] < means[1] < means[2]
-    shares = [pick(rows, order="global", mode=mode, shuffle_shards=s).top_shard_share_mean for s in (2, 4, 8)]
+    shares = [pick(rows, order="global", mode=mode, shuffle_shards=s, order_streams=1).top_shard_share_mean for s in (2, 4, 8)]
     assert shares[0] > shares[2]
 
 
@@ -110,3 +111,10 @@ def test_cli_refuses_a_batch_that_does_not_split_over_the_ranks(capsys) -> None:
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not split over 3 ranks" in err[0]
+
+
+def test_parallel_streams_mix_as_many_blocks_as_there_are_streams(rows) -> None:
+    one = pick(rows, order="global", mode="epoch", shuffle_shards=4, order_streams=1)
+    four = pick(rows, order="global", mode="epoch", shuffle_shards=4, order_streams=4)
+    assert four.distinct_shards_mean > 2.5 * one.distinct_shards_mean
+    assert four.open_shards_per_reader == 16

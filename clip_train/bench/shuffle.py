@@ -2,7 +2,7 @@
 
     python -m clip_train.bench.data --shuffle-quality [--shards 512] [--samples-per-shard 4000]
         [--positions 16384] [--world-sizes 1,8,64] [--workers-list 1,4] [--global-batches 256,4096]
-        [--shuffle-shards-list 4,16,64] [--shuffle-buffer 1000]
+        [--shuffle-shards-list 4,16,64] [--shuffle-buffer 1000] [--order-streams-list 8,64]
 
 No images: tiny tars (one few-byte member per sample, uneven sample counts around ``--samples-per-shard``)
 are written to a temporary directory, and the sample at each training position is listed by the real code.
@@ -10,6 +10,10 @@ are written to a temporary directory, and the sample at each training position i
 - **Global order** (today): ``order.GlobalOrder`` + ``reader.block_samples``; global batch ``b`` is positions
   ``[b·G, (b+1)·G)``. Ranks and workers only split a batch (tests/test_bench_shuffle.py checks the batches
   against ``stream.GlobalBatchStream`` at several shapes), so its figures hold at any W and K.
+- **Global order with parallel streams** (``data.order_streams``, ``--order-streams-list``): read by
+  ``stream.GlobalBatchStream`` itself at one rank and one worker (tests/test_order_streams.py checks that other
+  shapes give the same batches); open shards and buffer samples are given per reader at W = 1 (a reader of a
+  rank that owns S / W streams holds S / W of them).
 - **Per-worker streams** (the loader before the global order): ``plan.StreamPlan(rank=r, world_size=W,
   num_workers=K, shards_per_block=4)`` + ``reader.block_samples`` per worker; rank ``r``'s local batch ``n``
   is the next ``G/W`` samples of its worker ``n % K`` (DataLoader's round robin), the global batch is the
@@ -139,6 +143,36 @@ def global_order_ids(data: KeyShards, mode: str, shuffle_shards: int, shuffle_bu
     return ids
 
 
+class _IdDecoder:
+    """Stands in for the image decoder in ``GlobalBatchStream``: the sample's id as its text."""
+
+    image_size = 1
+
+    def __init__(self, data: KeyShards) -> None:
+        self.to_id = SampleIds(data)
+
+    def __call__(self, sample: dict, rng: object) -> tuple[object, SampleId, int]:
+        import numpy as np
+
+        return np.zeros((1, 1, 3), np.uint8), self.to_id(sample), 0
+
+
+def streamed_batches(data: KeyShards, mode: str, streams: int, shuffle_shards: int, shuffle_buffer: int,
+                     global_batch: int, batches: int, seed: int) -> list[list[SampleId]]:
+    """The first ``batches`` global batches of the global order with ``streams`` parallel streams, read by the
+    training stream itself (one rank, one worker: any other shape gives the same batches)."""
+    from clip_train.data.decode import SkipCounter
+    from clip_train.data.stream import GlobalBatchStream
+
+    order = GlobalOrder([data.source], mode, seed=seed, shuffle_shards=shuffle_shards,
+                        counts=list(data.counts), fallback_count=data.counts[0])
+    per_epoch = sum(data.counts) // global_batch if mode == "epoch" else None
+    stream = GlobalBatchStream(order, _IdDecoder(data), list, global_batch, 0, 1, shuffle_buffer,
+                               streams=streams, batches_per_epoch=per_epoch)
+    stream.end_batch = batches
+    return [list(ids) for _, ids, _ in stream._batches(0, 1, SkipCounter(0, where="bench"))]
+
+
 class WorkerStreams:
     """Per-worker sample streams of the old loader, each read once and shared by the configurations that
     contain the same worker (in resampled mode a global worker's stream depends on its index only)."""
@@ -223,6 +257,7 @@ class Figures:
     open_shards_per_reader: int
     buffer_samples_per_reader: int
     readers: int | None  # DataLoader workers over all ranks (None: any)
+    order_streams: int = 1  # data.order_streams of the global order (the old loader: 1)
 
 
 def figures(batches: Sequence[Sequence[SampleId]], **config: object) -> Figures:
@@ -257,6 +292,7 @@ class Setup:
     shuffle_buffer: int = 1000
     modes: tuple[str, ...] = MODES
     seed: int = 0
+    order_streams: tuple[int, ...] = (8, 64)  # the global order with parallel streams (at shuffle_shards 4)
 
 
 def check(setup: Setup) -> None:
@@ -293,6 +329,18 @@ def run(setup: Setup, work_dir: str) -> tuple[list[Figures], int]:
                 rows.append(figures(split(ids, g), order="global", mode=mode, world_size=None, workers=None,
                                     global_batch=g, shuffle_shards=width, open_shards_per_reader=width,
                                     buffer_samples_per_reader=setup.shuffle_buffer, readers=None))
+        width = OLD_SHARDS_PER_BLOCK
+        for count in setup.order_streams:  # parallel streams: a batch takes G / S positions from each
+            for g in setup.global_batches:
+                if g % count:
+                    continue
+                batches = streamed_batches(data, mode, count, width, setup.shuffle_buffer, g, setup.positions // g,
+                                           seed)
+                listed += sum(len(b) for b in batches)
+                rows.append(figures(batches, order="global", mode=mode, world_size=None, workers=None,
+                                    global_batch=g, shuffle_shards=width, open_shards_per_reader=width * count,
+                                    buffer_samples_per_reader=setup.shuffle_buffer * count, readers=None,
+                                    order_streams=count))
         streams = WorkerStreams(data, setup.shuffle_buffer, seed)
         for w in setup.world_sizes:
             for k in setup.workers:
@@ -308,12 +356,13 @@ def run(setup: Setup, work_dir: str) -> tuple[list[Figures], int]:
 
 def markdown(rows: Sequence[Figures]) -> str:
     """The rows as a markdown table."""
-    lines = [("| order | mode | W × K | G | shards/block | shards per global batch (mean, min) | top shard share "
+    lines = [("| order | mode | W × K | G | shards/block × streams | shards per global batch (mean, min) | top shard share "
               "(mean, max) | tar neighbours in one batch | open shards, buffer samples per reader |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = "any" if r.world_size is None else f"{r.world_size} × {r.workers}"
-        lines.append(f"| {r.order} | {r.mode} | {shape} | {r.global_batch} | {r.shuffle_shards} | "
+        width = f"{r.shuffle_shards}" if r.order_streams == 1 else f"{r.shuffle_shards} × {r.order_streams}"
+        lines.append(f"| {r.order} | {r.mode} | {shape} | {r.global_batch} | {width} | "
                      f"{r.distinct_shards_mean:g}, {r.distinct_shards_min} | {r.top_shard_share_mean:.3f}, "
                      f"{r.top_shard_share_max:.3f} | {r.neighbours_together:.2f} | {r.open_shards_per_reader}, "
                      f"{r.buffer_samples_per_reader} |")
@@ -345,12 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle-shards-list", type=_ints, default=d.shuffle_shards,
                         help="data.shuffle_shards values of the global order")
     parser.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="data.shuffle_buffer")
+    parser.add_argument("--order-streams-list", type=_ints, default=d.order_streams,
+                        help="data.order_streams values of the global order (at shuffle_shards 4; those that do "
+                             "not divide G are left out); open shards and buffers are per reader at W = 1, "
+                             "divided by W when W divides the streams")
     parser.add_argument("--modes", type=lambda t: tuple(t.split(",")), default=d.modes,
                         help="epoch and/or resampled")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of both orders")
     args = parser.parse_args(argv)
     setup = Setup(args.shards, args.samples_per_shard, args.positions, args.world_sizes, args.workers_list,
-                  args.global_batches, args.shuffle_shards_list, args.shuffle_buffer, args.modes, args.seed)
+                  args.global_batches, args.shuffle_shards_list, args.shuffle_buffer, args.modes, args.seed,
+                  args.order_streams_list)
     start = time.perf_counter()
     try:
         if any(m not in MODES for m in setup.modes):

@@ -75,6 +75,14 @@ class DataConfig:
     resuming re-reads up to this many shards' bytes (without decoding) to reach the saved position.
     (Formerly ``data.shards_per_block``.)"""
 
+    order_streams: int = 1
+    """Parallel streams of the global order: each global batch takes an equal share of consecutive positions
+    from each stream (epoch mode: the epoch's order cut into this many segments; resampled: streams with their
+    own seeds). A batch then mixes ``order_streams x shuffle_shards`` shards, and with ``order_streams`` a
+    multiple of the world size each rank reads only its own streams' shards. Part of the order, like the
+    seeds (recorded in checkpoints), so set it once per dataset: e.g. the GPU count of the largest job that
+    will train on it. Must divide the global batch."""
+
     train_crop_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])
     """Random resized crop: range of the crop's area as a fraction of the image's."""
 

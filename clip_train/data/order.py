@@ -1,7 +1,7 @@
 """The global sample order of training: which raw sample sits at each global position, for any topology.
 
 The order is a pure function of the shard list (and their sample counts), the seed, the epoch, the mode,
-``data.shuffle_shards`` and ``data.shuffle_buffer``; ranks and DataLoader workers only decide who reads what:
+``data.shuffle_shards``, ``data.shuffle_buffer`` and ``data.order_streams``; ranks and DataLoader workers only decide who reads what:
 
 - The epoch's shard list is shuffled (epoch mode) or shards are drawn with replacement (resampled mode),
   in *blocks* of ``shuffle_shards`` shards (the plan of one single global worker, see ``plan.py``, where
@@ -13,15 +13,17 @@ The order is a pure function of the shard list (and their sample counts), the se
   its shards' sample counts from the manifest (or, without counts, an estimate per shard). A shard that
   yields fewer samples than its count leaves those positions bad; extra samples are ignored. So positions
   never shift, whoever reads them.
-- Global batch ``b`` is positions ``[b * G, (b + 1) * G)`` of the epoch; rank ``r`` of ``W`` takes the
-  slice ``[b * G + r * G / W, b * G + (r + 1) * G / W)``.
+- Global batch ``b`` takes ``G / S`` consecutive positions from each of ``S = data.order_streams`` parallel
+  streams of the order (``BatchLayout``; one stream: positions ``[b * G, (b + 1) * G)``). Rank ``r`` of ``W``
+  takes the slice ``[r * G / W, (r + 1) * G / W)`` of the batch, so with ``S`` a multiple of ``W`` a rank
+  reads only its own streams.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from clip_train.data.plan import Block, StreamPlan, Unit
+from clip_train.data.plan import Block, StreamPlan, Unit, mix_seed
 from clip_train.data.sources import ShardSource
 
 
@@ -34,12 +36,22 @@ class GlobalOrder:
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
         self.seed = seed
+        self._arguments = (list(sources), shuffle_shards, None if counts is None else list(counts), fallback_count)
         self._plan = StreamPlan(sources, mode, seed=seed, rank=0, world_size=1, num_workers=1,
                                 shards_per_block=shuffle_shards, counts=counts)
         self.urls = self._plan.urls
         self._counts = {url: int(c) for url, c in zip(self.urls, counts)} if counts is not None else {}
         self._fallback = max(1, int(fallback_count))
         self._starts: dict[int, list[int]] = {}  # epoch -> start position of blocks 0..n (grown on demand)
+
+    def stream(self, index: int) -> GlobalOrder:
+        """The order of parallel stream ``index`` in resampled mode: the same shards, its own seed (stream 0 is
+        this order, so one stream is the plain order)."""
+        if index == 0:
+            return self
+        sources, shuffle_shards, counts, fallback = self._arguments
+        return GlobalOrder(sources, self.mode, seed=mix_seed(self.seed, 0x57E, index), shuffle_shards=shuffle_shards,
+                           counts=counts, fallback_count=fallback)
 
     @property
     def shuffle_shards(self) -> int:
@@ -100,3 +112,63 @@ class GlobalOrder:
             return max(2, -(-50 // self.shuffle_shards))
         blocks = -(-max(1, len(self.urls)) // self.shuffle_shards)
         return 2 * blocks + 1
+
+
+class BatchLayout:
+    """Where each sample of a global batch sits in the global order, when the order has parallel streams.
+
+    Global batch ``b`` of ``G`` samples is ``streams`` runs of ``share = G / streams`` positions, one from each
+    stream, in stream order; batch-space index ``j`` is position ``b * share + j % share`` of stream
+    ``j // share``. Epoch mode: stream ``s`` is the ``s``-th of ``streams`` contiguous segments of the epoch's
+    order, each ``batches_per_epoch * share`` positions long, so an epoch still uses positions
+    ``[0, batches_per_epoch * G)`` once each. Resampled mode: stream ``s`` is its own endless order
+    (``GlobalOrder.stream``). With one stream, batch ``b`` is positions ``[b * G, (b + 1) * G)``.
+
+    A rank's slice of a batch then covers ``streams / world_size`` whole streams (when it divides), so each rank
+    reads only its own streams' shards, while a global batch mixes ``streams * shuffle_shards`` shards.
+    """
+
+    def __init__(self, order: GlobalOrder, global_batch: int, streams: int, batches_per_epoch: int | None) -> None:
+        if streams < 1 or global_batch % streams:
+            raise ValueError(f"data.order_streams={streams} must be at least 1 and divide the global batch "
+                             f"({global_batch} samples)")
+        if order.mode == "epoch" and streams > 1 and batches_per_epoch is None:
+            raise ValueError("epoch mode with several streams needs the number of batches per epoch")
+        self.streams = streams
+        self.share = global_batch // streams
+        self.global_batch = global_batch
+        self.batches_per_epoch = batches_per_epoch
+        self.orders = [order] * streams if order.mode == "epoch" else [order.stream(s) for s in range(streams)]
+
+    def base(self, stream: int) -> int:
+        """First position of ``stream`` in its order."""
+        if self.orders[0].mode == "epoch" and self.streams > 1:
+            return stream * (self.batches_per_epoch or 0) * self.share
+        return 0
+
+    def place(self, stream: int, position: int) -> tuple[int, int] | None:
+        """``(batch, batch-space index)`` of ``position`` of ``stream``'s order, or None when no batch of the
+        epoch holds it (epoch mode: the remainder past the last segment)."""
+        if self.orders[0].mode == "epoch":  # segments of one order: the position alone says which stream
+            per_stream = (self.batches_per_epoch or 0) * self.share if self.streams > 1 else None
+            if per_stream is None:
+                batch, offset = divmod(position, self.global_batch)
+                return batch, offset
+            stream, within = divmod(position, per_stream)
+            if stream >= self.streams:
+                return None
+        else:
+            within = position
+        batch, offset = divmod(within, self.share)
+        return batch, stream * self.share + offset
+
+    def runs(self, batch: int, start: int, count: int) -> list[tuple[int, int, int]]:
+        """``(stream, position, length)`` runs holding batch-space ``[start, start + count)`` of batch ``batch``."""
+        out = []
+        j, end = start, start + count
+        while j < end:
+            stream, offset = divmod(j, self.share)
+            length = min(end - j, self.share - offset)
+            out.append((stream, self.base(stream) + batch * self.share + offset, length))
+            j += length
+        return out

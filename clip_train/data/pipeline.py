@@ -34,11 +34,14 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2
 # The saved position continues the same global order only if these match the run that saved it (world size,
 # worker count and per-rank batch size may change freely).
-_ORDER_KEYS = ("global_batch_size", "mode", "seed", "num_shards", "shuffle_buffer", "shuffle_shards")
+_ORDER_KEYS = ("global_batch_size", "mode", "seed", "num_shards", "shuffle_buffer", "shuffle_shards",
+               "order_streams")
 # Recorded since the block width became ``data.shuffle_shards`` (still version 2: no saved value changed
 # meaning). A state saved before lacks them; nothing says what they were, so they count as unchanged: a
 # resume with the same settings continues exactly, instead of every older checkpoint restarting its epoch.
 _ORDER_KEYS_ADDED_LATER = ("shuffle_buffer", "shuffle_shards")
+# Recorded since ``data.order_streams`` exists; every run before it had one stream.
+_ORDER_KEY_DEFAULTS = {"order_streams": 1}
 _exit_hook_installed = False
 
 
@@ -252,12 +255,14 @@ class TrainLoader:
         """Which worker the next batch is due from and the shards it is reading (from the plan: no IPC)."""
         workers = max(1, self._cfg.num_workers)
         worker = (self._batches_in_epoch - self._dataset.first_batch) % workers
-        first = self._order.locate(self.epoch, self._dataset.slice_start(self._batches_in_epoch))
         urls: list[str] = []
-        for index in (first, first + 1):
-            for unit in self._order.block(self.epoch, index).units:
-                if unit.url not in urls:
-                    urls.append(unit.url)
+        for stream, position, _ in self._dataset.slice_runs(self._batches_in_epoch):
+            order = self._dataset.layout.orders[stream]
+            first = order.locate(self.epoch, position)
+            for index in (first, first + 1):
+                for unit in order.block(self.epoch, index).units:
+                    if unit.url not in urls:
+                        urls.append(unit.url)
         shown = ", ".join(urls[:8]) + (f" and {len(urls) - 8} more" if len(urls) > 8 else "")
         return f"worker {worker} of rank {self._dataset.rank}, reading {shown or 'nothing'}"
 
@@ -312,6 +317,7 @@ class TrainLoader:
             "num_shards": len(self._order.urls),
             "shuffle_buffer": max(0, int(self._dataset.shuffle_buffer)),
             "shuffle_shards": self._order.shuffle_shards,
+            "order_streams": self._dataset.streams,
             "epoch": self.epoch,
             "batches_in_epoch": self._batches_in_epoch,
             "samples_seen": self._samples_seen,
@@ -342,7 +348,7 @@ class TrainLoader:
         ``state`` is one ``state_dict()`` or every saved rank's (a list, or under ``"ranks"``); the saved run
         may have had any world size and worker count. Skip counts of all saved ranks are carried by rank 0
         (the trainer sums them over ranks). A change of the global batch size (or of the mode, seed, shard
-        list, ``data.shuffle_buffer`` or ``data.shuffle_shards``) cannot continue the same sequence: the loader
+        list, ``data.shuffle_buffer``, ``data.shuffle_shards`` or ``data.order_streams``) cannot continue the same sequence: the loader
         warns once and starts the saved epoch afresh in the new plan (resampled mode: the stream restarts
         from the seed). A state saved before ``shuffle_buffer``/``shuffle_shards`` were recorded is taken to
         have today's values.
@@ -366,7 +372,7 @@ class TrainLoader:
         now = self._local_state()
         # A version-1 state (per-worker streams, before the global order) has no global batch index to continue.
         differ = ["version"] if entry.get("version") != STATE_VERSION else \
-            [k for k in _ORDER_KEYS if entry.get(k) != now[k]
+            [k for k in _ORDER_KEYS if entry.get(k, _ORDER_KEY_DEFAULTS.get(k)) != now[k]
              and not (k in _ORDER_KEYS_ADDED_LATER and k not in entry)]
         self.epoch = int(entry["epoch"])
         if not differ:
@@ -438,7 +444,7 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
 
     The sequence of global batches (``world_size * cfg.batch_size`` samples each, and every sample's random
     crop) is a pure function of the shards, ``seed``, ``cfg.seed``, the epoch, the global batch size,
-    ``cfg.shuffle_shards`` and ``cfg.shuffle_buffer``; the rank, world size and worker count only decide
+    ``cfg.shuffle_shards``, ``cfg.shuffle_buffer`` and ``cfg.order_streams``; the rank, world size and worker count only decide
     who reads what (``order.py``). Shard patterns are
     expanded and checked here, so a pattern that matches nothing fails before training.
     """
@@ -464,6 +470,10 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     global_batch = cfg.batch_size * world_size
+    if cfg.order_streams < 1 or global_batch % cfg.order_streams:
+        raise ValueError(f"data.order_streams={cfg.order_streams} must divide the global batch of {global_batch} "
+                         f"samples ({world_size} ranks x data.batch_size={cfg.batch_size}); pick a divisor, e.g. "
+                         "the number of GPUs of the largest job that will train on this data")
     fallback = counts[0] if counts else _first_shard_count(sources, options)
     order = GlobalOrder(sources, mode, seed=mix_seed(seed, cfg.seed), shuffle_shards=cfg.shuffle_shards,
                         counts=counts, fallback_count=fallback)
@@ -483,7 +493,8 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
     dataset = GlobalBatchStream(order, decoder, _default_tokenizer(tokenizer), global_batch, rank, world_size,
                                 cfg.shuffle_buffer, max_pixels=cfg.max_image_pixels,
                                 remote=RemoteOptions.from_config(cfg),
-                                max_failed_shards_in_row=cfg.max_failed_shards_in_row)
+                                max_failed_shards_in_row=cfg.max_failed_shards_in_row,
+                                streams=cfg.order_streams, batches_per_epoch=batches_per_epoch)
     return TrainLoader(dataset, cfg, batches_per_epoch)
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.decode import BadSample, SampleDecoder, SkipCounter
-from clip_train.data.order import GlobalOrder
+from clip_train.data.order import BatchLayout, GlobalOrder
 from clip_train.data.plan import Block, StreamPlan, mix_seed
 from clip_train.data.reader import Sample, block_samples, materialize
 from clip_train.data.remote import RemoteOptions, ShardUnavailable
@@ -176,8 +176,8 @@ class GlobalBatchStream(IterableDataset):
     ``end_batch`` (None: endless) before each DataLoader iterator is created. Physical worker ``j`` of
     ``K`` then yields global batches ``first_batch + j``, ``first_batch + j + K``, ... — DataLoader's round
     robin over workers (which starts at worker 0) hands them to the loop in batch order. Each batch is this
-    rank's contiguous slice of the global batch (see ``order.py``), so a worker reads, in order, the blocks
-    holding its slices: the bytes of samples it does not own are read and passed over, never decoded.
+    rank's slice of the global batch: runs of the order's streams (``order.BatchLayout``), each stream read in
+    order by one reader, so the bytes of samples the worker does not own are passed over, never decoded.
 
     Batches keep their size: a bad position ``p`` (a sample that does not decode, or one its shard did not
     deliver) holds a copy of the sample at the first good position ``q > p`` of the epoch's order, whoever
@@ -193,11 +193,13 @@ class GlobalBatchStream(IterableDataset):
 
     def __init__(self, order: GlobalOrder, decoder: SampleDecoder, tokenizer: Callable, global_batch: int,
                  rank: int, world_size: int, shuffle_buffer: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 remote: RemoteOptions | None = None, max_failed_shards_in_row: int = 16) -> None:
+                 remote: RemoteOptions | None = None, max_failed_shards_in_row: int = 16, streams: int = 1,
+                 batches_per_epoch: int | None = None) -> None:
         super().__init__()
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} does not split over {world_size} ranks")
         self.order = order
+        self.layout = BatchLayout(order, global_batch, streams, batches_per_epoch)
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.global_batch = global_batch
@@ -212,13 +214,22 @@ class GlobalBatchStream(IterableDataset):
         self.first_batch = 0
         self.end_batch: int | None = None
 
-    def slice_start(self, batch: int) -> int:
-        """First global position of this rank's slice of global batch ``batch``."""
-        return batch * self.global_batch + self.rank * self.batch_size
+    @property
+    def streams(self) -> int:
+        """Parallel streams of the order (``data.order_streams``)."""
+        return self.layout.streams
 
-    def owns(self, position: int, physical: int, workers: int) -> bool:
-        """Whether physical worker ``physical`` of ``workers`` yields global ``position`` in this iteration."""
-        batch, offset = divmod(position, self.global_batch)
+    def slice_runs(self, batch: int) -> list[tuple[int, int, int]]:
+        """``(stream, position, length)`` runs of this rank's slice of global batch ``batch``."""
+        return self.layout.runs(batch, self.rank * self.batch_size, self.batch_size)
+
+    def owns(self, stream: int, position: int, physical: int, workers: int) -> bool:
+        """Whether physical worker ``physical`` of ``workers`` yields ``position`` of ``stream``'s order in this
+        iteration."""
+        found = self.layout.place(stream, position)
+        if found is None:
+            return False
+        batch, offset = found
         first = self.first_batch + physical
         return (offset // self.batch_size == self.rank and batch >= first and (batch - first) % workers == 0
                 and (self.end_batch is None or batch < self.end_batch))
@@ -232,10 +243,14 @@ class GlobalBatchStream(IterableDataset):
 
     def _batches(self, physical: int, workers: int, counter: SkipCounter) -> Iterator[tuple[torch.Tensor, ...]]:
         batch = self.first_batch + physical
-        fill = _Fill(self, self.epoch, lambda position: self.owns(position, physical, workers), counter)
+        # One reader per stream of the order (epoch mode: the streams are segments of one order, so a search
+        # for a replacement may run on into the next segment).
+        fills = [_Fill(self, order, self.epoch,
+                       lambda position, s=s: self.owns(s, position, physical, workers), counter)
+                 for s, order in enumerate(self.layout.orders)]
         while self.end_batch is None or batch < self.end_batch:
-            first = self.slice_start(batch)
-            slots = [fill.sample(position) for position in range(first, first + self.batch_size)]
+            slots = [fills[s].sample(position) for s, start, length in self.slice_runs(batch)
+                     for position in range(start, start + length)]
             yield self._collate(slots, (physical, self.epoch, batch, counter.count, counter.shards))
             batch += workers
 
@@ -258,9 +273,9 @@ class _Positions:
     read) are checked as each opened block is left.
     """
 
-    def __init__(self, stream: GlobalBatchStream, epoch: int, owns: Callable[[int], bool],
+    def __init__(self, stream: GlobalBatchStream, order: GlobalOrder, epoch: int, owns: Callable[[int], bool],
                  counter: SkipCounter) -> None:
-        self.order, self.epoch, self.owns, self.counter = stream.order, epoch, owns, counter
+        self.order, self.epoch, self.owns, self.counter = order, epoch, owns, counter
         self.shuffle_buffer, self.remote = stream.shuffle_buffer, stream.remote
         self.max_failed_shards_in_row = stream.max_failed_shards_in_row
         self.block: Block | None = None  # the open block
@@ -343,11 +358,11 @@ class _Fill:
     """The sample in each of a worker's slots: its own position's, or for a bad position ``p`` the sample at
     the first good position after ``p`` (see ``GlobalBatchStream``)."""
 
-    def __init__(self, stream: GlobalBatchStream, epoch: int, owns: Callable[[int], bool],
+    def __init__(self, stream: GlobalBatchStream, order: GlobalOrder, epoch: int, owns: Callable[[int], bool],
                  counter: SkipCounter) -> None:
-        self.order, self.epoch, self.owns, self.counter = stream.order, epoch, owns, counter
+        self.order, self.epoch, self.owns, self.counter = order, epoch, owns, counter
         self.decoder = stream.decoder
-        self.positions = _Positions(stream, epoch, owns, counter)
+        self.positions = _Positions(stream, order, epoch, owns, counter)
         epoch_end = self.order.epoch_end(epoch)
         if epoch_end is not None and stream.end_batch is not None:  # (an epoch_samples estimate may pass it)
             epoch_end = max(epoch_end, stream.end_batch * stream.global_batch)

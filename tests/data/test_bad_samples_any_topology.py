@@ -39,13 +39,13 @@ def _write(folder, bad: set[int] = frozenset()) -> str:
     return os.path.join(str(folder), f"{{00000..{len(SIZES) - 1:05d}}}.tar")
 
 
-def _epoch(pattern: str, world_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _epoch(pattern: str, world_size: int, workers: int, streams: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Epoch 0's global batches, every rank's slices in rank order (images, tokens), and the skips of all ranks."""
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(BATCHES)]
     skipped = 0
     for rank in range(world_size):
         cfg = DataConfig(train_shards=pattern, batch_size=GLOBAL_BATCH // world_size, num_workers=workers,
-                         resampled=False, shuffle_buffer=8, shuffle_shards=2)
+                         resampled=False, shuffle_buffer=8, shuffle_shards=2, order_streams=streams)
         loader = build_train_loader(cfg, 16, TOKENIZER, rank=rank, world_size=world_size, seed=3)
         for b, (images, tokens) in enumerate(loader):
             parts[b].append((images, tokens))
@@ -134,3 +134,20 @@ def test_a_tar_cut_short_gives_the_same_batches_and_skips_at_every_shape(tmp_pat
     assert len(bad) == 4 and {block_end - 3, block_end - 2, block_end - 1} <= bad
     _assert_filled_from_the_next_good_position(images, tokens, bad)
     assert order.index(held[block_end - 1]) >= block_end  # filled from block 1
+
+
+def test_with_parallel_streams_bad_samples_give_the_same_batches_and_skips_at_every_shape(tmp_path, clean):
+    """data.order_streams=4: each batch takes 4 positions from each of 4 segments of the epoch's order; a bad
+    sample's copy still comes from the next good position of the order, whoever reads it."""
+    order, _ = clean
+    streams_ref = _epoch(_write(tmp_path / "clean"), 1, 0, streams=4)
+    held = _indices(streams_ref[1])
+    bad = {held[p] for p in (0, 3, 4, 13, 14)}  # a stream's first position, the edge between two streams
+    pattern = _write(tmp_path / "bad", bad=bad)
+    reference = _epoch(pattern, 1, 0, streams=4)
+    assert reference[2] == len(bad)
+    for world_size, workers in SHAPES[1:]:
+        images, tokens, skipped = _epoch(pattern, world_size, workers, streams=4)
+        assert torch.equal(images, reference[0]) and torch.equal(tokens, reference[1]), (world_size, workers)
+        assert skipped == reference[2]
+    assert _indices(reference[1]) != order[:BATCHES * GLOBAL_BATCH]  # the streams are another order

@@ -172,10 +172,10 @@ def test_state_with_another_global_batch_warns_once_and_restarts_the_epoch(make_
     assert len(list(resumed)) == 4  # the whole epoch of 16 samples in batches of 4
 
 
-@pytest.mark.parametrize(("key", "value"), [("shuffle_buffer", 3), ("shuffle_shards", 1)])
+@pytest.mark.parametrize(("key", "value"), [("shuffle_buffer", 3), ("shuffle_shards", 1), ("order_streams", 3)])
 def test_state_with_another_shuffle_setting_warns_once_and_restarts_the_epoch(make_shards, tokenizer, caplog, key,
                                                                               value):
-    """data.shuffle_buffer and data.shuffle_shards are part of the order and recorded in the state: a resume
+    """data.shuffle_buffer, data.shuffle_shards and data.order_streams are part of the order and recorded in the state: a resume
     that changes one re-plans (one warning naming it, the epoch again from its first batch in the new
     order); with both unchanged it continues exactly, also from a state saved before they were recorded."""
     pattern, _ = make_shards([8, 8])  # 16 samples: 5 batches of 3 per epoch
@@ -196,7 +196,9 @@ def test_state_with_another_shuffle_setting_warns_once_and_restarts_the_epoch(ma
     for (ir, tr), (i_f, tf) in zip(restarted, fresh):
         assert torch.equal(ir, i_f) and torch.equal(tr, tf)
 
-    older = {k: v for k, v in state.items() if k not in ("shuffle_buffer", "shuffle_shards")}
+    assert state["order_streams"] == 1
+    # a state saved before these were recorded: shuffle settings as today's, one stream (all runs had one)
+    older = {k: v for k, v in state.items() if k not in ("shuffle_buffer", "shuffle_shards", "order_streams")}
     for saved in (state, older):
         caplog.clear()
         same = build_train_loader(config(pattern, resampled=False), 16, tokenizer)
