@@ -21,12 +21,13 @@ from typing import Any
 from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "openclip_model_configs"
+PREPROCESS_FILE = Path(__file__).resolve().parents[1] / "assets" / "openclip_preprocess.json"
 QUICKGELU_SUFFIX = "-quickgelu"
 
 # JSON key -> our field, where the names differ (the rest map onto a field of the same name).
 _VISION_RENAMES = {"timm_model_pretrained": "timm_pretrained"}
 # Keys that change outputs other than the embedding (token outputs for CoCa) or the tokenizer, not weights.
-_IGNORED_KEYS = {"output_tokens", "hf_tokenizer_name", "tokenizer_kwargs", "tokenizer_mode", "hf_model_pretrained"}
+_IGNORED_KEYS = {"output_tokens", "tokenizer_mode", "hf_model_pretrained"}
 # Keys our config gets from other branches of the code (timm heads, HF text towers): mapped only when present.
 _VISION_OPTIONAL = {"timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"}
 _TEXT_OPTIONAL = {"hf_model_name", "hf_proj_type", "hf_pooler_type"}
@@ -57,6 +58,26 @@ def openclip_json(name: str) -> dict[str, Any]:
     if name not in openclip_model_names():
         raise KeyError(name)
     return json.loads(_read_json(name))
+
+
+@lru_cache(maxsize=1)
+def _preprocess_table() -> dict[str, dict[str, Any]]:
+    return json.loads(PREPROCESS_FILE.read_text())["models"]
+
+
+def openclip_preprocess(name: str) -> dict[str, Any]:
+    """The image preprocessing OpenCLIP's pretrained configs give architecture ``name``, as ``ModelConfig``
+    fields (``image_mean``, ``image_std``, ``image_interpolation``, ``image_resize_mode``); empty when they
+    are OpenAI's, when the name has no pretrained tag, or when its tags disagree (the table's ``disagreeing``,
+    e.g. ViT-L-14: OpenAI's defaults, which most of its tags use). A ``-quickgelu`` name without an entry of
+    its own takes its base name's. Facts vendored in ``assets/openclip_preprocess.json``.
+    """
+    table = _preprocess_table()
+    facts = table.get(name) or table.get(split_quickgelu(name)[0])
+    if not facts:
+        return {}
+    return {"image_mean": list(facts["mean"]), "image_std": list(facts["std"]),
+            "image_interpolation": facts["interpolation"], "image_resize_mode": facts["resize_mode"]}
 
 
 def _kwargs(section: dict[str, Any], where: str) -> tuple[float | None, str | None]:
@@ -180,6 +201,8 @@ def openclip_model_config(name: str) -> tuple[ModelConfig, list[str]]:
         raise KeyError(name) from None
     cfg, missing = translate(doc, name)
     cfg.quick_gelu = cfg.quick_gelu or quick_gelu
+    for key, value in openclip_preprocess(name).items():
+        setattr(cfg, key, value)
     return cfg, missing
 
 
@@ -256,6 +279,12 @@ def to_openclip(cfg: ModelConfig) -> dict[str, Any]:
         }
         if text.act_approximate != "none":
             text_cfg["act_kwargs"] = {"approximate": text.act_approximate}
+    # OpenCLIP's get_tokenizer picks an HF tokenizer (for local-dir: the export directory itself) only when
+    # text_cfg names one; without these keys a SigLIP export would silently tokenize with CLIP's BPE.
+    if getattr(text, "hf_tokenizer_name", None):
+        text_cfg["hf_tokenizer_name"] = text.hf_tokenizer_name
+    if getattr(text, "tokenizer_kwargs", None):
+        text_cfg["tokenizer_kwargs"] = dict(text.tokenizer_kwargs)
     out: dict[str, Any] = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu, "vision_cfg": vision_cfg,
                            "text_cfg": text_cfg}
     if cfg.custom_text:
