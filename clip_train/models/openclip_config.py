@@ -264,8 +264,10 @@ def to_openclip(cfg: ModelConfig) -> dict[str, Any]:
         if vision.act_approximate != "none":
             vision_cfg["act_kwargs"] = {"approximate": vision.act_approximate}
     if getattr(text, "hf_model_name", None):
+        # width: OpenCLIP sizes an HF tower from the HF config and ignores it, but its JSON says it (coca_roberta).
         text_cfg: dict[str, Any] = {"hf_model_name": text.hf_model_name, "hf_model_pretrained": False,
-                                    "context_length": text.context_length, "vocab_size": text.vocab_size}
+                                    "context_length": text.context_length, "vocab_size": text.vocab_size,
+                                    "width": text.width}
         for key in ("hf_proj_type", "hf_pooler_type"):
             if hasattr(text, key):
                 text_cfg[key] = getattr(text, key)
