@@ -174,6 +174,14 @@ def test_exports_carry_the_models_preprocessing(tmp_path: Path) -> None:
     with torch.no_grad():
         assert (reference.encode_image(images) - model.encode_image(images)).abs().max() < 1e-4
 
+    # and back into clip_train: from the open_clip directory's preprocess_cfg and a safetensors file's metadata
+    import clip_train
+
+    assert clip_train.create_model(None, pretrained=tmp_path / "oc").config.preprocessing == model.config.preprocessing
+    export(model, "safetensors", tmp_path / "m.safetensors")
+    assert clip_train.create_model(None, pretrained=tmp_path / "m.safetensors").config.preprocessing == \
+        model.config.preprocessing
+
     # Hugging Face: CLIPImageProcessor reads the model's statistics, filter and (squash) resize
     tiny = get_model_config("tiny")
     tiny.image_mean, tiny.image_std, tiny.image_interpolation, tiny.image_resize_mode = [0.5] * 3, [0.5] * 3, \

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
+from clip_train.models.config import (IMAGE_INTERPOLATIONS, IMAGE_RESIZE_MODES, ModelConfig, MultimodalConfig,
+                                      TextConfig, VisionConfig)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "openclip_model_configs"
 PREPROCESS_FILE = Path(__file__).resolve().parents[1] / "assets" / "openclip_preprocess.json"
@@ -113,6 +115,7 @@ def translate(doc: dict[str, Any], name: str = "openclip") -> tuple[ModelConfig,
     as ``vision_cfg.timm_proj``) whose tower options live in a module this build does not have.
     """
     doc = json.loads(json.dumps(doc))  # a deep copy we may pop from
+    preprocess_doc = doc.pop("preprocess_cfg", None) or {}  # an open_clip_config.json's, attached by the caller
     missing: list[str] = []
     vision_doc = dict(doc.pop("vision_cfg", {}))
     text_doc = dict(doc.pop("text_cfg", {}))
@@ -182,7 +185,25 @@ def translate(doc: dict[str, Any], name: str = "openclip") -> tuple[ModelConfig,
     cfg.custom_text = bool(doc.pop("custom_text", False)) or bool(text_doc.get("hf_model_name")) or multimodal is not None
     if doc:
         raise OpenClipConfigError(f"{name}: unknown OpenCLIP config keys {sorted(doc)}")
+    _apply_preprocess_cfg(cfg, preprocess_doc, name)
     return cfg, missing
+
+
+def _apply_preprocess_cfg(cfg: ModelConfig, preprocess: dict[str, Any], name: str) -> None:
+    """Take OpenCLIP's ``preprocess_cfg`` (mean, std, interpolation, resize_mode) into ``cfg``; a value our data
+    path cannot apply (resize_mode ``longest``) is left at the default with a warning naming it."""
+    for key, field_name in (("mean", "image_mean"), ("std", "image_std")):
+        if preprocess.get(key) is not None:
+            setattr(cfg, field_name, [float(v) for v in preprocess[key]])
+    for key, field_name, allowed in (("interpolation", "image_interpolation", IMAGE_INTERPOLATIONS),
+                                     ("resize_mode", "image_resize_mode", IMAGE_RESIZE_MODES)):
+        value = preprocess.get(key)
+        if value in allowed:
+            setattr(cfg, field_name, value)
+        elif value is not None:
+            logging.getLogger(__name__).warning("%s: preprocess_cfg %s=%r is not supported here; using %s", name,
+                                                key, value, allowed[0])
+    cfg._check_preprocessing()
 
 
 def split_quickgelu(name: str) -> tuple[str, bool]:
