@@ -176,7 +176,7 @@ def load_images(paths: Sequence[str | Path], image_size: int, preprocessing=None
     for path in paths:
         try:
             with Image.open(path) as image:
-                arrays.append(crop_resize(image, eval_box(*image.size, preprocessing.resize_mode), image_size,
+                arrays.append(crop_resize(image, eval_box(*image.size, image_size, preprocessing.resize_mode), image_size,
                                           preprocessing.interpolation))
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {path}") from None

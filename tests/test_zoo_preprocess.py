@@ -89,20 +89,22 @@ def test_our_eval_transform_equals_openclips_for_the_pretrained_config(name: str
     size = cfg.vision.image_size
     reference = image_transform(size, is_train=False, mean=facts["mean"], std=facts["std"],
                                 interpolation=facts["interpolation"], resize_mode=facts["resize_mode"])
-    image = _photo()
-    ours, theirs = _ours(cfg, image), reference(image)
-    assert ours.shape == theirs.shape == (3, size, size)
     one_level = 1 / 255 / min(facts["std"])  # one uint8 step after normalisation
-    if facts["resize_mode"] == "squash":
-        # both resize the whole image with PIL's filter: the same pixels, up to float rounding
-        assert (ours - theirs).abs().max() < 1e-5
-    else:
-        # OpenCLIP resizes the shorter side then crops; we resize the centre square in one pass (PIL's
-        # filter still reads past the box), so a few pixels land one uint8 level apart
-        assert (ours - theirs).abs().max() <= one_level + 1e-5
-        assert (ours - theirs).abs().mean() < 0.05 * one_level
+    # odd sizes, landscape and portrait, downscaled and upscaled: torchvision's rounding of the resized side
+    # and of the crop offset matters here
+    for image in (_photo(301, 203), _photo(203, 301), _photo(100, 90)):
+        ours, theirs = _ours(cfg, image), reference(image)
+        assert ours.shape == theirs.shape == (3, size, size)
+        if facts["resize_mode"] == "squash":
+            # both resize the whole image with PIL's filter: the same pixels, up to float rounding
+            assert (ours - theirs).abs().max() < 1e-5
+        else:
+            # OpenCLIP resizes the shorter side then crops; we resample the box that crop keeps in one pass
+            # (PIL's filter still reads past it): the same pixels up to a rare one-level rounding difference
+            assert (ours - theirs).abs().max() <= one_level + 1e-5
+            assert (ours - theirs).abs().mean() < 0.01 * one_level
     # and OpenAI's statistics on the same pixels would be far off: the test tells them apart
-    wrong = normalize_on_device(_pixels(cfg, image)[None])[0]
+    wrong = normalize_on_device(_pixels(cfg, image)[None])[0]  # (the last image)
     assert (wrong - theirs).abs().max() > 10 * one_level
 
 

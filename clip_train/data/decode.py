@@ -158,7 +158,7 @@ class SampleDecoder:
                     box = random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio,
                                                   rng or random.Random())
                     return crop_resize(image, box, self.image_size)
-                box = eval_box(width, height, self.resize_mode)
+                box = eval_box(width, height, self.image_size, self.resize_mode)
                 return crop_resize(image, box, self.image_size, self.interpolation)
             except BadSample:
                 raise

@@ -60,14 +60,24 @@ def center_crop_box(width: int, height: int) -> Box:
     return (left, top, left + side, top + side)
 
 
-def eval_box(width: int, height: int, resize_mode: str = "shortest") -> Box:
-    """The region an evaluation resize keeps: the centred square (``shortest``: shorter side to S, then
-    center-crop S) or the whole image (``squash``: resized to S x S, aspect ratio not kept, nothing cut)."""
+def eval_box(width: int, height: int, size: int, resize_mode: str = "shortest") -> Box:
+    """The source region an evaluation resize to ``size`` x ``size`` keeps.
+
+    ``squash``: the whole image (aspect ratio not kept, nothing cut). ``shortest``: what "resize the shorter
+    side to ``size``, then center-crop" keeps, with torchvision's rounding as OpenCLIP and OpenAI's CLIP use it
+    (longer side truncated to ``int(size * long / short)``, crop offset rounded to whole resized pixels), so
+    one resampling of this box gives their pixels without resampling the discarded margins.
+    """
     if resize_mode == "squash":
         return (0.0, 0.0, float(width), float(height))
     if resize_mode != "shortest":
         raise ValueError(f"resize mode {resize_mode!r}: use shortest or squash")
-    return center_crop_box(width, height)
+    short, long = min(width, height), max(width, height)
+    resized_long = int(size * long / short)
+    offset = int(round((resized_long - size) / 2.0))
+    scale = long / resized_long  # source pixels per resized pixel along the longer side
+    start, end = offset * scale, (offset + size) * scale
+    return (start, 0.0, end, float(height)) if width >= height else (0.0, start, float(width), end)
 
 
 def crop_resize(image: Image.Image, box: Box, size: int, interpolation: str = "bicubic") -> np.ndarray:

@@ -101,7 +101,7 @@ def imagefolder_batches(
         images, labels = [], []
         for path, label in mine[start : start + batch_size]:
             with Image.open(path) as image:
-                pixels = crop_resize(image, eval_box(*image.size, preprocessing.resize_mode), image_size,
+                pixels = crop_resize(image, eval_box(*image.size, image_size, preprocessing.resize_mode), image_size,
                                      preprocessing.interpolation)
             images.append(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))  # writable copy of PIL's buffer
             labels.append(label)
