@@ -124,7 +124,7 @@ def test_hf_processor_resizes_and_crops_larger_images_like_our_eval_transform(tm
     box = (start, 0, end, height) if width >= height else (0, start, width, end)
     floor_pixels = crop_resize(Image.open(io.BytesIO(data)), box, 32)
     diff = (hf_pixels - normalize_on_device(torch.tensor(np.array(floor_pixels)).permute(2, 0, 1)[None])).abs()
-    assert diff.mean().item() < 2.5 * level  # JPEG: we decode at a reduced scale (draft), transformers does not
+    assert diff.max().item() < 1.01 * level  # the same pixels, rounding apart (JPEG too, draft decoding and all)
 
 
 def test_open_clip_export_loads_by_dir_and_by_name(tmp_path, inputs):
