@@ -134,7 +134,7 @@ def _hf_tokenizer_for(model: CLIP, tokenizer: str | None):  # -> clip_train.toke
     try:
         return get_model_tokenizer(model.config, tokenizer)
     except (OSError, ValueError, ImportError) as err:
-        raise ExportError(f"--tokenizer {tokenizer}: {err}") from None
+        raise ExportError(f"{err} (the tokenizer an open_clip export carries; --tokenizer hf:PATH sets it)") from None
 
 
 def run_tokenizer(source: str | Path) -> str | None:
