@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from clip_train.models.config import OPENAI_IMAGE_MEAN as OPENAI_MEAN  # one source for OpenAI's statistics
+from clip_train.models.config import OPENAI_IMAGE_STD as OPENAI_STD
+
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 """Interpolation names (a model's ``image_interpolation``) -> PIL filters."""
 
