@@ -74,7 +74,8 @@ def test_every_pretrained_name_gets_openclips_preprocessing_where_its_tags_agree
         got = {"mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
                "resize_mode": pre.resize_mode}
         assert got == {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in expected.items()}, name
-        differ += got["mean"] != list(OPENAI_MEAN) or got["resize_mode"] != "shortest" or got["interpolation"] != "bicubic"
+        differ += got != {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic",
+                          "resize_mode": "shortest"}
     assert differ == 51  # SigLIP(2), nllb-siglip, PE-Core, MobileCLIP(2), CLIPA, the squashing worldwide/378 names
     # OpenAI's nine and names without a pretrained tag keep OpenAI's preprocessing
     assert get_model_config("ViT-B-16").preprocessing.mean == OPENAI_MEAN
