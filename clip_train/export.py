@@ -6,10 +6,12 @@ Formats:
   architecture as JSON in the file's metadata. ``clip_train.create_model(pretrained=FILE)`` and
   ``open_clip.create_model("ViT-B-16", pretrained=FILE)`` read it.
 - ``open_clip``: a directory OpenCLIP loads by itself, for every architecture of its zoo (the config is
-  written back through ``clip_train.models.openclip_config``): ``open_clip_config.json`` (model and preprocessing
-  config), ``open_clip_model.safetensors``, and ``<name>.json`` (the bare model config, for
-  ``open_clip.add_model_config``). Load it with ``open_clip.create_model("local-dir:OUT")``, or register the
-  architecture and load the weights by name::
+  written back through ``clip_train.models.openclip_config``): ``open_clip_config.json`` (model config and the
+  model's preprocessing: mean, std, interpolation, resize mode), ``open_clip_model.safetensors``, ``<name>.json``
+  (the bare model config, for ``open_clip.add_model_config``) and, for a model whose text tower reads a Hugging
+  Face tokenizer (SigLIP, CLIPA, multilingual towers), that tokenizer's files, from ``--tokenizer hf:PATH`` or
+  the run's ``tokenizer=`` (``open_clip.get_tokenizer("local-dir:OUT")`` reads them there). Load it with
+  ``open_clip.create_model("local-dir:OUT")``, or register the architecture and load the weights by name::
 
       open_clip.add_model_config("OUT/tiny.json")
       open_clip.create_model("tiny", pretrained="OUT/open_clip_model.safetensors")
@@ -32,12 +34,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from clip_train.data.transforms import OPENAI_MEAN, OPENAI_STD
 from clip_train.models import CLIP, CheckpointError
 from clip_train.models.config import ModelConfig
 from clip_train.models.hf import HFConversionError, check_convertible, hf_config, to_hf_state_dict
 from clip_train.models.openclip_config import to_openclip
-from clip_train.tokenizer import NUM_MERGES, get_tokenizer
+from clip_train.tokenizer import HF_PREFIX, NUM_MERGES, get_model_tokenizer, get_tokenizer, model_tokenizer_need
 
 FORMATS = ("open_clip", "hf", "safetensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,18 +91,64 @@ def open_clip_model_config(model: CLIP) -> dict:
     return model_cfg
 
 
-def export_open_clip(model: CLIP, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
-    """Write an OpenCLIP ``local-dir`` model: config JSON, weights, and the bare model config by name."""
+def open_clip_preprocess_config(model: CLIP) -> dict:
+    """OpenCLIP's ``preprocess_cfg`` for the model: its size and its own mean, std, interpolation, resize mode."""
+    pre = model.config.preprocessing
+    return {"size": model.config.vision.image_size, "mode": "RGB", "mean": list(pre.mean), "std": list(pre.std),
+            "interpolation": pre.interpolation, "resize_mode": pre.resize_mode}
+
+
+def export_open_clip(model: CLIP, out: Path, dtype: torch.dtype = torch.float32,
+                     tokenizer: str | None = None) -> list[Path]:
+    """Write an OpenCLIP ``local-dir`` model: config JSON, weights, the bare model config by name, and the
+    HF tokenizer's files when the text tower needs one and ``tokenizer`` (``hf:PATH``) gives it."""
     model_cfg = open_clip_model_config(model)
+    hf_tokenizer = _hf_tokenizer_for(model, tokenizer)
+    if hf_tokenizer is not None and not model_cfg["text_cfg"].get("hf_tokenizer_name"):
+        # The run tokenized with an HF tokenizer the architecture does not name: say so, or OpenCLIP uses CLIP BPE.
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = tokenizer[len(HF_PREFIX):]
     out.mkdir(parents=True, exist_ok=True)
-    size = model.config.vision.image_size
-    preprocess_cfg = {"size": size, "mode": "RGB", "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
-                      "interpolation": "bicubic", "resize_mode": "shortest"}
     files = [out / OPENCLIP_CONFIG_FILE, out / OPENCLIP_WEIGHTS_FILE, out / f"{_file_stem(model.config.name)}.json"]
-    files[0].write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+    files[0].write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": open_clip_preprocess_config(model)},
+                                   indent=2))
     save_file(_weights(model, dtype), str(files[1]), metadata={"format": "pt"})
     files[2].write_text(json.dumps(model_cfg, indent=2))
+    if hf_tokenizer is not None:
+        before = set(out.iterdir())
+        hf_tokenizer.tokenizer.save_pretrained(str(out))
+        files += sorted(set(out.iterdir()) - before)
+    elif model_tokenizer_need(model.config):
+        print(f"clip_train.export: note: {out} has no tokenizer files, but {model.config.name} reads the Hugging Face "
+              f"tokenizer {model_tokenizer_need(model.config)!r}, so open_clip.get_tokenizer('local-dir:{out}') "
+              f"cannot load one; export again with --tokenizer hf:PATH (a local directory of its files)",
+              file=sys.stderr)
     return files
+
+
+def _hf_tokenizer_for(model: CLIP, tokenizer: str | None):  # -> clip_train.tokenizer.HFTokenizer | None
+    """The HF tokenizer ``tokenizer`` (``hf:PATH``) names, loaded as the model uses it (None when not given)."""
+    if tokenizer is None:
+        return None
+    if not tokenizer.startswith(HF_PREFIX):
+        raise ExportError(f"--tokenizer {tokenizer!r}: give hf:PATH, a local Hugging Face tokenizer directory")
+    try:
+        return get_model_tokenizer(model.config, tokenizer)
+    except (OSError, ValueError, ImportError) as err:
+        raise ExportError(f"{err} (the tokenizer an open_clip export carries; --tokenizer hf:PATH sets it)") from None
+
+
+def run_tokenizer(source: str | Path) -> str | None:
+    """The ``tokenizer=`` setting of the training run ``source`` belongs to (its ``.hydra/config.yaml``, found
+    from the run dir, its ``checkpoints/`` or a step directory), or None (not a run, or CLIP's BPE)."""
+    path = Path(source).expanduser().resolve()
+    for folder in [path, *path.parents][:4]:
+        saved = folder / ".hydra" / "config.yaml"
+        if saved.is_file():
+            import yaml
+
+            value = (yaml.safe_load(saved.read_text()) or {}).get("tokenizer")
+            return str(value) if value else None
+    return None
 
 
 def _file_stem(name: str) -> str:
@@ -138,6 +185,7 @@ def export_hf(model: CLIP, out: Path, dtype: torch.dtype = torch.float32) -> lis
     hf_weights = to_hf_state_dict(_weights(model, dtype), model.config)
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.vision.image_size
+    pre = model.config.preprocessing
     config = hf_config(model.config, logit_scale=float(model.logit_scale.detach()))
     config["dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     preprocessor = {
@@ -145,16 +193,19 @@ def export_hf(model: CLIP, out: Path, dtype: torch.dtype = torch.float32) -> lis
         "processor_class": "CLIPProcessor",
         "do_resize": True,
         "size": {"shortest_edge": size},
-        "resample": 3,  # PIL bicubic, as clip_train's eval transform
+        "resample": PIL_RESAMPLE[pre.interpolation],  # as clip_train's eval transform
         "do_center_crop": True,
         "crop_size": {"height": size, "width": size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(OPENAI_MEAN),
-        "image_std": list(OPENAI_STD),
+        "image_mean": list(pre.mean),
+        "image_std": list(pre.std),
         "do_convert_rgb": True,
     }
+    if pre.resize_mode == "squash":  # the whole image to size x size, no crop (CLIPImageProcessor's height/width)
+        preprocessor["size"] = {"height": size, "width": size}
+        preprocessor["do_center_crop"] = False
     files = [out / "config.json", out / "model.safetensors", out / "preprocessor_config.json"]
     files[0].write_text(json.dumps(config, indent=2))
     save_file(hf_weights, str(files[1]), metadata={"format": "pt"})
@@ -163,10 +214,12 @@ def export_hf(model: CLIP, out: Path, dtype: torch.dtype = torch.float32) -> lis
 
 
 EXPORTERS = {"safetensors": export_safetensors, "open_clip": export_open_clip, "hf": export_hf}
+PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's filter numbers, as preprocessor_config.json's "resample"
 
 
-def export(model: CLIP, fmt: str, out: str | Path, dtype: str = "fp32") -> list[Path]:
-    """Write ``model`` in format ``fmt`` to ``out``; returns the files written."""
+def export(model: CLIP, fmt: str, out: str | Path, dtype: str = "fp32", tokenizer: str | None = None) -> list[Path]:
+    """Write ``model`` in format ``fmt`` to ``out``; returns the files written. ``tokenizer`` (``hf:PATH``)
+    is the HF tokenizer an ``open_clip`` export carries for text towers that need one."""
     if fmt not in EXPORTERS:
         raise ExportError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -174,6 +227,8 @@ def export(model: CLIP, fmt: str, out: str | Path, dtype: str = "fp32") -> list[
     out = Path(out).expanduser()
     if fmt != "safetensors" and out.is_file():
         raise ExportError(f"--out {out} is a file; --format {fmt} writes a directory")
+    if fmt == "open_clip":
+        return export_open_clip(model, out, DTYPES[dtype], tokenizer=tokenizer)
     return EXPORTERS[fmt](model, out, DTYPES[dtype])
 
 
@@ -188,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None,
                         help="architecture name, for weights files that do not record it (e.g. ViT-B-16-quickgelu)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the written weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="hf:PATH, the local Hugging Face tokenizer an open_clip export carries for text towers "
+                             "that need one (SigLIP, CLIPA, multilingual); default: the run's tokenizer= setting")
     args = parser.parse_args(argv)
     from clip_train.load import load_model
 
     try:
         model = load_model(args.checkpoint, name=args.model)
-        files = export(model, args.format, args.out, args.dtype)
+        tokenizer = args.tokenizer or run_tokenizer(args.checkpoint)
+        files = export(model, args.format, args.out, args.dtype, tokenizer=tokenizer)
     except (CheckpointError, ExportError, HFConversionError) as err:
         print(f"clip_train.export: error: {err}", file=sys.stderr)
         return 2

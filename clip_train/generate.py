@@ -161,18 +161,23 @@ def generate(
         model.train(was_training)
 
 
-def load_images(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
-    """uint8 ``(N, 3, S, S)``: each image's centre square, resized bicubically (as evaluation does)."""
+def load_images(paths: Sequence[str | Path], image_size: int, preprocessing=None) -> torch.Tensor:
+    """uint8 ``(N, 3, S, S)``: each image resized as evaluation does (``preprocessing``: a model's
+    ``config.preprocessing``; default the centre square, bicubic)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from clip_train.data.transforms import center_crop_box, crop_resize
+    from clip_train.data.transforms import crop_resize, eval_box
+    from clip_train.models.config import ImagePreprocessing
+
+    preprocessing = preprocessing or ImagePreprocessing()
 
     arrays = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                arrays.append(crop_resize(image, center_crop_box(*image.size), image_size))
+                arrays.append(crop_resize(image, eval_box(*image.size, image_size, preprocessing.resize_mode), image_size,
+                                          preprocessing.interpolation))
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {path}") from None
         except (UnidentifiedImageError, OSError) as err:
@@ -213,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(model, "caption_logits"):
             raise ValueError(f"{args.pretrained} holds a contrastive-only model ({model.config.name}); captions "
                              "need a CoCa model (e.g. --model coca_ViT-B-32)")
-        images = normalize_on_device(load_images(args.images, model.image_size).to(args.device))
+        preprocessing = model.config.preprocessing
+        images = normalize_on_device(load_images(args.images, model.image_size, preprocessing).to(args.device),
+                                     mean=preprocessing.mean, std=preprocessing.std)
         tokens = generate(model, images, method=args.method, num_beams=args.num_beams, max_length=args.max_length,
                           min_length=args.min_length)
     except (ValueError, CheckpointError, FileNotFoundError) as err:

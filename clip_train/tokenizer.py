@@ -410,17 +410,25 @@ def required_hf_tokenizer(name: str | None) -> str | None:
 
 
 def model_tokenizer_need(model_cfg) -> str | None:  # model_cfg: clip_train.models.config.ModelConfig
-    """The HF tokenizer a model config's text tower needs: its OpenCLIP name's, else its HF text model's."""
-    return required_hf_tokenizer(model_cfg.name) or getattr(model_cfg.text, "hf_model_name", None) or None
+    """The HF tokenizer a model config's text tower needs: the one its config names (``text.hf_tokenizer_name``,
+    carried by checkpoints and exports), else its OpenCLIP name's, else its HF text model's."""
+    text = model_cfg.text
+    return (getattr(text, "hf_tokenizer_name", None) or required_hf_tokenizer(model_cfg.name)
+            or getattr(text, "hf_model_name", None) or None)
 
 
 def get_model_tokenizer(model_cfg, tokenizer: str | None = None) -> ClipTokenizer | HFTokenizer:
     """The tokenizer for a built model's config (any name; context length from the config), as the training
-    app and the eval CLI use it; ``tokenizer`` is ``hf:PATH`` or None."""
+    app, the eval CLI and export use it; ``tokenizer`` is ``hf:PATH`` or None. An HF tokenizer takes the
+    config's ``text.tokenizer_kwargs`` (else its OpenCLIP name's)."""
     needed = model_tokenizer_need(model_cfg)
     if tokenizer is None and needed:
         raise ValueError(missing_tokenizer_message(model_cfg.name, needed))
-    return get_tokenizer(model_cfg.name, model_cfg.text.context_length, tokenizer=tokenizer)
+    if tokenizer is None or not tokenizer.startswith(HF_PREFIX):
+        return get_tokenizer(model_cfg.name, model_cfg.text.context_length, tokenizer=tokenizer)
+    options = getattr(model_cfg.text, "tokenizer_kwargs", None) or (_openclip_text_cfg(model_cfg.name) or {}).get(
+        "tokenizer_kwargs") or {}
+    return HFTokenizer(tokenizer[len(HF_PREFIX):], context_length=model_cfg.text.context_length, **dict(options))
 
 
 def missing_tokenizer_message(name: str, needed: str) -> str:

@@ -20,8 +20,8 @@ def _install(nan_steps: set[int]) -> None:
     real_normalize = trainer_module.normalize_on_device
     poison = {"on": False}
 
-    def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = real_normalize(images, dtype)
+    def normalize(images: torch.Tensor, dtype: torch.dtype, **stats) -> torch.Tensor:
+        out = real_normalize(images, dtype, **stats)
         return out * float("nan") if poison["on"] else out
 
     def train_step(self: trainer_module.Trainer, images: torch.Tensor, tokens: torch.Tensor):

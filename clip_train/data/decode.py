@@ -18,7 +18,7 @@ from PIL import Image
 
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.remote import ShardUnavailable
-from clip_train.data.transforms import Box, center_crop_box, crop_resize, random_resized_crop_box
+from clip_train.data.transforms import Box, crop_resize, eval_box, random_resized_crop_box
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,19 @@ class SampleDecoder:
     """Raw sample (dict of bytes by extension) -> ``(uint8 image [S, S, 3], caption, label)``, or ``BadSample``.
 
     ``train=True`` uses a random resized crop (randomness from the ``rng`` passed per sample, so a resumed
-    stream crops identically); ``train=False`` resizes the shorter side and center-crops.
+    stream crops identically, always bicubic as OpenCLIP's training transform); ``train=False`` resizes as the
+    model's preprocessing says: ``resize_mode`` ``shortest`` (shorter side, then center crop) or ``squash``
+    (whole image to S x S), with ``interpolation`` ``bicubic`` or ``bilinear``.
     """
 
     def __init__(self, image_size: int, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt",
                  *, train: bool = True, crop_scale: Sequence[float] = (0.9, 1.0),
                  crop_ratio: Sequence[float] = (3 / 4, 4 / 3), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 label_key: str | None = None) -> None:
+                 label_key: str | None = None, resize_mode: str = "shortest",
+                 interpolation: str = "bicubic") -> None:
         self.image_size = int(image_size)
+        self.resize_mode = resize_mode
+        self.interpolation = interpolation
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key = text_key.lower()
         self.train = train
@@ -152,9 +157,9 @@ class SampleDecoder:
                 if self.train:
                     box = random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio,
                                                   rng or random.Random())
-                else:
-                    box = center_crop_box(width, height)
-                return crop_resize(image, box, self.image_size)
+                    return crop_resize(image, box, self.image_size)
+                box = eval_box(width, height, self.image_size, self.resize_mode)
+                return crop_resize(image, box, self.image_size, self.interpolation)
             except BadSample:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:

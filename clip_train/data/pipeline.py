@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from clip_train.data.config import RENAMED_OPTIONS, DataConfig, renamed_option_message
 from clip_train.data.decode import SampleDecoder
+from clip_train.models.config import ImagePreprocessing
 from clip_train.data.manifest import count_tar_samples, sample_counts
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
@@ -513,8 +514,10 @@ def _first_shard_count(sources: list[ShardSource], options: RemoteOptions) -> in
 
 
 def build_eval_loader(cfg: Any, image_size: int, tokenizer: Callable | None = None, rank: int = 0,
-                      world_size: int = 1, option: str = "data.val_shards") -> EvalLoader:
-    """The eval loader over ``cfg.val_shards``: resize shorter side + center crop, no shuffling, one pass.
+                      world_size: int = 1, option: str = "data.val_shards",
+                      preprocessing: ImagePreprocessing | None = None) -> EvalLoader:
+    """The eval loader over ``cfg.val_shards``: resized as ``preprocessing`` (the model's; default shorter
+    side + center crop, bicubic), no shuffling, one pass.
 
     Samples with a class label in ``cfg.label_key`` need no caption. ``option`` is how errors name the shards.
     """
@@ -523,8 +526,10 @@ def build_eval_loader(cfg: Any, image_size: int, tokenizer: Callable | None = No
     sources = resolve_sources(_shard_spec(cfg.val_shards, "val"), option, options)
     check_first_shard(sources, option, cfg.image_key, cfg.text_key, label_key=cfg.label_key, options=options)
     plan = _plan_for(sources, "eval", cfg, seed=0, rank=rank, world_size=world_size)
+    preprocessing = preprocessing or ImagePreprocessing()
     decoder = SampleDecoder(image_size, cfg.image_key, cfg.text_key, train=False, max_pixels=cfg.max_image_pixels,
-                            label_key=cfg.label_key)
+                            label_key=cfg.label_key, resize_mode=preprocessing.resize_mode,
+                            interpolation=preprocessing.interpolation)
     dataset = _stream(plan, decoder, tokenizer, cfg.eval_batch_size or cfg.batch_size, 0, cfg, with_labels=True,
                       partial_last=True)
     return EvalLoader(dataset, cfg)

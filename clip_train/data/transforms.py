@@ -1,5 +1,5 @@
 """Image geometry on the CPU (crop boxes, reduced-size JPEG decoding, one resampling pass to uint8) and
-CLIP's normalisation on the accelerator.
+the model's normalisation on the accelerator (OpenAI's mean/std unless the model says otherwise).
 
 Workers never make float images: a uint8 batch is a quarter of the bytes to pin and copy, and
 normalising on the device is nearly free.
@@ -15,8 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from clip_train.models.config import OPENAI_IMAGE_MEAN as OPENAI_MEAN  # one source for OpenAI's statistics
+from clip_train.models.config import OPENAI_IMAGE_STD as OPENAI_STD
+
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+"""Interpolation names (a model's ``image_interpolation``) -> PIL filters."""
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
 
@@ -58,8 +61,29 @@ def center_crop_box(width: int, height: int) -> Box:
     return (left, top, left + side, top + side)
 
 
-def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
-    """Crop ``box`` (in the image's original pixels) and resize it to ``size``x``size`` RGB, bicubic, as uint8 HWC.
+def eval_box(width: int, height: int, size: int, resize_mode: str = "shortest") -> Box:
+    """The source region an evaluation resize to ``size`` x ``size`` keeps.
+
+    ``squash``: the whole image (aspect ratio not kept, nothing cut). ``shortest``: what "resize the shorter
+    side to ``size``, then center-crop" keeps, with torchvision's rounding as OpenCLIP and OpenAI's CLIP use it
+    (longer side truncated to ``int(size * long / short)``, crop offset rounded to whole resized pixels), so
+    one resampling of this box gives their pixels without resampling the discarded margins.
+    """
+    if resize_mode == "squash":
+        return (0.0, 0.0, float(width), float(height))
+    if resize_mode != "shortest":
+        raise ValueError(f"resize mode {resize_mode!r}: use shortest or squash")
+    short, long = min(width, height), max(width, height)
+    resized_long = int(size * long / short)
+    offset = int(round((resized_long - size) / 2.0))
+    scale = long / resized_long  # source pixels per resized pixel along the longer side
+    start, end = offset * scale, (offset + size) * scale
+    return (start, 0.0, end, float(height)) if width >= height else (0.0, start, float(width), end)
+
+
+def crop_resize(image: Image.Image, box: Box, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Crop ``box`` (in the image's original pixels) and resize it to ``size``x``size`` RGB with
+    ``interpolation`` (``bicubic`` | ``bilinear``), as uint8 HWC.
 
     A JPEG is first decoded at 1/2, 1/4 or 1/8 scale (PIL ``draft``, done inside libjpeg) when the crop
     stays at least ``size`` pixels on each side, which skips most of the decoding work for large photos.
@@ -75,25 +99,27 @@ def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    out = image.resize((size, size), RESAMPLING[interpolation], box=box)
     return np.asarray(out)
 
 
-_STATS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+_STATS: dict[tuple[torch.device, tuple[float, ...], tuple[float, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def normalize_on_device(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` (already on its device) -> ``dtype`` normalised with CLIP's mean and std.
+def normalize_on_device(images: torch.Tensor, dtype: torch.dtype = torch.float32,
+                        mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` (already on its device) -> ``dtype`` normalised with ``mean`` and ``std`` (RGB,
+    0-1 scale; OpenAI's by default, a model's from ``model.config.preprocessing``).
 
     The arithmetic runs in float32 and is cast once at the end, so bf16/fp16 inputs lose nothing extra.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_on_device expects uint8 images, got {images.dtype}")
-    key = (images.device, torch.float32)
+    key = (images.device, tuple(float(v) for v in mean), tuple(float(v) for v in std))
     if key not in _STATS:
-        mean = torch.tensor(OPENAI_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(OPENAI_STD, device=images.device).view(1, 3, 1, 1) * 255.0
-        _STATS[key] = (mean, std)
-    mean, std = _STATS[key]
-    out = (images.float() - mean) / std
+        mean_t = torch.tensor(key[1], device=images.device).view(1, 3, 1, 1) * 255.0
+        std_t = torch.tensor(key[2], device=images.device).view(1, 3, 1, 1) * 255.0
+        _STATS[key] = (mean_t, std_t)
+    mean_t, std_t = _STATS[key]
+    out = (images.float() - mean_t) / std_t
     return out if dtype == torch.float32 else out.to(dtype)

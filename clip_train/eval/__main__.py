@@ -63,9 +63,11 @@ class _Context:
         self.model = load_model(args.checkpoint, name=args.model, device=self.device)
         self.tokenizer = get_model_tokenizer(self.model.config, args.tokenizer)
         self.image_size = self.model.image_size
+        self.preprocessing = self.model.config.preprocessing  # the model's mean/std, resize and interpolation
+        mean, std = self.preprocessing.mean, self.preprocessing.std
         self.autocast: Callable = lambda: autocast(args.precision, self.device)
         self.preprocess: Callable[[torch.Tensor], torch.Tensor] = (
-            lambda images: normalize_on_device(images.to(self.device, non_blocking=True))
+            lambda images: normalize_on_device(images.to(self.device, non_blocking=True), mean=mean, std=std)
         )
 
     def header(self, task: str) -> dict:
@@ -99,7 +101,8 @@ def run_zeroshot(args: argparse.Namespace) -> dict:
     # An ImageFolder's folders are matched to the class names (by name, or by position when none is a name).
     data = LabelledImages(spec.data, ctx.image_size, args.batch_size, class_key=args.class_key, rank=ctx.rank,
                           world_size=ctx.world_size, num_workers=args.num_workers, max_samples=args.max_samples,
-                          classnames=classnames, classnames_source=f"--classnames {spec.classnames}")
+                          classnames=classnames, classnames_source=f"--classnames {spec.classnames}",
+                          preprocessing=ctx.preprocessing)
     with ctx.autocast():
         classifier = zeroshot_classifier(ctx.model, ctx.tokenizer, classnames, templates, ctx.device)
         with ctx.progress(data.total_samples, "zero-shot") as bar:
@@ -124,7 +127,8 @@ def run_retrieval(args: argparse.Namespace) -> dict:
 
     ctx = _Context(args)
     data = CaptionedImages(args.data, ctx.image_size, args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                           num_workers=args.num_workers, image_key=args.image_key, text_key=args.text_key)
+                           num_workers=args.num_workers, image_key=args.image_key, text_key=args.text_key,
+                           preprocessing=ctx.preprocessing)
     with ctx.autocast(), ctx.progress(data.total_samples, "retrieval") as bar:
         images, texts, owner = embed_captioned(ctx.model, ctx.tokenizer, data, ctx.preprocess, ctx.device,
                                                progress=bar.update)
@@ -157,7 +161,8 @@ def run_linear_probe(args: argparse.Namespace) -> dict:
         # With --classnames, ImageFolder labels follow the file (folders matched by name), in both sets alike.
         data = LabelledImages(ClassificationSpec(where).resolved().data, ctx.image_size, args.batch_size,
                               class_key=args.class_key, num_workers=args.num_workers, max_samples=args.max_samples,
-                              classnames=classnames, classnames_source=f"--classnames {classnames_file}")
+                              classnames=classnames, classnames_source=f"--classnames {classnames_file}",
+                              preprocessing=ctx.preprocessing)
         with ctx.autocast(), _progress(data.total_samples, desc, not args.no_progress) as bar:
             return image_features(ctx.model, data, ctx.preprocess, progress=bar.update)
 

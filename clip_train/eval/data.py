@@ -23,6 +23,7 @@ from clip_train.data.manifest import sample_counts
 from clip_train.data.plan import Unit
 from clip_train.data.reader import read_unit
 from clip_train.data.sources import resolve_sources
+from clip_train.models.config import ImagePreprocessing
 from clip_train.eval.imagefolder import (
     IMAGE_SUFFIXES,
     folder_class_indices,
@@ -81,7 +82,7 @@ class LabelledImages:
                  rank: int = 0, world_size: int = 1, num_workers: int = 2, max_samples: int | None = None,
                  tokenizer: Callable | None = None, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt",
                  base_cfg: DataConfig | None = None, option: str = "--data", classnames: list[str] | None = None,
-                 classnames_source: str = "--classnames") -> None:
+                 classnames_source: str = "--classnames", preprocessing: ImagePreprocessing | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.data = data
@@ -89,6 +90,7 @@ class LabelledImages:
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.max_samples = max_samples
+        self.preprocessing = preprocessing or ImagePreprocessing()  # the model's resize and interpolation
         self.is_folder = is_imagefolder(data)
         self._loader = None
         self._folder_to_class: torch.Tensor | None = None
@@ -111,7 +113,8 @@ class LabelledImages:
             from clip_train.tokenizer import get_tokenizer
 
             self._loader = build_eval_loader(cfg, image_size, tokenizer or get_tokenizer(context_length=2),
-                                             rank=rank, world_size=world_size, option=option)
+                                             rank=rank, world_size=world_size, option=option,
+                                             preprocessing=self.preprocessing)
 
     @property
     def total_samples(self) -> int | None:
@@ -128,7 +131,7 @@ class LabelledImages:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.is_folder:
             for images, labels in imagefolder_batches(self.data, self.image_size, self.batch_size, self.rank,
-                                                      self.world_size, self.max_samples):
+                                                      self.world_size, self.max_samples, self.preprocessing):
                 yield images, (labels if self._folder_to_class is None else self._folder_to_class[labels])
             return
         batches = ((batch.images, batch.labels) for batch in self._loader)
@@ -194,11 +197,14 @@ class CaptionedImages:
     """
 
     def __init__(self, data: str, image_size: int, batch_size: int = 256, *, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt") -> None:
+                 num_workers: int = 2, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt",
+                 preprocessing: ImagePreprocessing | None = None) -> None:
         urls = [u for s in resolve_sources(resolve_shards(data), "--data") for u in s.urls]
         self.total_samples = sum(sample_counts(urls) or []) or None
         mine = list(enumerate(urls))[rank::world_size]
-        decoder = SampleDecoder(image_size, image_key, text_key, train=False)
+        preprocessing = preprocessing or ImagePreprocessing()
+        decoder = SampleDecoder(image_size, image_key, text_key, train=False, resize_mode=preprocessing.resize_mode,
+                                interpolation=preprocessing.interpolation)
         workers = max(0, min(num_workers, len(mine)))
         self._loader = DataLoader(_CaptionedStream(mine, decoder), batch_size=batch_size, num_workers=workers,
                                   collate_fn=_collate) if mine else None

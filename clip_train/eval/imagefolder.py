@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_train.data.transforms import center_crop_box, crop_resize
+from clip_train.data.transforms import crop_resize, eval_box
+from clip_train.models.config import ImagePreprocessing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -87,9 +88,11 @@ def imagefolder_samples(root: str | Path) -> tuple[list[tuple[Path, int]], list[
 
 def imagefolder_batches(
     root: str | Path, image_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    max_samples: int | None = None,
+    max_samples: int | None = None, preprocessing: ImagePreprocessing | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Resize-shorter-side + center-crop batches of this rank's share (every world_size-th image)."""
+    """Batches of this rank's share (every world_size-th image), resized as ``preprocessing`` says (the
+    model's; default: shorter side + center crop, bicubic)."""
+    preprocessing = preprocessing or ImagePreprocessing()
     samples, _ = imagefolder_samples(root)
     if max_samples is not None:
         samples = samples[:max_samples]
@@ -98,7 +101,8 @@ def imagefolder_batches(
         images, labels = [], []
         for path, label in mine[start : start + batch_size]:
             with Image.open(path) as image:
-                pixels = crop_resize(image, center_crop_box(*image.size), image_size)
+                pixels = crop_resize(image, eval_box(*image.size, image_size, preprocessing.resize_mode), image_size,
+                                     preprocessing.interpolation)
             images.append(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))  # writable copy of PIL's buffer
             labels.append(label)
         yield torch.stack(images), torch.tensor(labels)

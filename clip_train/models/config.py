@@ -7,9 +7,31 @@ Hydra ``model`` config group, so every field carries a docstring-style comment u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 GELU_APPROXIMATIONS = ("none", "tanh")
+# OpenAI's image statistics and resize (CLIP's paper); every model without its own preprocessing uses them.
+OPENAI_IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_IMAGE_INTERPOLATION = "bicubic"
+DEFAULT_IMAGE_RESIZE_MODE = "shortest"
+IMAGE_INTERPOLATIONS = ("bicubic", "bilinear")
+IMAGE_RESIZE_MODES = ("shortest", "squash")
+PREPROCESS_FIELDS = ("image_mean", "image_std", "image_interpolation", "image_resize_mode")
+"""The ``ModelConfig`` fields that say how images are prepared for the model (see docs/models.md)."""
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """A model's image preprocessing, resolved (``ModelConfig.preprocessing``): what the data path applies."""
+
+    mean: tuple[float, float, float] = OPENAI_IMAGE_MEAN
+    """Per-channel mean, RGB, on the 0-1 scale."""
+    std: tuple[float, float, float] = OPENAI_IMAGE_STD
+    interpolation: str = DEFAULT_IMAGE_INTERPOLATION
+    """Resampling of the evaluation resize (``bicubic`` | ``bilinear``)."""
+    resize_mode: str = DEFAULT_IMAGE_RESIZE_MODE
+    """Evaluation resize: ``shortest`` (shorter side, centre crop) or ``squash`` (whole image, no crop)."""
 
 
 @dataclass
@@ -114,6 +136,12 @@ class TextConfig:
     (the model's pooler output when it has one, else the first token) or ``cls_last_hidden_state_pooler``."""
     hf_config_dir: Optional[str] = None
     """Local directory holding the HF model's ``config.json`` the text tower is built from."""
+    hf_tokenizer_name: Optional[str] = None
+    """The Hugging Face tokenizer the text tower was trained with (OpenCLIP's ``hf_tokenizer_name``, e.g.
+    ``timm/ViT-B-16-SigLIP``): names it only; the files come from ``tokenizer=hf:PATH``. Null: CLIP's BPE,
+    or the tokenizer of ``hf_model_name``."""
+    tokenizer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Options of that tokenizer (OpenCLIP's ``tokenizer_kwargs``: ``clean``, ``strip_sep_token``, ...)."""
 
 
 @dataclass
@@ -155,6 +183,18 @@ class ModelConfig:
     """When set, the model has a learned ``logit_bias`` starting here (SigLIP: -10)."""
     multimodal: Optional[MultimodalConfig] = None
     """CoCa's multimodal decoder; null for a contrastive-only model."""
+    image_mean: Optional[List[float]] = None
+    """Per-channel mean (RGB, 0-1 scale) subtracted from images in training and evaluation. Null: OpenAI's
+    (0.481, 0.458, 0.408). Names of OpenCLIP's zoo set their own (OpenCLIP's pretrained configs, e.g. 0.5 for
+    SigLIP); with ``architecture_from_name`` a value given here wins over the name's."""
+    image_std: Optional[List[float]] = None
+    """Per-channel standard deviation images are divided by; null as for ``image_mean``."""
+    image_interpolation: Optional[str] = None
+    """Resampling of the evaluation resize: ``bicubic`` or ``bilinear``; null as for ``image_mean``
+    (OpenAI's: bicubic). Training crops are always bicubic, as OpenCLIP's."""
+    image_resize_mode: Optional[str] = None
+    """Evaluation resize: ``shortest`` (shorter side to ``image_size``, then centre crop) or ``squash`` (the
+    whole image to ``image_size`` x ``image_size``, no crop); null as for ``image_mean`` (OpenAI's: shortest)."""
     pretrained: Optional[str] = None
     """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
     allow_nonfinite_weights: bool = False
@@ -186,6 +226,31 @@ class ModelConfig:
             named = get_model_config(self.name)
             for f in ARCHITECTURE_FIELDS:
                 setattr(self, f, getattr(named, f))
+            for f in PREPROCESS_FIELDS:  # the name's preprocessing, unless the user set a field
+                if getattr(self, f) is None:
+                    setattr(self, f, getattr(named, f))
+        self._check_preprocessing()
+
+    def _check_preprocessing(self) -> None:
+        """Refuse preprocessing values the data path cannot apply (one line naming the key)."""
+        for key in ("image_mean", "image_std"):
+            values = getattr(self, key)
+            if values is not None and (len(values) != 3 or (key == "image_std" and min(values) <= 0)):
+                raise ValueError(f"model.{key}={list(values)}: give three values (R, G, B){', each > 0' if key == 'image_std' else ''}")
+        if self.image_interpolation not in (None, *IMAGE_INTERPOLATIONS):
+            raise ValueError(f"model.image_interpolation={self.image_interpolation!r}: use one of {IMAGE_INTERPOLATIONS}")
+        if self.image_resize_mode not in (None, *IMAGE_RESIZE_MODES):
+            raise ValueError(f"model.image_resize_mode={self.image_resize_mode!r}: use one of {IMAGE_RESIZE_MODES}")
+
+    @property
+    def preprocessing(self) -> "ImagePreprocessing":
+        """How images are prepared for this model, unset fields filled with OpenAI's values."""
+        return ImagePreprocessing(
+            mean=tuple(float(v) for v in (self.image_mean if self.image_mean is not None else OPENAI_IMAGE_MEAN)),
+            std=tuple(float(v) for v in (self.image_std if self.image_std is not None else OPENAI_IMAGE_STD)),
+            interpolation=self.image_interpolation or DEFAULT_IMAGE_INTERPOLATION,
+            resize_mode=self.image_resize_mode or DEFAULT_IMAGE_RESIZE_MODE,
+        )
 
     @property
     def is_vit(self) -> bool:

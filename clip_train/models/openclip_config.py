@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from clip_train.models.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
+from clip_train.models.config import (IMAGE_INTERPOLATIONS, IMAGE_RESIZE_MODES, ModelConfig, MultimodalConfig,
+                                      TextConfig, VisionConfig)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "openclip_model_configs"
+PREPROCESS_FILE = Path(__file__).resolve().parents[1] / "assets" / "openclip_preprocess.json"
 QUICKGELU_SUFFIX = "-quickgelu"
 
 # JSON key -> our field, where the names differ (the rest map onto a field of the same name).
 _VISION_RENAMES = {"timm_model_pretrained": "timm_pretrained"}
 # Keys that change outputs other than the embedding (token outputs for CoCa) or the tokenizer, not weights.
-_IGNORED_KEYS = {"output_tokens", "hf_tokenizer_name", "tokenizer_kwargs", "tokenizer_mode", "hf_model_pretrained"}
+_IGNORED_KEYS = {"output_tokens", "tokenizer_mode", "hf_model_pretrained"}
 # Keys our config gets from other branches of the code (timm heads, HF text towers): mapped only when present.
 _VISION_OPTIONAL = {"timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"}
 _TEXT_OPTIONAL = {"hf_model_name", "hf_proj_type", "hf_pooler_type"}
@@ -57,6 +60,26 @@ def openclip_json(name: str) -> dict[str, Any]:
     if name not in openclip_model_names():
         raise KeyError(name)
     return json.loads(_read_json(name))
+
+
+@lru_cache(maxsize=1)
+def _preprocess_table() -> dict[str, dict[str, Any]]:
+    return json.loads(PREPROCESS_FILE.read_text())["models"]
+
+
+def openclip_preprocess(name: str) -> dict[str, Any]:
+    """The image preprocessing OpenCLIP's pretrained configs give architecture ``name``, as ``ModelConfig``
+    fields (``image_mean``, ``image_std``, ``image_interpolation``, ``image_resize_mode``); empty when they
+    are OpenAI's, when the name has no pretrained tag, or when its tags disagree (the table's ``disagreeing``,
+    e.g. ViT-L-14: OpenAI's defaults, which most of its tags use). A ``-quickgelu`` name without an entry of
+    its own takes its base name's. Facts vendored in ``assets/openclip_preprocess.json``.
+    """
+    table = _preprocess_table()
+    facts = table.get(name) or table.get(split_quickgelu(name)[0])
+    if not facts:
+        return {}
+    return {"image_mean": list(facts["mean"]), "image_std": list(facts["std"]),
+            "image_interpolation": facts["interpolation"], "image_resize_mode": facts["resize_mode"]}
 
 
 def _kwargs(section: dict[str, Any], where: str) -> tuple[float | None, str | None]:
@@ -92,6 +115,7 @@ def translate(doc: dict[str, Any], name: str = "openclip") -> tuple[ModelConfig,
     as ``vision_cfg.timm_proj``) whose tower options live in a module this build does not have.
     """
     doc = json.loads(json.dumps(doc))  # a deep copy we may pop from
+    preprocess_doc = doc.pop("preprocess_cfg", None) or {}  # an open_clip_config.json's, attached by the caller
     missing: list[str] = []
     vision_doc = dict(doc.pop("vision_cfg", {}))
     text_doc = dict(doc.pop("text_cfg", {}))
@@ -161,7 +185,25 @@ def translate(doc: dict[str, Any], name: str = "openclip") -> tuple[ModelConfig,
     cfg.custom_text = bool(doc.pop("custom_text", False)) or bool(text_doc.get("hf_model_name")) or multimodal is not None
     if doc:
         raise OpenClipConfigError(f"{name}: unknown OpenCLIP config keys {sorted(doc)}")
+    _apply_preprocess_cfg(cfg, preprocess_doc, name)
     return cfg, missing
+
+
+def _apply_preprocess_cfg(cfg: ModelConfig, preprocess: dict[str, Any], name: str) -> None:
+    """Take OpenCLIP's ``preprocess_cfg`` (mean, std, interpolation, resize_mode) into ``cfg``; a value our data
+    path cannot apply (resize_mode ``longest``) is left at the default with a warning naming it."""
+    for key, field_name in (("mean", "image_mean"), ("std", "image_std")):
+        if preprocess.get(key) is not None:
+            setattr(cfg, field_name, [float(v) for v in preprocess[key]])
+    for key, field_name, allowed in (("interpolation", "image_interpolation", IMAGE_INTERPOLATIONS),
+                                     ("resize_mode", "image_resize_mode", IMAGE_RESIZE_MODES)):
+        value = preprocess.get(key)
+        if value in allowed:
+            setattr(cfg, field_name, value)
+        elif value is not None:
+            logging.getLogger(__name__).warning("%s: preprocess_cfg %s=%r is not supported here; using %s", name,
+                                                key, value, allowed[0])
+    cfg._check_preprocessing()
 
 
 def split_quickgelu(name: str) -> tuple[str, bool]:
@@ -180,6 +222,8 @@ def openclip_model_config(name: str) -> tuple[ModelConfig, list[str]]:
         raise KeyError(name) from None
     cfg, missing = translate(doc, name)
     cfg.quick_gelu = cfg.quick_gelu or quick_gelu
+    for key, value in openclip_preprocess(name).items():
+        setattr(cfg, key, value)
     return cfg, missing
 
 
@@ -241,8 +285,10 @@ def to_openclip(cfg: ModelConfig) -> dict[str, Any]:
         if vision.act_approximate != "none":
             vision_cfg["act_kwargs"] = {"approximate": vision.act_approximate}
     if getattr(text, "hf_model_name", None):
+        # width: OpenCLIP sizes an HF tower from the HF config and ignores it, but its JSON says it (coca_roberta).
         text_cfg: dict[str, Any] = {"hf_model_name": text.hf_model_name, "hf_model_pretrained": False,
-                                    "context_length": text.context_length, "vocab_size": text.vocab_size}
+                                    "context_length": text.context_length, "vocab_size": text.vocab_size,
+                                    "width": text.width}
         for key in ("hf_proj_type", "hf_pooler_type"):
             if hasattr(text, key):
                 text_cfg[key] = getattr(text, key)
@@ -256,6 +302,12 @@ def to_openclip(cfg: ModelConfig) -> dict[str, Any]:
         }
         if text.act_approximate != "none":
             text_cfg["act_kwargs"] = {"approximate": text.act_approximate}
+    # OpenCLIP's get_tokenizer picks an HF tokenizer (for local-dir: the export directory itself) only when
+    # text_cfg names one; without these keys a SigLIP export would silently tokenize with CLIP's BPE.
+    if getattr(text, "hf_tokenizer_name", None):
+        text_cfg["hf_tokenizer_name"] = text.hf_tokenizer_name
+    if getattr(text, "tokenizer_kwargs", None):
+        text_cfg["tokenizer_kwargs"] = dict(text.tokenizer_kwargs)
     out: dict[str, Any] = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu, "vision_cfg": vision_cfg,
                            "text_cfg": text_cfg}
     if cfg.custom_text:

@@ -190,9 +190,12 @@ def _openclip_config_beside(path: Path) -> dict | None:
     if not config_file.is_file():
         return None
     try:
-        model_cfg = json.loads(config_file.read_text()).get("model_cfg")
+        doc = json.loads(config_file.read_text())
+        model_cfg = doc.get("model_cfg")
     except (json.JSONDecodeError, AttributeError) as err:
         raise CheckpointError(f"{config_file} is not OpenCLIP's config JSON ({err}); fix or remove it") from None
+    if isinstance(model_cfg, dict) and isinstance(doc.get("preprocess_cfg"), dict):
+        model_cfg = {**model_cfg, "preprocess_cfg": doc["preprocess_cfg"]}  # the translator reads mean, std, ...
     return model_cfg if isinstance(model_cfg, dict) else None
 
 

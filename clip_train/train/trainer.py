@@ -130,6 +130,8 @@ class Trainer:
         self.bad_steps = NonFiniteSteps(self.device)
 
         self.tokenizer = get_model_tokenizer(cfg.model, cfg.tokenizer)
+        # Images are normalised with the model's own statistics (OpenAI's unless its config says otherwise).
+        self.image_mean, self.image_std = self.model.config.preprocessing.mean, self.model.config.preprocessing.std
         self.loader = build_train_loader(
             cfg.data, image_size=self.model.image_size, tokenizer=self.tokenizer,
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
@@ -383,7 +385,8 @@ class Trainer:
         # forward_backward_s: the copy to the device, forward, loss and backward (less the loss's
         # collectives, which time themselves as comm_s; DDP's all-reduce overlaps backward and stays in it).
         self.timer.begin("forward_backward")
-        images = normalize_on_device(images.to(self.device, non_blocking=True), torch.float32)
+        images = normalize_on_device(images.to(self.device, non_blocking=True), torch.float32,
+                                     mean=self.image_mean, std=self.image_std)
         tokens = tokens.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(

@@ -56,25 +56,27 @@ class ZeroShotHook:
     def enabled(self) -> bool:
         return bool(self.sets or self.retrieval_sets)
 
-    def _batches(self, spec: ZeroShotSetConfig, classnames: list[str], image_size: int) -> LabelledImages:
+    def _batches(self, spec: ZeroShotSetConfig, classnames: list[str], model: nn.Module) -> LabelledImages:
         """``(uint8 images, labels)`` of this rank's share of the set (the same reader as the eval CLI)."""
         if spec.name not in self._data:  # kept: a shard loader's workers persist between evaluations
             self._data[spec.name] = LabelledImages(
-                spec.data, image_size, spec.batch_size, class_key=spec.class_key, rank=self.ctx.rank,
+                spec.data, model.image_size, spec.batch_size, class_key=spec.class_key, rank=self.ctx.rank,
                 world_size=self.ctx.world_size, max_samples=spec.max_samples, tokenizer=self.tokenizer,
                 base_cfg=self.cfg.data, option=f"eval.zeroshot[{spec.name}].data",
                 classnames=classnames, classnames_source=_classnames_source(spec),
+                preprocessing=model.config.preprocessing,
             )
         return self._data[spec.name]
 
     @torch.no_grad()
     def run(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         results: dict[str, float] = {}
+        mean, std = model.config.preprocessing.mean, model.config.preprocessing.std
         for spec, classnames, templates in self.sets:
             classifier = zeroshot_classifier(model, self.tokenizer, classnames, templates, device)
             scores = zeroshot_accuracy(
-                model, classifier, self._batches(spec, classnames, model.image_size),
-                preprocess=lambda images: normalize_on_device(images.to(device, non_blocking=True)),
+                model, classifier, self._batches(spec, classnames, model),
+                preprocess=lambda images: normalize_on_device(images.to(device, non_blocking=True), mean=mean, std=std),
                 device=device,
             )
             prefix = metric_prefix(spec.name)
@@ -84,8 +86,9 @@ class ZeroShotHook:
             data = CaptionedImages(
                 rspec.data, model.image_size, rspec.batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
                 num_workers=self.cfg.data.num_workers, image_key=self.cfg.data.image_key, text_key=rspec.text_key,
+                preprocessing=model.config.preprocessing,
             )
-            preprocess = lambda images: normalize_on_device(images.to(device, non_blocking=True))
+            preprocess = lambda images: normalize_on_device(images.to(device, non_blocking=True), mean=mean, std=std)
             images, texts, owner = embed_captioned(model, self.tokenizer, data, preprocess, device)
             prefix = "retrieval" if rspec.name == "retrieval" else f"retrieval_{rspec.name}"
             for key, value in retrieval_recall(images, texts, owner).items():
