@@ -38,7 +38,13 @@ from clip_train.models import CLIP, CheckpointError
 from clip_train.models.config import ModelConfig
 from clip_train.models.hf import HFConversionError, check_convertible, hf_config, to_hf_state_dict
 from clip_train.models.openclip_config import to_openclip
-from clip_train.tokenizer import HF_PREFIX, NUM_MERGES, get_model_tokenizer, get_tokenizer, model_tokenizer_need
+from clip_train.tokenizer import (
+    HF_PREFIX,
+    NUM_MERGES,
+    get_model_tokenizer,
+    get_tokenizer,
+    model_tokenizer_need,
+)
 
 FORMATS = ("open_clip", "hf", "safetensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

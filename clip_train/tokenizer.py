@@ -324,7 +324,7 @@ class HFTokenizer:
         """Select the source language (NLLB-style tokenizers prefix a language token)."""
         set_lang = getattr(self.tokenizer, "set_src_lang_special_tokens", None)
         if not callable(set_lang):
-            raise ValueError(f"tokenizer {HF_PREFIX}{self.path} takes no language")
+            raise ValueError(f"tokenizer {HF_PREFIX}{self.path} takes no language")  # noqa: TRY004 - a config error, reported in one line
         set_lang(language)
 
     @property

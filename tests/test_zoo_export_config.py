@@ -12,15 +12,15 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("tokenizers")
-from open_clip.coca_model import MultimodalCfg  # noqa: E402
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+from open_clip.coca_model import MultimodalCfg
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-import clip_train  # noqa: E402
-from clip_train.export import main as export_main  # noqa: E402
-from clip_train.models import create_model_from_config, get_model_config  # noqa: E402
-from clip_train.models.openclip_config import split_quickgelu, to_openclip  # noqa: E402
-from tests.test_hf_tokenizer import TEXTS, _wordpiece_dir  # noqa: E402
-from tests.test_zoo_preprocess import small_siglip  # noqa: E402
+import clip_train
+from clip_train.export import main as export_main
+from clip_train.models import create_model_from_config, get_model_config
+from clip_train.models.openclip_config import split_quickgelu, to_openclip
+from tests.test_hf_tokenizer import TEXTS, _wordpiece_dir
+from tests.test_zoo_preprocess import small_siglip
 
 
 def _with_defaults(section: dict, cls: type) -> dict:

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 open_clip = pytest.importorskip("open_clip")
-from open_clip.pretrained import get_pretrained_cfg  # noqa: E402
-from open_clip.transform import image_transform  # noqa: E402
+from open_clip.pretrained import get_pretrained_cfg
+from open_clip.transform import image_transform
 
-from clip_train.data.decode import SampleDecoder  # noqa: E402
-from clip_train.data.transforms import OPENAI_MEAN, OPENAI_STD, normalize_on_device  # noqa: E402
-from clip_train.models import create_model_from_config, get_model_config  # noqa: E402
-from clip_train.models.config import ModelConfig  # noqa: E402
-from clip_train.models.openclip_config import PREPROCESS_FILE  # noqa: E402
+from clip_train.data.decode import SampleDecoder
+from clip_train.data.transforms import OPENAI_MEAN, OPENAI_STD, normalize_on_device
+from clip_train.models import create_model_from_config, get_model_config
+from clip_train.models.config import ModelConfig
+from clip_train.models.openclip_config import PREPROCESS_FILE
 
 DEFAULTS = {"mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
 

@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader
 
 from clip_train.data.config import RENAMED_OPTIONS, DataConfig, renamed_option_message
 from clip_train.data.decode import SampleDecoder
-from clip_train.models.config import ImagePreprocessing
 from clip_train.data.manifest import count_tar_samples, sample_counts
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.remote import RemoteOptions
 from clip_train.data.sources import ShardSource, check_first_shard, resolve_sources
 from clip_train.data.stream import DataUnavailable, GlobalBatchStream, ShardStream
+from clip_train.models.config import ImagePreprocessing
 
 log = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ def eval_box(width: int, height: int, size: int, resize_mode: str = "shortest") 
         raise ValueError(f"resize mode {resize_mode!r}: use shortest or squash")
     short, long = min(width, height), max(width, height)
     resized_long = int(size * long / short)
-    offset = int(round((resized_long - size) / 2.0))
+    offset = round((resized_long - size) / 2.0)
     scale = long / resized_long  # source pixels per resized pixel along the longer side
     start, end = offset * scale, (offset + size) * scale
     return (start, 0.0, end, float(height)) if width >= height else (0.0, start, float(width), end)

@@ -23,7 +23,6 @@ from clip_train.data.manifest import sample_counts
 from clip_train.data.plan import Unit
 from clip_train.data.reader import read_unit
 from clip_train.data.sources import resolve_sources
-from clip_train.models.config import ImagePreprocessing
 from clip_train.eval.imagefolder import (
     IMAGE_SUFFIXES,
     folder_class_indices,
@@ -31,6 +30,7 @@ from clip_train.eval.imagefolder import (
     imagefolder_samples,
     is_imagefolder,
 )
+from clip_train.models.config import ImagePreprocessing
 
 DEMO = "demo"
 

@@ -17,7 +17,7 @@ def _json_field(path: Path, field: str) -> list[str] | None:
     doc = json.loads(path.read_text())
     values = doc if isinstance(doc, list) else doc.get(field)
     if not isinstance(values, list):
-        raise ValueError(f"{path} has no {field!r} list")
+        raise ValueError(f"{path} has no {field!r} list")  # noqa: TRY004 - bad input: the CLI reports ValueErrors in one line
     return [str(v) for v in values]
 
 

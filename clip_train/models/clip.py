@@ -65,7 +65,8 @@ def build_image_tower(cfg: ModelConfig) -> nn.Module:
 def build_text_tower(cfg: ModelConfig) -> nn.Module:
     """The text tower of a ``custom_text`` model, kept under ``text.``: our text transformer, or a Hugging Face one."""
     if getattr(cfg.text, "hf_model_name", None):
-        from clip_train.models.hf_text import build_hf_text_tower  # only HF towers pay for transformers' import
+        # only HF towers pay for transformers' import
+        from clip_train.models.hf_text import build_hf_text_tower
 
         return build_hf_text_tower(cfg)
     return TextTransformer(cfg.text, cfg.embed_dim, quick_gelu=cfg.quick_gelu)

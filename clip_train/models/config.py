@@ -243,7 +243,7 @@ class ModelConfig:
             raise ValueError(f"model.image_resize_mode={self.image_resize_mode!r}: use one of {IMAGE_RESIZE_MODES}")
 
     @property
-    def preprocessing(self) -> "ImagePreprocessing":
+    def preprocessing(self) -> ImagePreprocessing:
         """How images are prepared for this model, unset fields filled with OpenAI's values."""
         return ImagePreprocessing(
             mean=tuple(float(v) for v in (self.image_mean if self.image_mean is not None else OPENAI_IMAGE_MEAN)),

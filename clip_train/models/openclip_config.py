@@ -19,8 +19,14 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from clip_train.models.config import (IMAGE_INTERPOLATIONS, IMAGE_RESIZE_MODES, ModelConfig, MultimodalConfig,
-                                      TextConfig, VisionConfig)
+from clip_train.models.config import (
+    IMAGE_INTERPOLATIONS,
+    IMAGE_RESIZE_MODES,
+    ModelConfig,
+    MultimodalConfig,
+    TextConfig,
+    VisionConfig,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "openclip_model_configs"
 PREPROCESS_FILE = Path(__file__).resolve().parents[1] / "assets" / "openclip_preprocess.json"
