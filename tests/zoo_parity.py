@@ -2,7 +2,8 @@
 
 For each name (default: all of ``open_clip.list_models()``): OpenCLIP's random model is saved, loaded into
 clip_train by name, and the normalised features compared (fp32, CPU). Architectures above 1.5B parameters
-are checked on the meta device (key names and shapes). The table in ``docs/models.md`` is rewritten between
+are checked on the meta device (key names and shapes); OpenCLIP's Hugging Face text towers get their config
+from our offline table instead of the Hub (``zoo_reference.openclip_model``). The table in ``docs/models.md`` is rewritten between
 its markers; rows of names not run this time are kept as they were, so a subset run refreshes only its rows.
 Exit status 1 when any run name fails.
 """
@@ -94,7 +95,9 @@ def render(rows: dict[str, dict[str, str]]) -> str:
         (f"Loaded by name with OpenCLIP's weights: **{len(loaded)} of {len(names)}** names of `open_clip.list_models()` "
         f"(features < {TOLERANCE:g}, or names and shapes on the meta device above 1.5B parameters), covering "
         f"**{len(covered)} of {len(pairs)}** pretrained (name, tag) pairs of `open_clip.list_pretrained()`. "
-        "Rows marked `not run` have not been measured on this branch."),
+        "OpenCLIP builds the Hugging Face text towers from the config our loader uses offline "
+        "(`hf_text.KNOWN_ARCHITECTURES`) in place of its download. Rows marked `not run` have not been measured "
+        "on this branch."),
         "",
         HEADER,
         "|---|---|---|---|---|---|---|",

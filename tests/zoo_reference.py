@@ -5,12 +5,14 @@ Shared by ``tests/test_zoo.py`` (``make test``) and ``python -m tests.zoo_parity
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +57,34 @@ def openclip_model(name: str, device: str = "cpu") -> torch.nn.Module:
     text = cfg.get("text_cfg", {})
     if text.get("hf_model_name"):
         text["hf_model_pretrained"] = False
-    with warnings.catch_warnings(), torch.device(device):
+    with warnings.catch_warnings(), torch.device(device), _offline_hf_config(text.get("hf_model_name")):
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
         try:
             return openclip_class(base)(**cfg).eval()
         finally:
             logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def _offline_hf_config(hf_model_name: str | None) -> Iterator[None]:
+    """OpenCLIP fetches an HF text tower's config from the Hub (``AutoConfig.from_pretrained``); answer it with
+    the config our loader builds offline (``hf_text.KNOWN_ARCHITECTURES``), so both sides build the tower from
+    the same facts and nothing downloads."""
+    if not hf_model_name:
+        yield
+        return
+    import transformers
+
+    from clip_train.models.hf_text import resolve_hf_config
+
+    config = resolve_hf_config(hf_model_name)
+    original = transformers.AutoConfig.__dict__["from_pretrained"]
+    transformers.AutoConfig.from_pretrained = staticmethod(lambda *args, **kwargs: config)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        transformers.AutoConfig.from_pretrained = original
 
 
 def needs_other_branch(name: str) -> str | None:
