@@ -17,7 +17,14 @@ import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from clip_train.config import ConfigError, TrainConfig, register_configs, renamed_key_error, validate
+from clip_train.config import (
+    ConfigError,
+    TrainConfig,
+    check_known_keys,
+    register_configs,
+    renamed_key_error,
+    validate,
+)
 from clip_train.config_source import hydra_config_path
 from clip_train.models.pretrained import CheckpointError
 from clip_train.train import preemption, preflight, run_lock
@@ -68,6 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     preemption.install()
     preemption.install_terminate()
     preemption.install_interrupt()
+    check_known_keys(cfg)
     typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     launch = launch_env()
     validate(typed, launch.world_size, pick_device(typed.train.device, launch.local_rank).type)

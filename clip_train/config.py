@@ -6,6 +6,8 @@ unknown key fails at start-up with Hydra's error naming it, and every value is t
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +261,42 @@ def renamed_key_error(overrides: list[str]) -> str | None:
         if message is not None:
             return message
     return None
+
+
+def unknown_keys(node: object, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that its typed schema does not have.
+
+    Hydra's ``+key=value`` adds a key even to a struct-mode config, and converting to the dataclasses then
+    drops it without a word: ``+data.shuffle_bufer=4`` would train with the default buffer. Nodes whose schema
+    is a plain dict (free-form options) are not looked into; the top-level ``hydra`` node is Hydra's own.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return []
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in node:
+        if not prefix and key == "hydra":
+            continue
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            found.append(f"{prefix}{key}{hint}")
+        else:
+            found += unknown_keys(node._get_node(key), f"{prefix}{key}.")
+    return found
+
+
+def check_known_keys(cfg: object) -> None:
+    """``ConfigError`` naming the first key the schema does not have (see ``unknown_keys``)."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a clip_train option: remove it, or fix its name (every key is in "
+                          "clip_train/config.py; python -m clip_train --cfg job prints the composed config)")
 
 
 def renamed_key_in(err: BaseException) -> str | None:

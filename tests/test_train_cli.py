@@ -24,6 +24,31 @@ def test_unknown_config_key_is_named(cache_dir: Path, tmp_path: Path) -> None:
     assert "max_stepz" in result.stderr + result.stdout
 
 
+def test_a_key_added_with_plus_that_the_schema_lacks_is_named(cache_dir: Path, tmp_path: Path) -> None:
+    # Hydra's + adds keys even in struct mode; without the check the typo trained with the default buffer.
+    run_dir = tmp_path / "run"
+    result = run_cli([*FAST_DEMO, "+data.shuffle_bufer=4", f"hydra.run.dir={run_dir}"], cache_dir, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "data.shuffle_bufer (did you mean data.shuffle_buffer?)" in errors[0], errors
+    assert not run_dir.exists()
+
+
+def test_unknown_keys_of_a_composed_config_are_found_at_any_depth() -> None:
+    """What the task function checks too (sweep jobs and submitit skip the pre-Hydra check)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from clip_train.config import TrainConfig, unknown_keys
+
+    cfg = OmegaConf.structured(TrainConfig)
+    assert unknown_keys(cfg) == []
+    with open_dict(cfg.model.vision), open_dict(cfg.optim):  # what Hydra's + does to struct nodes
+        cfg.model.vision.widht = 3
+        cfg.optim.lrr = 0.1
+    assert unknown_keys(cfg) == ["model.vision.widht (did you mean model.vision.width?)",
+                                 "optim.lrr (did you mean optim.lr?)"]
+
+
 def test_fp16_on_cpu_is_one_clear_line_before_any_work(cache_dir: Path, tmp_path: Path) -> None:
     result = run_cli([*FAST_DEMO, "train.precision=fp16", f"hydra.run.dir={tmp_path}"], cache_dir, timeout=120)
     assert result.returncode == 2

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from clip_train.config import ConfigError, TrainConfig, renamed_key_error, renamed_key_in, validate
+from clip_train.config import (
+    ConfigError,
+    TrainConfig,
+    check_known_keys,
+    renamed_key_error,
+    renamed_key_in,
+    validate,
+)
 
 _PLAIN_OVERRIDE_VALUE = re.compile(r"^[A-Za-z0-9_/.\-+:@~%]+$")
 _HYDRA_DETAIL_LINES = ("full_key:", "reference_type", "object_type", "Set the environment variable",
@@ -78,7 +85,10 @@ def check(config_dir: str, config_name: str, overrides: list[str], world_size: i
         job = cfg.copy()
         OmegaConf.set_struct(job, False)
         del job["hydra"]  # what the task function receives: the TrainConfig schema, without Hydra's node
+        check_known_keys(job)
         typed: TrainConfig = OmegaConf.to_object(job)  # type: ignore[assignment]
+    except ConfigError:
+        raise
     except Exception as err:  # noqa: BLE001 - every composition failure is a configuration error
         renamed = renamed_key_in(err)  # e.g. an old key in a YAML file
         if renamed is not None:
