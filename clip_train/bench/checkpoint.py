@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shutil
 import statistics
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from clip_train.bench.loss import machine_info
+from clip_train.bench.loss import emit_report, machine_info
 from clip_train.config import OptimConfig
 from clip_train.loss import ClipLoss
 from clip_train.models import create_model
@@ -187,11 +186,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         "all_s": {key: [round(v, 4) for v in values] for key, values in times.items()},
         "machine": machine_info(args.device),
     }
-    line = json.dumps(report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
+    emit_report(report, args.out)
     return report
 
 

@@ -173,6 +173,15 @@ def run_isolated(impl: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1])
 
 
+def emit_report(report: dict, out: str | None) -> None:
+    """Print the report as one JSON line (the last line of stdout), appended to ``out`` too when given."""
+    line = json.dumps(report)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+
+
 def machine_info(device: str) -> dict:
     """What the figures were measured on."""
     cpu = platform.processor() or "unknown"
@@ -339,11 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             for impl, r in by_impl.items()
             if impl != "open_clip"
         }
-    line = json.dumps(report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
+    emit_report(report, args.out)
     return report
 
 

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from clip_train.bench.loss import machine_info
+from clip_train.bench.loss import emit_report, machine_info
 from clip_train.models.config import ModelConfig
 
 IMPLEMENTATIONS = ("ours", "open_clip")
@@ -492,11 +492,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         report = run(args, argv)
     except CliError as error:
         raise SystemExit(f"bench.train: {error}") from None
-    line = json.dumps(report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
+    emit_report(report, args.out)
     return report
 
 
