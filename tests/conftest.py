@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 # No network here: the Hugging Face hub fails at once instead of retrying connections (each OpenCLIP model
 # with an HF text tower otherwise spent ~23 s timing out before its test skipped).
@@ -16,3 +18,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _deterministic_cpu() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path):
+    """A real one-process gloo group: enough for fully_shard and DCP, without spawning processes."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

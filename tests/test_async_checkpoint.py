@@ -259,16 +259,6 @@ def test_sigterm_during_the_background_write_exits_3_with_the_pending_and_the_fi
 # ------------------------------------------------------------------------------ FSDP: DCP's async_save
 
 
-@pytest.fixture
-def one_rank_group(tmp_path: Path):
-    """A real one-process gloo group: enough for fully_shard and DCP, without spawning processes."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_fsdp_async_save_stages_the_shards_and_seals_the_same_state_as_a_sync_save(one_rank_group, tmp_path):
     from clip_train.train.optim import build_optimizer
     from clip_train.train.parallelize import parallelize

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import clip_train
 from clip_train.config import ConfigError, TrainConfig, validate
@@ -235,16 +234,6 @@ def test_compiled_towers_run_on_cpu_with_eager_gradients() -> None:
 
 
 # ---------------------------------------------------------------- FSDP2 and sharded checkpoints
-
-
-@pytest.fixture
-def one_rank_group(tmp_path: Path):
-    """A real one-process gloo group: enough for fully_shard and DCP, without spawning processes."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_checkpoint_round_trip_and_fallback(one_rank_group, tmp_path: Path) -> None:
