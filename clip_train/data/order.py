@@ -36,7 +36,6 @@ class GlobalOrder:
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
         self.seed = seed
-        self._arguments = (list(sources), shuffle_shards, None if counts is None else list(counts), fallback_count)
         self._plan = StreamPlan(sources, mode, seed=seed, rank=0, world_size=1, num_workers=1,
                                 shards_per_block=shuffle_shards, counts=counts)
         self.urls = self._plan.urls
@@ -49,9 +48,8 @@ class GlobalOrder:
         this order, so one stream is the plain order)."""
         if index == 0:
             return self
-        sources, shuffle_shards, counts, fallback = self._arguments
-        return GlobalOrder(sources, self.mode, seed=mix_seed(self.seed, 0x57E, index), shuffle_shards=shuffle_shards,
-                           counts=counts, fallback_count=fallback)
+        return GlobalOrder(self._plan.sources, self.mode, seed=mix_seed(self.seed, 0x57E, index),
+                           shuffle_shards=self.shuffle_shards, counts=self._plan.counts, fallback_count=self._fallback)
 
     @property
     def shuffle_shards(self) -> int:
@@ -130,36 +128,29 @@ class BatchLayout:
 
     def __init__(self, order: GlobalOrder, global_batch: int, streams: int, batches_per_epoch: int | None) -> None:
         if streams < 1 or global_batch % streams:
-            raise ValueError(f"data.order_streams={streams} must be at least 1 and divide the global batch "
-                             f"({global_batch} samples)")
+            raise ValueError(f"data.order_streams={streams} must be at least 1 and divide the global batch of "
+                             f"{global_batch} samples (world size x data.batch_size); pick a divisor, e.g. the "
+                             "number of GPUs of the largest job that will train on this data")
         if order.mode == "epoch" and streams > 1 and batches_per_epoch is None:
             raise ValueError("epoch mode with several streams needs the number of batches per epoch")
         self.streams = streams
         self.share = global_batch // streams
-        self.global_batch = global_batch
-        self.batches_per_epoch = batches_per_epoch
+        # Epoch mode with several streams: the streams are consecutive segments of one order, this long.
+        self.segment = batches_per_epoch * self.share if order.mode == "epoch" and streams > 1 else None
         self.orders = [order] * streams if order.mode == "epoch" else [order.stream(s) for s in range(streams)]
 
     def base(self, stream: int) -> int:
         """First position of ``stream`` in its order."""
-        if self.orders[0].mode == "epoch" and self.streams > 1:
-            return stream * (self.batches_per_epoch or 0) * self.share
-        return 0
+        return stream * self.segment if self.segment is not None else 0
 
     def place(self, stream: int, position: int) -> tuple[int, int] | None:
         """``(batch, batch-space index)`` of ``position`` of ``stream``'s order, or None when no batch of the
         epoch holds it (epoch mode: the remainder past the last segment)."""
-        if self.orders[0].mode == "epoch":  # segments of one order: the position alone says which stream
-            per_stream = (self.batches_per_epoch or 0) * self.share if self.streams > 1 else None
-            if per_stream is None:
-                batch, offset = divmod(position, self.global_batch)
-                return batch, offset
-            stream, within = divmod(position, per_stream)
+        if self.segment is not None:  # segments of one order: the position alone says which stream
+            stream, position = divmod(position, self.segment)
             if stream >= self.streams:
                 return None
-        else:
-            within = position
-        batch, offset = divmod(within, self.share)
+        batch, offset = divmod(position, self.share)
         return batch, stream * self.share + offset
 
     def runs(self, batch: int, start: int, count: int) -> list[tuple[int, int, int]]:

@@ -471,10 +471,6 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     global_batch = cfg.batch_size * world_size
-    if cfg.order_streams < 1 or global_batch % cfg.order_streams:
-        raise ValueError(f"data.order_streams={cfg.order_streams} must divide the global batch of {global_batch} "
-                         f"samples ({world_size} ranks x data.batch_size={cfg.batch_size}); pick a divisor, e.g. "
-                         "the number of GPUs of the largest job that will train on this data")
     fallback = counts[0] if counts else _first_shard_count(sources, options)
     order = GlobalOrder(sources, mode, seed=mix_seed(seed, cfg.seed), shuffle_shards=cfg.shuffle_shards,
                         counts=counts, fallback_count=fallback)
