@@ -15,17 +15,9 @@ from clip_train.data.decode import SkipCounter
 from clip_train.data.order import BatchLayout, GlobalOrder
 from clip_train.data.plan import mix_seed
 from clip_train.data.stream import GlobalBatchStream
+from tests.test_bench_shuffle import KeyDecoder
 
 SEED, WIDTH, BUFFER = mix_seed(0, 0), 2, 20
-
-
-class KeyDecoder:
-    """Stands in for the image decoder: the sample's shard and key as its text, a 1-pixel image."""
-
-    image_size = 1
-
-    def __call__(self, sample: dict, rng: object) -> tuple[np.ndarray, str, int]:
-        return np.zeros((1, 1, 3), np.uint8), f"{sample['__url__']}|{sample['__key__']}", 0
 
 
 def global_batches(data: shuffle.KeyShards, mode: str, streams: int, global_batch: int, batches: int,

@@ -51,10 +51,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 
+import numpy as np
+
+from clip_train.data.decode import SkipCounter
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.reader import block_samples
 from clip_train.data.sources import ShardSource
+from clip_train.data.stream import GlobalBatchStream
 
 SampleId = tuple[int, int]  # (shard index in the listed order, sample index inside its tar)
 MODES = ("epoch", "resampled")
@@ -151,9 +155,7 @@ class _IdDecoder:
     def __init__(self, data: KeyShards) -> None:
         self.to_id = SampleIds(data)
 
-    def __call__(self, sample: dict, rng: object) -> tuple[object, SampleId, int]:
-        import numpy as np
-
+    def __call__(self, sample: dict, rng: object) -> tuple[np.ndarray, SampleId, int]:
         return np.zeros((1, 1, 3), np.uint8), self.to_id(sample), 0
 
 
@@ -161,9 +163,6 @@ def streamed_batches(data: KeyShards, mode: str, streams: int, shuffle_shards: i
                      global_batch: int, batches: int, seed: int) -> list[list[SampleId]]:
     """The first ``batches`` global batches of the global order with ``streams`` parallel streams, read by the
     training stream itself (one rank, one worker: any other shape gives the same batches)."""
-    from clip_train.data.decode import SkipCounter
-    from clip_train.data.stream import GlobalBatchStream
-
     order = GlobalOrder([data.source], mode, seed=seed, shuffle_shards=shuffle_shards,
                         counts=list(data.counts), fallback_count=data.counts[0])
     per_epoch = sum(data.counts) // global_batch if mode == "epoch" else None
