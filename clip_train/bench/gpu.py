@@ -331,8 +331,12 @@ def check_no_host_sync(ctx: Context) -> tuple[str, str]:
     from clip_train.train.trainer import Trainer
 
     register_configs()
-    overrides = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "data.num_workers=2",
-                 "eval.zeroshot=[]", "data.batch_size=64"]
+    if ctx.dry_run:  # the same Trainer and steps on the CPU, without the sync detector (it is CUDA's)
+        overrides = ["+experiment=demo", "train.device=cpu", "train.precision=fp32", "data.num_workers=0",
+                     "eval.zeroshot=[]", "data.batch_size=8", "data.shuffle_buffer=0"]
+    else:
+        overrides = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "data.num_workers=2",
+                     "eval.zeroshot=[]", "data.batch_size=64"]
     package = Path(clip_train.__file__).resolve().parent
     # The repository's configs/, or the copy shipped inside the package.
     config_dir = next((d for d in (package.parent / "configs", package / "configs") if (d / "train.yaml").is_file()),
@@ -345,6 +349,11 @@ def check_no_host_sync(ctx: Context) -> tuple[str, str]:
     trainer = Trainer(OmegaConf.to_object(cfg), ctx.scratch / "sync_run", dctx, OmegaConf.to_container(cfg))
     batches = iter(trainer.loader)
     trainer.train_step(*next(batches))  # warm-up: lazy initialisation may sync once
+    if ctx.dry_run:
+        for _ in range(3):
+            trainer.train_step(*next(batches))
+        trainer.timer.collect()
+        return "3 steps of Trainer.train_step on the CPU (the sync detector needs CUDA)", "in-process"
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -358,25 +367,44 @@ def check_no_host_sync(ctx: Context) -> tuple[str, str]:
 
 
 def check_training_run(ctx: Context) -> tuple[str, str]:
+    from clip_train.train.profiler import memory_snapshot_path, trace_path
+
     run_dir = ctx.scratch / "cuda_run"
-    argv = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "train.max_steps=40",
-            "train.log_every_n_steps=10", "data.num_workers=4", "eval.every_n_steps=20", "ckpt.every_n_steps=20",
-            "logger.tensorboard.enabled=true", "train.profile.steps=[31,32]", f"hydra.run.dir={run_dir}"]
+    if ctx.dry_run:  # the same CLI, keys and trace on the CPU at a few steps; the memory snapshot is CUDA's
+        first, last = 3, 4
+        argv = ["+experiment=demo", "train.device=cpu", "train.precision=fp32", "train.max_steps=4",
+                "train.log_every_n_steps=2", "data.num_workers=0", "data.batch_size=16", "data.shuffle_buffer=0",
+                "eval.every_n_steps=2", "ckpt.every_n_steps=2"]
+    else:
+        first, last = 31, 32
+        argv = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "train.max_steps=40",
+                "train.log_every_n_steps=10", "data.num_workers=4", "eval.every_n_steps=20",
+                "ckpt.every_n_steps=20"]
+    argv += ["logger.tensorboard.enabled=true", f"train.profile.steps=[{first},{last}]", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-m", "clip_train", *argv], capture_output=True, text=True, check=False,
                           timeout=max(ctx.seconds_left(), 60))
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [m for m in lines if "loss" in m][-1]
+    final = [m for m in lines if "loss" in m][-1]
     for key in ("forward_backward_s", "optimizer_s", "comm_s", "eval_s", "checkpoint_s", "peak_mem_gib"):
-        if key not in last:
+        if key not in final:
             raise CheckFailed(f"metrics.jsonl lacks {key}")
-    for name in ("trace_steps31-32_rank0.json", "memory_steps31-32_rank0.pickle"):
-        if not (run_dir / "profile" / name).is_file():
-            raise CheckFailed(f"no profile/{name}")
-    return (f"step {1e3 * last['step_s']:.1f} ms: fwd+bwd {1e3 * last['forward_backward_s']:.1f} ms, "
-            f"optimizer {1e3 * last['optimizer_s']:.1f} ms, data wait {1e3 * last['data_wait_s']:.1f} ms per "
-            f"window; peak {last['peak_mem_gib']:.2f} GiB; trace + memory snapshot written"), \
+    trace = trace_path(run_dir, first, last, rank=0)
+    expected = [trace] if ctx.dry_run else [trace, memory_snapshot_path(run_dir, first, last, rank=0)]
+    for path in expected:
+        if not path.is_file():
+            raise CheckFailed(f"no {path.relative_to(run_dir)}")
+    regions = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    missing = sorted({"data", "forward", "loss", "backward", "optimizer"} - regions)
+    if missing:
+        raise CheckFailed(f"{trace.name} lacks the step regions {missing}")
+    written = "trace" if ctx.dry_run else "trace + memory snapshot"
+    steps = final["train_s"] / final["step_s"]  # the logging window; the other times are its totals
+    per_step = {key: 1e3 * final[key] / steps for key in ("forward_backward_s", "optimizer_s", "data_wait_s")}
+    return (f"step {1e3 * final['step_s']:.1f} ms: fwd+bwd {per_step['forward_backward_s']:.1f} ms, "
+            f"optimizer {per_step['optimizer_s']:.1f} ms, data wait {per_step['data_wait_s']:.1f} ms; "
+            f"peak {final['peak_mem_gib']:.2f} GiB; {written} written"), \
         "python -m clip_train " + " ".join(argv[:-1])
 
 
@@ -386,9 +414,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("sdpa_flash", "SDPA flash kernel in both towers", check_sdpa_flash, False),
     Entry("fused_adamw", "fused AdamW + on-device skip", check_fused_adamw, True),
     Entry("pinned_copies", "pinned batches, non-blocking copy", check_pinned_copies, False),
-    Entry("no_host_sync", "no host sync in Trainer.train_step", check_no_host_sync, False),
+    Entry("no_host_sync", "no host sync in Trainer.train_step", check_no_host_sync, True),
     Entry("compile", "train.compile blocks = eager loss", check_compile, False),
-    Entry("training_run", "CLI run on the GPU: time keys, trace, memory snapshot", check_training_run, False),
+    Entry("training_run", "CLI run on the GPU: time keys, trace, memory snapshot", check_training_run, True),
     Entry("train_vit_b16", "ViT-B/16 bf16 B=256 step vs OpenCLIP (MFU)", bench_train_step, True),
     Entry("loss_65536", "loss B=65,536 bf16 vs OpenCLIP", bench_loss, True),
     Entry("data_8_workers", "data pipeline, 8 workers, 224 px", bench_data, True),
