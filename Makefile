@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test train test-slurm test-zoo bench-gpu lint clean
+.PHONY: test train test-slurm test-zoo bench-gpu wheelhouse lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ train: $(STAMP)
 # docs/benchmarks.md (python -m clip_train.bench.gpu --dry-run checks the plumbing on a CPU).
 bench-gpu: $(STAMP)
 	$(PY) -m clip_train.bench.gpu --out outputs/bench_gpu
+
+# For a GPU node that has torch (and timm, torchvision, tensorboard, ...) but no network: the wheels of the
+# pure-Python dependencies it usually lacks, for its Python (WHEEL_PYTHON), in .whl/. See docs/benchmarks.md.
+WHEEL_PYTHON ?= 3.12
+WHEELHOUSE_PINS := hydra-core==1.3.8 omegaconf==2.3.1 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 \
+	wcwidth==0.9.4 open_clip_torch==3.3.0
+wheelhouse: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(WHEELHOUSE_PINS)
+	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3  # an sdist on PyPI
+	@ls .whl
 
 lint: $(STAMP)
 	$(PY) -m ruff check clip_train tests
