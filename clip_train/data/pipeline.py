@@ -43,6 +43,13 @@ _ORDER_KEYS = ("global_batch_size", "mode", "seed", "num_shards", "shuffle_buffe
 _ORDER_KEYS_ADDED_LATER = ("shuffle_buffer", "shuffle_shards")
 # Recorded since ``data.order_streams`` exists; every run before it had one stream.
 _ORDER_KEY_DEFAULTS = {"order_streams": 1}
+
+
+def _order_value(key: str, value: Any) -> Any:
+    """A recorded order setting in the form that decides the order: buffers of 0 and 1 both mean none."""
+    return max(int(value), 1) if key == "shuffle_buffer" and value is not None else value
+
+
 _exit_hook_installed = False
 
 
@@ -373,7 +380,8 @@ class TrainLoader:
         now = self._local_state()
         # A version-1 state (per-worker streams, before the global order) has no global batch index to continue.
         differ = ["version"] if entry.get("version") != STATE_VERSION else \
-            [k for k in _ORDER_KEYS if entry.get(k, _ORDER_KEY_DEFAULTS.get(k)) != now[k]
+            [k for k in _ORDER_KEYS
+             if _order_value(k, entry.get(k, _ORDER_KEY_DEFAULTS.get(k))) != _order_value(k, now[k])
              and not (k in _ORDER_KEYS_ADDED_LATER and k not in entry)]
         self.epoch = int(entry["epoch"])
         if not differ:

@@ -211,6 +211,23 @@ def test_state_with_another_shuffle_setting_warns_once_and_restarts_the_epoch(ma
             assert torch.equal(ie, ig) and torch.equal(te, tg)
 
 
+def test_shuffle_buffers_of_0_and_1_are_the_same_order_so_a_resume_between_them_continues(make_shards, tokenizer,
+                                                                                          caplog):
+    """Both mean no buffer: the order is the same, so switching between them is not a re-plan."""
+    pattern, _ = make_shards([8, 8])
+    expected = take(build_train_loader(config(pattern, resampled=False, shuffle_buffer=0), 16, tokenizer), 5)
+    first = build_train_loader(config(pattern, resampled=False, shuffle_buffer=0), 16, tokenizer)
+    take(first, 3)
+    resumed = build_train_loader(config(pattern, resampled=False, shuffle_buffer=1), 16, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="clip_train.data"):
+        resumed.load_state_dict(first.state_dict())
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    got = list(resumed)
+    assert len(got) == 2
+    for (ie, te), (ig, tg) in zip(expected[3:], got):
+        assert torch.equal(ie, ig) and torch.equal(te, tg)
+
+
 def test_bomb_and_bad_samples_in_training_are_counted(make_shards, tokenizer):
     bad = {0: [{"__key__": "bomb", "png": bomb_png(), "txt": b"a bomb"},
                {"__key__": "nocap", "png": good_sample(1)["png"]}]}
