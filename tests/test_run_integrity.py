@@ -468,3 +468,12 @@ def test_metrics_are_cut_in_place_after_the_resumed_step(tmp_path: Path) -> None
     assert path.stat().st_ino == inode, "cut in place (no new file: works on a full disk)"
     truncate_metrics_after(path, 5)
     assert path.read_text() == "".join(lines[:3])
+
+
+def test_a_resume_from_a_config_saved_before_a_rename_lists_only_real_changes() -> None:
+    from clip_train.train.resume import config_changes
+
+    saved = {"data": {"shards_per_block": 4, "batch_size": 8}, "optim": {"lr": 0.003}}
+    assert config_changes(saved, {"data": {"shuffle_shards": 4, "batch_size": 8}, "optim": {"lr": 0.003}}) == []
+    assert config_changes(saved, {"data": {"shuffle_shards": 8, "batch_size": 8}, "optim": {"lr": 1e-05}}) == [
+        "data.shuffle_shards 4 -> 8", "optim.lr 0.003 -> 1e-05"]

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clip_train.data.config import RENAMED_OPTIONS
 from clip_train.train import checkpoint as ckpt_io
 
 log = logging.getLogger("clip_train")
@@ -28,6 +29,8 @@ log = logging.getLogger("clip_train")
 ABANDONED_DIR = "abandoned"
 # Keys that name how to start, not what to train: a difference there is expected, not news.
 _NOT_COMPARED = ("ckpt.resume",)
+# A config saved before a rename holds the old key; it is the same setting under its new name.
+_RENAMED_KEYS = {f"data.{old}": f"data.{new}" for old, (new, _) in RENAMED_OPTIONS.items()}
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -41,10 +44,12 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict | None, new: dict) -> list[str]:
-    """``"optim.lr 0.003 -> 1e-05"`` for every key whose value differs between the two configs."""
+    """``"optim.lr 0.003 -> 1e-05"`` for every key whose value differs between the two configs (a key saved
+    under a name since renamed is compared under its new name)."""
     if not saved:
         return []
-    old, now = flatten(saved), flatten(new)
+    old = {_RENAMED_KEYS.get(key, key): value for key, value in flatten(saved).items()}
+    now = flatten(new)
     lines = []
     for key in sorted(set(old) | set(now)):
         if key.startswith(_NOT_COMPARED):
