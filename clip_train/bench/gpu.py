@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -349,21 +349,25 @@ def check_no_host_sync(ctx: Context) -> tuple[str, str]:
     trainer = Trainer(OmegaConf.to_object(cfg), ctx.scratch / "sync_run", dctx, OmegaConf.to_container(cfg))
     batches = iter(trainer.loader)
     trainer.train_step(*next(batches))  # warm-up: lazy initialisation may sync once
-    if ctx.dry_run:
+    with contextlib.nullcontext() if ctx.dry_run else _host_syncs_raise():
         for _ in range(3):
             trainer.train_step(*next(batches))
-        trainer.timer.collect()
+    trainer.timer.collect()
+    if ctx.dry_run:
         return "3 steps of Trainer.train_step on the CPU (the sync detector needs CUDA)", "in-process"
+    return "3 steps of Trainer.train_step under set_sync_debug_mode('error'): no sync", "in-process"
+
+
+@contextlib.contextmanager
+def _host_syncs_raise() -> Iterator[None]:
+    """Inside, any CUDA call that makes the host wait for the device raises."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            trainer.train_step(*next(batches))
+        yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    trainer.timer.collect()
-    return "3 steps of Trainer.train_step under set_sync_debug_mode('error'): no sync", "in-process"
 
 
 def check_training_run(ctx: Context) -> tuple[str, str]:
