@@ -7,11 +7,17 @@ packaged.
 
 from setuptools import find_namespace_packages, setup
 
+# Each config group (configs/model, configs/hydra/launcher, ...) is listed as a package of its own: setuptools
+# warns about, and will stop shipping, data directories that are importable but not declared.
+config_packages = ["clip_train.configs"] + [
+    f"clip_train.configs.{group}" for group in find_namespace_packages(where="configs")
+]
+
 setup(
-    packages=find_namespace_packages(include=["clip_train", "clip_train.*"]) + ["clip_train.configs"],
+    packages=find_namespace_packages(include=["clip_train", "clip_train.*"]) + config_packages,
     package_dir={"clip_train.configs": "configs"},
     package_data={
         "clip_train": ["assets/*", "assets/**/*"],
-        "clip_train.configs": ["*.yaml", "**/*.yaml", "*.yml", "**/*.yml"],
+        **{package: ["*.yaml", "*.yml"] for package in config_packages},
     },
 )

@@ -23,7 +23,7 @@ import yaml
 from tests.cli_helpers import REPO, cli_env, read_metrics
 
 # What a source distribution carries; the build reads nothing else.
-_SOURCE_ITEMS = ("clip_train", "configs", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
+_SOURCE_ITEMS = ("clip_train", "configs", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE")
 
 USER_EXPERIMENT = """\
 # @package _global_
@@ -70,13 +70,19 @@ def _pip_install(python: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def built_wheel(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel and what its build printed (pip shows the build backend's output with -v)."""
     source = _copy_source(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("wheelhouse")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "-w", str(out), str(source)], check=True, capture_output=True, text=True, timeout=120)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+                            "-w", str(out), str(source)], check=True, capture_output=True, text=True, timeout=120)
     (built,) = out.glob("clip_train-*.whl")
-    return built
+    return built, build.stdout + build.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(built_wheel: tuple[Path, str]) -> Path:
+    return built_wheel[0]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,18 @@ def test_the_wheel_holds_the_configs_and_no_launch_or_tests(wheel: Path) -> None
     expected = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
     assert expected and expected <= shipped
     assert not [n for n in names if n.split("/")[0] in ("launch", "tests", "configs", "docs")]
+
+
+def test_the_build_declares_every_config_group_and_ships_the_licenses(built_wheel: tuple[Path, str]) -> None:
+    wheel, build_log = built_wheel
+    # setuptools warns about (and means to stop shipping) data directories that are importable but undeclared.
+    assert "would be ignored" not in build_log, build_log[-3000:]
+    assert "`project.license` as a TOML table is deprecated" not in build_log, build_log[-3000:]
+    archive = zipfile.ZipFile(wheel)
+    (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: MIT" in archive.read(metadata).decode()
+    licenses = {n.split(".dist-info/licenses/")[1] for n in archive.namelist() if ".dist-info/licenses/" in n}
+    assert {"LICENSE", "clip_train/assets/NOTICE.md"} <= licenses
 
 
 def test_a_fresh_install_trains_the_demo_from_another_directory_with_a_users_config_dir(
