@@ -47,6 +47,16 @@ def _trained_like(model: CLIP) -> CLIP:
     return model.eval()
 
 
+@pytest.fixture
+def open_clip_registry(monkeypatch):
+    """open_clip.add_model_config for one test: the names it registers ("tiny") leave with the test, so the zoo
+    tests in the same process still see exactly OpenCLIP's own model list."""
+    import open_clip.factory
+
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+
+
 @pytest.fixture(scope="module")
 def inputs():
     torch.manual_seed(1)
@@ -127,7 +137,7 @@ def test_hf_processor_resizes_and_crops_larger_images_like_our_eval_transform(tm
     assert diff.max().item() < 1.01 * level  # the same pixels, rounding apart (JPEG too, draft decoding and all)
 
 
-def test_open_clip_export_loads_by_dir_and_by_name(tmp_path, inputs):
+def test_open_clip_export_loads_by_dir_and_by_name(open_clip_registry, tmp_path, inputs):
     torch.manual_seed(0)
     model = _trained_like(clip_train.create_model("tiny"))
     files = export(model, "open_clip", tmp_path / "oc")
@@ -171,7 +181,7 @@ def test_resnet_open_clip_export_matches_and_hf_refuses_in_one_line(tmp_path, ca
     assert not (tmp_path / "hf").exists()
 
 
-def test_safetensors_keeps_architecture_and_loads_in_open_clip(tmp_path, inputs):
+def test_safetensors_keeps_architecture_and_loads_in_open_clip(open_clip_registry, tmp_path, inputs):
     torch.manual_seed(0)
     model = _trained_like(clip_train.create_model("tiny-quickgelu"))
     export(model, "safetensors", tmp_path / "m.safetensors", dtype="fp32")
