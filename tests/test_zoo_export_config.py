@@ -64,8 +64,8 @@ def _normalised(doc: dict) -> dict:
 
 @pytest.mark.parametrize("chunk", range(4))
 def test_to_openclip_gives_openclips_own_config_for_every_zoo_name(chunk: int) -> None:
-    # OpenCLIP's shipped configs, read from its package: list_models() also holds whatever other tests
-    # registered with add_model_config (e.g. an exported "tiny")
+    # OpenCLIP's shipped configs, read from its package: the reference is the JSON files themselves, whatever
+    # add_model_config has registered in this process
     shipped = Path(open_clip.__file__).parent / "model_configs"
     names = sorted(p.stem for p in shipped.glob("*.json"))
     assert len(names) > 100 and set(names) <= set(open_clip.list_models())
