@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "pattern": pattern,
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m clip_train.bench.data " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": "python -m clip_train.bench.data " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
     }
     print(json.dumps(result))
     return 0

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -100,8 +101,9 @@ def _bench_json(module: str, argv: list[str], ctx: Context, in_process: Callable
     return json.loads(lines[-1])
 
 
-def _command(module: str, argv: list[str]) -> str:
-    return " ".join(["python -m", module, *(f"'{a}'" if "{" in a else a for a in argv)])
+def _command(module: str, argv: Sequence[str]) -> str:
+    """The command line a reader can paste into a shell (``[3,4]`` and JSON arguments quoted)."""
+    return " ".join(["python -m", module, *(shlex.quote(a) for a in argv)])
 
 
 def _train_figures(report: dict) -> str:
@@ -322,11 +324,11 @@ def check_compile(ctx: Context) -> tuple[str, str]:
 
 
 def check_no_host_sync(ctx: Context) -> tuple[str, str]:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
-    import clip_train
     from clip_train.config import register_configs
+    from clip_train.config_source import hydra_config_path
+    from clip_train.train import preflight
     from clip_train.train.distributed import DistributedContext
     from clip_train.train.trainer import Trainer
 
@@ -337,14 +339,10 @@ def check_no_host_sync(ctx: Context) -> tuple[str, str]:
     else:
         overrides = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "data.num_workers=2",
                      "eval.zeroshot=[]", "data.batch_size=64"]
-    package = Path(clip_train.__file__).resolve().parent
-    # The repository's configs/, or the copy shipped inside the package.
-    config_dir = next((d for d in (package.parent / "configs", package / "configs") if (d / "train.yaml").is_file()),
-                      None)
-    if config_dir is None:
-        raise FileNotFoundError(f"no configs/train.yaml next to or inside {package}")
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    # The same config source ``python -m clip_train`` reads: the checkout's configs/ or the packaged copy.
+    cfg = preflight.compose(hydra_config_path(), "train", overrides)
+    with open_dict(cfg):
+        del cfg["hydra"]
     dctx = DistributedContext(rank=0, local_rank=0, world_size=1, device=ctx.device)
     trainer = Trainer(OmegaConf.to_object(cfg), ctx.scratch / "sync_run", dctx, OmegaConf.to_container(cfg))
     batches = iter(trainer.loader)
@@ -505,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "device": "dry run on CPU (figures meaningless)" if args.dry_run else torch.cuda.get_device_name(device),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
-        "command": "python -m clip_train.bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": _command("clip_train.bench.gpu", sys.argv[1:] if argv is None else argv),
     }
     table = render_table(rows, header) + f"\n\nTotal {time.monotonic() - started:.0f} s."
     if args.out:

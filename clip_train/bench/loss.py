@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -325,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     report = {
         "benchmark": "loss",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.loss " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m clip_train.bench.loss " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
         "loss": args.loss,
         "batch": args.batch,
         "dim": args.dim,

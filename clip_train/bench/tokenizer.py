@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "tokenizer",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.tokenizer " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m clip_train.bench.tokenizer " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
         "context_length": args.context_length,
         "repeats": args.repeats,
         "ms": results,

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -434,7 +435,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     report: dict = {
         "benchmark": "train",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m clip_train.bench.train " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
         "model": args.model,
         "batch": args.batch,
         "precision": args.precision,
