@@ -332,6 +332,15 @@ def test_bench_gpu_dry_run_runs_each_entry_on_cpu_or_lists_it_as_needing_cuda(tm
     saved = json.loads((tmp_path / "bench_gpu.json").read_text())
     train = next(r for r in saved["rows"] if r["name"].startswith("ViT-B/16 bf16 B=256 step vs"))
     assert "ms/step" in train["result"] and "speed-up" in train["result"]  # parsed from bench.train's JSON
+    # A command cell pasted into a shell runs the arguments that ran: unquoted, [3,4] would be a glob that
+    # a file named train.profile.steps=3 in the working directory matches.
+    command = next(r for r in saved["rows"] if r["name"].startswith("CLI run on the GPU"))["command"]
+    shell_dir = tmp_path / "shell"
+    shell_dir.mkdir()
+    (shell_dir / "train.profile.steps=3").touch()
+    pasted = subprocess.run(["bash", "-c", f"printf '%s\\n' {command}"], cwd=shell_dir, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    assert pasted[:3] == ["python", "-m", "clip_train"] and "train.profile.steps=[3,4]" in pasted
     assert (tmp_path / "bench_gpu.md").read_text().strip() == table.strip()
 
 

@@ -407,7 +407,7 @@ def check_training_run(ctx: Context) -> tuple[str, str]:
     return (f"step {1e3 * final['step_s']:.1f} ms: fwd+bwd {per_step['forward_backward_s']:.1f} ms, "
             f"optimizer {per_step['optimizer_s']:.1f} ms, data wait {per_step['data_wait_s']:.1f} ms; "
             f"peak {final['peak_mem_gib']:.2f} GiB; {written} written"), \
-        "python -m clip_train " + " ".join(argv[:-1])
+        _command("clip_train", argv[:-1])
 
 
 ENTRIES: tuple[Entry, ...] = (
