@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shlex
 import shutil
 import statistics
 import sys
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     report = {
         "bench": "checkpoint",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.checkpoint " + " ".join(argv),
+        "command": "python -m clip_train.bench.checkpoint " + " ".join(map(shlex.quote, argv)),
         "model": args.model,
         "device": args.device,
         "batch": args.batch,
