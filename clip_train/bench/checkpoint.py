@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from clip_train.bench import command_line
 from clip_train.bench.loss import emit_report, machine_info
 from clip_train.config import OptimConfig
 from clip_train.loss import ClipLoss
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     report = {
         "bench": "checkpoint",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.checkpoint " + " ".join(map(shlex.quote, argv)),
+        "command": command_line("clip_train.bench.checkpoint", argv),
         "model": args.model,
         "device": args.device,
         "batch": args.batch,

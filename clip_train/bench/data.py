@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import platform
 import random
-import shlex
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -40,6 +39,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from clip_train.bench import command_line
 
 WORDS = (
     "a", "photo", "of", "the", "dog", "cat", "red", "blue", "small", "large", "old", "new", "city",
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "pattern": pattern,
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m clip_train.bench.data " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
+        "command": command_line("clip_train.bench.data", argv),
     }
     print(json.dumps(result))
     return 0

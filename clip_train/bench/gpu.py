@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+from clip_train.bench import command_line
 
 NEEDS_CUDA = "needs CUDA"
 
@@ -101,11 +102,6 @@ def _bench_json(module: str, argv: list[str], ctx: Context, in_process: Callable
     return json.loads(lines[-1])
 
 
-def _command(module: str, argv: Sequence[str]) -> str:
-    """The command line a reader can paste into a shell (``[3,4]`` and JSON arguments quoted)."""
-    return " ".join(["python -m", module, *(shlex.quote(a) for a in argv)])
-
-
 def _train_figures(report: dict) -> str:
     parts = []
     for r in report["results"]:
@@ -132,7 +128,7 @@ def bench_train_step(ctx: Context, compile_: bool = False) -> tuple[str, str]:
         if compile_:
             argv += ["--compile", "--impl", "ours"]
     report = _bench_json("clip_train.bench.train", argv, ctx, train_main)
-    return _train_figures(report), _command("clip_train.bench.train", argv)
+    return _train_figures(report), command_line("clip_train.bench.train", argv)
 
 
 def bench_max_batch(ctx: Context) -> tuple[str, str]:
@@ -145,7 +141,7 @@ def bench_max_batch(ctx: Context) -> tuple[str, str]:
     text = ", ".join(f"{impl} {batch if batch else '< 512'}" for impl, batch in found.items())
     if found.get("ours") and found.get("open_clip"):
         text += f" ({found['ours'] / found['open_clip']:.1f}x)"
-    return text, _command("clip_train.bench.train", argv)
+    return text, command_line("clip_train.bench.train", argv)
 
 
 def bench_loss(ctx: Context) -> tuple[str, str]:
@@ -166,7 +162,7 @@ def bench_loss(ctx: Context) -> tuple[str, str]:
             parts.append(f"{r['impl']}: {r.get('skipped') or r.get('error')}")
     for impl, ratios in report.get("vs_open_clip", {}).items():
         parts.append(f"{impl}/OpenCLIP time {ratios['time_ratio']:.2f}x, memory {ratios['memory_ratio']:.3f}")
-    return "; ".join(parts), _command("clip_train.bench.loss", argv)
+    return "; ".join(parts), command_line("clip_train.bench.loss", argv)
 
 
 def bench_data(ctx: Context) -> tuple[str, str]:
@@ -180,7 +176,7 @@ def bench_data(ctx: Context) -> tuple[str, str]:
         argv = ["--synthetic", shards, "--synthetic-samples", "1024", "--image-size", "224", "--workers", "8",
                 "--batches", "40"]
     report = _bench_json("clip_train.bench.data", argv, ctx, data_main)
-    return f"{report['samples_per_s']:,.0f} samples/s", _command("clip_train.bench.data", argv)
+    return f"{report['samples_per_s']:,.0f} samples/s", command_line("clip_train.bench.data", argv)
 
 
 # ------------------------------------------------------------------------------------------ the CUDA checks
@@ -407,7 +403,7 @@ def check_training_run(ctx: Context) -> tuple[str, str]:
     return (f"step {1e3 * final['step_s']:.1f} ms: fwd+bwd {per_step['forward_backward_s']:.1f} ms, "
             f"optimizer {per_step['optimizer_s']:.1f} ms, data wait {per_step['data_wait_s']:.1f} ms; "
             f"peak {final['peak_mem_gib']:.2f} GiB; {written} written"), \
-        _command("clip_train", argv[:-1])
+        command_line("clip_train", argv[:-1])
 
 
 ENTRIES: tuple[Entry, ...] = (
@@ -503,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "device": "dry run on CPU (figures meaningless)" if args.dry_run else torch.cuda.get_device_name(device),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
-        "command": _command("clip_train.bench.gpu", sys.argv[1:] if argv is None else argv),
+        "command": command_line("clip_train.bench.gpu", argv),
     }
     table = render_table(rows, header) + f"\n\nTotal {time.monotonic() - started:.0f} s."
     if args.out:

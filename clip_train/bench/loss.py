@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from clip_train.bench import command_line
 
 IMPLEMENTATIONS = ("tiled", "exact", "open_clip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     report = {
         "benchmark": "loss",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.loss " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
+        "command": command_line("clip_train.bench.loss", argv),
         "loss": args.loss,
         "batch": args.batch,
         "dim": args.dim,

@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import random
-import shlex
 import shutil
 import sys
 import tarfile
@@ -53,6 +52,7 @@ from itertools import islice
 
 import numpy as np
 
+from clip_train.bench import command_line
 from clip_train.data.decode import SkipCounter
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
@@ -419,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_listed": listed, "elapsed_s": round(time.perf_counter() - start, 2),
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m clip_train.bench.data --shuffle-quality "
-                   + " ".join(shlex.quote(a) for a in argv),
+        "command": command_line("clip_train.bench.data", ["--shuffle-quality", *argv]),
     }
     print(json.dumps(result))
     return 0

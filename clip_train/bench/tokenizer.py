@@ -15,11 +15,10 @@ import argparse
 import datetime as dt
 import json
 import random
-import shlex
 import statistics
-import sys
 import time
 
+from clip_train.bench import command_line
 from clip_train.bench.loss import machine_info
 from clip_train.tokenizer import ClipTokenizer
 
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "tokenizer",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.tokenizer " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
+        "command": command_line("clip_train.bench.tokenizer", argv),
         "context_length": args.context_length,
         "repeats": args.repeats,
         "ms": results,

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from clip_train.bench import command_line
 from clip_train.bench.loss import emit_report, machine_info
 from clip_train.models.config import ModelConfig
 
@@ -435,7 +435,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     report: dict = {
         "benchmark": "train",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clip_train.bench.train " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
+        "command": command_line("clip_train.bench.train", argv),
         "model": args.model,
         "batch": args.batch,
         "precision": args.precision,
