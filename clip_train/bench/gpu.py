@@ -320,7 +320,7 @@ def check_compile(ctx: Context) -> tuple[str, str]:
 
 
 def check_no_host_sync(ctx: Context) -> tuple[str, str]:
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     from clip_train.config import register_configs
     from clip_train.config_source import hydra_config_path
@@ -336,9 +336,7 @@ def check_no_host_sync(ctx: Context) -> tuple[str, str]:
         overrides = ["+experiment=demo", "train.device=cuda", "train.precision=bf16", "data.num_workers=2",
                      "eval.zeroshot=[]", "data.batch_size=64"]
     # The same config source ``python -m clip_train`` reads: the checkout's configs/ or the packaged copy.
-    cfg = preflight.compose(hydra_config_path(), "train", overrides)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = preflight.job_config(preflight.compose(hydra_config_path(), "train", overrides))
     dctx = DistributedContext(rank=0, local_rank=0, world_size=1, device=ctx.device)
     trainer = Trainer(OmegaConf.to_object(cfg), ctx.scratch / "sync_run", dctx, OmegaConf.to_container(cfg))
     batches = iter(trainer.loader)

@@ -70,6 +70,14 @@ def compose(config_dir: str, config_name: str, overrides: list[str]) -> DictConf
         GlobalHydra.instance().clear()
 
 
+def job_config(composed: DictConfig) -> DictConfig:
+    """What the task function receives from ``compose``'s result: the TrainConfig schema without Hydra's node."""
+    job = composed.copy()
+    OmegaConf.set_struct(job, False)
+    del job["hydra"]
+    return job
+
+
 def check(config_dir: str, config_name: str, overrides: list[str], world_size: int) -> Preflight:
     """Compose, type and validate the run's config and compute its run directory; ``ConfigError`` in one line."""
     import torch
@@ -82,9 +90,7 @@ def check(config_dir: str, config_name: str, overrides: list[str], world_size: i
         cfg = compose(config_dir, config_name, overrides)
         HydraConfig.instance().set_config(cfg)
         run_dir = Path(str(cfg.hydra.run.dir))
-        job = cfg.copy()
-        OmegaConf.set_struct(job, False)
-        del job["hydra"]  # what the task function receives: the TrainConfig schema, without Hydra's node
+        job = job_config(cfg)
         check_known_keys(job)
         typed: TrainConfig = OmegaConf.to_object(job)  # type: ignore[assignment]
     except ConfigError:
