@@ -118,19 +118,23 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return device
 
 
-def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
+def _rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
     """Under torchrun, a store private to this restart attempt; elsewhere None (use env://).
 
     torchrun's workers share its agent's TCPStore, and after ``--max-restarts`` the new workers would find
     the keys the dead attempt left there and hang connecting to dead peers (pytorch/pytorch#135712).
     Prefixing every key with the restart count gives each attempt a clean namespace.
+
+    Where the agent hosts no store for its workers (``TORCHELASTIC_USE_AGENT_STORE=False``: torch before
+    2.5 under ``--standalone`` or the c10d rendezvous), rank 0 hosts it, as torch's own ``env://`` does.
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     base = dist.TCPStore(
         host_name=os.environ["MASTER_ADDR"],
         port=int(os.environ["MASTER_PORT"]),
-        is_master=False,
+        world_size=world_size,
+        is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
         timeout=timeout,
     )
     return dist.PrefixStore(f"clip_train/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
@@ -152,7 +156,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800) -
     if world_size > 1 and not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        store = _rendezvous_store(timeout)
+        store = _rendezvous_store(rank, world_size, timeout)
         if store is None:
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
         else:
