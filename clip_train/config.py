@@ -455,6 +455,12 @@ def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:
     """The memory and speed options (strategy, patch dropout, locking, channels_last), each error in one line."""
     if cfg.train.strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"train.strategy={cfg.train.strategy!r} is not one of ddp, fsdp")
+    if cfg.train.strategy == "fsdp":
+        from clip_train.train.torch_compat import fsdp_unsupported_reason  # loads FSDP: only for fsdp runs
+
+        reason = fsdp_unsupported_reason()
+        if reason:
+            raise ConfigError(reason)
     if cfg.train.strategy == "fsdp" and world_size < 2:
         raise ConfigError(
             "train.strategy=fsdp shards the model over ranks and this run has one process; "

@@ -29,6 +29,7 @@ import clip_train
 from clip_train.train import checkpoint as ckpt
 from clip_train.train import sharded_checkpoint as sharded_io
 from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli, train_losses
+from tests.torch_support import requires_fsdp
 
 DEADLINE_S = 300
 RUN = [*FAST_DEMO, "data.batch_size=16", "ckpt.every_n_steps=3", "ckpt.keep_last=0"]
@@ -259,6 +260,7 @@ def test_sigterm_during_the_background_write_exits_3_with_the_pending_and_the_fi
 # ------------------------------------------------------------------------------ FSDP: DCP's async_save
 
 
+@requires_fsdp
 def test_fsdp_async_save_stages_the_shards_and_seals_the_same_state_as_a_sync_save(one_rank_group, tmp_path):
     from clip_train.train.optim import build_optimizer
     from clip_train.train.parallelize import parallelize
@@ -294,6 +296,7 @@ def test_fsdp_async_save_stages_the_shards_and_seals_the_same_state_as_a_sync_sa
         torch.testing.assert_close(written[key], expected[key], rtol=0, atol=0, msg=key)
 
 
+@requires_fsdp
 @pytest.mark.slow  # two torchrun ranks: about a minute on two loaded cores
 def test_fsdp_async_save_on_two_gloo_ranks_writes_every_shard_before_sealing(cache_dir: Path, tmp_path: Path):
     run_dir = tmp_path / "fsdp"

@@ -12,6 +12,7 @@ import clip_train
 from clip_train.load import load_model
 from clip_train.models import CheckpointError
 from clip_train.train import checkpoint as ckpt_io
+from clip_train.train import torch_compat
 
 
 def _model():
@@ -39,12 +40,17 @@ def test_loads_run_dir_step_dir_and_state_file(tmp_path):
         _same(model, load_model(source))
 
 
-def test_loads_an_fsdp_sharded_checkpoint(tmp_path):
-    """An FSDP run keeps the weights as DCP shards in sharded/ and only the config in state.pt."""
+@pytest.mark.parametrize("dcp_load_takes_no_dist", [True, False], ids=["dcp.load", "torch-2.4-loader"])
+def test_loads_an_fsdp_sharded_checkpoint(tmp_path, monkeypatch, dcp_load_takes_no_dist):
+    """An FSDP run keeps the weights as DCP shards in sharded/ and only the config in state.pt; a torch
+    older than 2.5 (whose dcp.load cannot be told to read in one process) loads it too."""
+    if dcp_load_takes_no_dist and not torch_compat.DCP_LOAD_TAKES_NO_DIST:
+        pytest.skip(f"torch {torch.__version__}'s dcp.load takes no no_dist")
+    monkeypatch.setattr(torch_compat, "DCP_LOAD_TAKES_NO_DIST", dcp_load_takes_no_dist)
     model = _model()
     root = tmp_path / "run" / "checkpoints"
     tmp = ckpt_io.start_checkpoint(root, 9)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp / "sharded", no_dist=True)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp / "sharded")  # no process group: one writer
     torch.save({"model_config": dataclasses.asdict(model.config)}, tmp / ckpt_io.STATE_FILE)
     ckpt_io.commit_checkpoint(root, 9, tmp)
     _same(model, load_model(tmp_path / "run"))

@@ -21,6 +21,7 @@ from clip_train.train.optim import build_optimizer
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.trainer import build_model
 from tests.cli_helpers import FAST_DEMO, read_metrics, run_cli, train_losses
+from tests.torch_support import requires_fsdp
 
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -205,6 +206,7 @@ def test_channels_last_resnet_computes_the_same_features() -> None:
         validate(train_config(channels_last=True), 1, "cpu")
 
 
+@requires_fsdp
 def test_strategy_is_validated() -> None:
     with pytest.raises(ConfigError, match="one process"):
         validate(train_config(strategy="fsdp"), 1, "cpu")
@@ -236,6 +238,7 @@ def test_compiled_towers_run_on_cpu_with_eager_gradients() -> None:
 # ---------------------------------------------------------------- FSDP2 and sharded checkpoints
 
 
+@requires_fsdp
 def test_sharded_checkpoint_round_trip_and_fallback(one_rank_group, tmp_path: Path) -> None:
     cfg = train_config(strategy="fsdp")
     torch.manual_seed(0)
@@ -286,6 +289,7 @@ def test_sharded_checkpoint_round_trip_and_fallback(one_rank_group, tmp_path: Pa
     assert ckpt_io.find_resumable(root).name == ckpt_io.step_dir_name(1)
 
 
+@requires_fsdp
 def test_fsdp_on_two_ranks_matches_ddp_and_its_checkpoint_resumes(tmp_path: Path) -> None:
     """An FSDP run logs the losses of a DDP run of the same config and saves sharded checkpoints; from its
     step-2 checkpoint (ckpt.resume=auto in a copy of the run dir) both an FSDP and a DDP run log the same

@@ -12,6 +12,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from clip_train.config import ConfigError, TrainConfig, validate
+from clip_train.models.registry import get_model_config
+from clip_train.train import torch_compat
+
 _JOIN_AND_SUM = textwrap.dedent("""
     import torch, torch.distributed as dist
     from clip_train.train.distributed import init_distributed, shutdown
@@ -44,3 +50,20 @@ def test_ranks_meet_where_torchrun_leaves_the_store_to_rank_0() -> None:
     for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, err[-2000:]
         assert out.strip() == f"rank {rank} of 2: 3"
+
+
+def test_fsdp_on_a_torch_without_ignored_params_is_refused_in_one_line(monkeypatch) -> None:
+    def fully_shard_of_torch_2_4(module, *, mesh=None, reshard_after_forward=True, mp_policy=None,
+                                 offload_policy=None):
+        raise AssertionError("validation must refuse before sharding anything")
+
+    monkeypatch.setattr(torch_compat, "fully_shard", fully_shard_of_torch_2_4)
+    cfg = TrainConfig(model=get_model_config("tiny"))
+    cfg.train.strategy, cfg.train.precision = "fsdp", "fp32"
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, 2, "cpu")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "torch 2.7 or newer" in message and "train.strategy=ddp" in message
+    cfg.train.strategy = "ddp"
+    validate(cfg, 2, "cpu")

@@ -20,8 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from clip_train.config import TrainConfig
@@ -31,6 +29,12 @@ from clip_train.models.resnet import ModifiedResNet
 from clip_train.models.timm_tower import TimmImageTower
 from clip_train.models.vit import VisionTransformer
 from clip_train.train.distributed import DistributedContext
+from clip_train.train.torch_compat import (
+    DTensor,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 
 
 @dataclasses.dataclass

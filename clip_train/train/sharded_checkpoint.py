@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from clip_train.train import checkpoint as ckpt_io
+from clip_train.train.torch_compat import load_in_this_process
 
 SHARDED_DIR = "sharded"
 
@@ -192,5 +193,5 @@ def read_sharded_model_state(path: Path) -> dict[str, torch.Tensor]:
     for key, entry in metadata.state_dict_metadata.items():
         if key.startswith("model.") and hasattr(entry, "size"):
             state[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    load_in_this_process(state, reader)
     return {key.removeprefix("model."): value for key, value in state.items()}

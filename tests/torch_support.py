@@ -1,0 +1,9 @@
+"""Markers for tests of features the installed torch may lack (we support torch 2.4 onwards)."""
+
+from __future__ import annotations
+
+import pytest
+
+from clip_train.train.torch_compat import fsdp_unsupported_reason
+
+requires_fsdp = pytest.mark.skipif(fsdp_unsupported_reason() is not None, reason=str(fsdp_unsupported_reason()))
