@@ -461,11 +461,11 @@ def validate_scaling_options(cfg: TrainConfig, world_size: int) -> None:
         reason = fsdp_unsupported_reason()
         if reason:
             raise ConfigError(reason)
-    if cfg.train.strategy == "fsdp" and world_size < 2:
-        raise ConfigError(
-            "train.strategy=fsdp shards the model over ranks and this run has one process; "
-            "launch with torchrun --nproc_per_node=N (N >= 2) or use train.strategy=ddp"
-        )
+        if world_size < 2:
+            raise ConfigError(
+                "train.strategy=fsdp shards the model over ranks and this run has one process; "
+                "launch with torchrun --nproc_per_node=N (N >= 2) or use train.strategy=ddp"
+            )
     model = cfg.model
     if not 0.0 <= model.patch_dropout < 1.0:
         raise ConfigError(f"model.patch_dropout is the fraction of patches dropped, in [0, 1); got {model.patch_dropout}")

@@ -50,7 +50,7 @@ def test_loads_an_fsdp_sharded_checkpoint(tmp_path, monkeypatch, dcp_load_takes_
     model = _model()
     root = tmp_path / "run" / "checkpoints"
     tmp = ckpt_io.start_checkpoint(root, 9)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp / "sharded")  # no process group: one writer
+    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp / "sharded")  # one writer holds every shard
     torch.save({"model_config": dataclasses.asdict(model.config)}, tmp / ckpt_io.STATE_FILE)
     ckpt_io.commit_checkpoint(root, 9, tmp)
     _same(model, load_model(tmp_path / "run"))

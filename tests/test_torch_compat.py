@@ -1,6 +1,6 @@
 """What a cluster image with an older torch (2.4 onwards, as pyproject declares) meets, tested on today's.
 
-The suite also passed on torch 2.4.1 (README, "Which torch"); these tests pin the places
+docs/scaling.md ("Older torch") gives what the whole suite did on torch 2.4.1; these tests pin the places
 where 2.4 differs in behaviour rather than in an import path.
 """
 

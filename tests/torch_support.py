@@ -6,4 +6,5 @@ import pytest
 
 from clip_train.train.torch_compat import fsdp_unsupported_reason
 
-requires_fsdp = pytest.mark.skipif(fsdp_unsupported_reason() is not None, reason=str(fsdp_unsupported_reason()))
+_WHY_NO_FSDP = fsdp_unsupported_reason()
+requires_fsdp = pytest.mark.skipif(_WHY_NO_FSDP is not None, reason=str(_WHY_NO_FSDP))

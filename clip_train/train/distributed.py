@@ -125,8 +125,8 @@ def _rendezvous_store(rank: int, world_size: int, timeout: timedelta) -> dist.St
     the keys the dead attempt left there and hang connecting to dead peers (pytorch/pytorch#135712).
     Prefixing every key with the restart count gives each attempt a clean namespace.
 
-    Where the agent hosts no store for its workers (``TORCHELASTIC_USE_AGENT_STORE=False``: torch before
-    2.5 under ``--standalone`` or the c10d rendezvous), rank 0 hosts it, as torch's own ``env://`` does.
+    Where the agent hosts no store for its workers (``TORCHELASTIC_USE_AGENT_STORE=False``, as torch 2.4's
+    ``--standalone`` sets it), rank 0 hosts it, as torch's own ``env://`` does.
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
