@@ -67,3 +67,58 @@ def test_fsdp_on_a_torch_without_ignored_params_is_refused_in_one_line(monkeypat
     assert "torch 2.7 or newer" in message and "train.strategy=ddp" in message
     cfg.train.strategy = "ddp"
     validate(cfg, 2, "cpu")
+
+
+_GATHER_THEN_LEAVE = textwrap.dedent("""
+    import sys
+    from datetime import timedelta
+    import torch, torch.distributed as dist
+    from clip_train.train.distributed import shutdown
+    rank, rounds, store_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    for round_ in range(rounds):
+        store = dist.FileStore(f"{store_path}.{round_}", 2)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+        gathered = [None, None]
+        dist.all_gather_object(gathered, torch.full((64,), float(rank)))
+        assert [float(part[0]) for part in gathered] == [0.0, 1.0]
+        shutdown()  # at once, while gloo's workers may still hold the gather's tensors
+    print(f"rank {rank}: {rounds} rounds")
+""")
+
+
+def test_leaving_the_group_straight_after_a_gather_never_hangs(tmp_path) -> None:
+    """The eval CLI's shape (all_gather_object, then shutdown) round after round: on torch 2.4.1, without
+    shutdown's grace, a rank hung in destroy_process_group and this test timed out."""
+    rounds = 40
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_THEN_LEAVE, str(rank), str(rounds),
+                               str(tmp_path / "store")], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank hung leaving its process group after an all_gather_object")
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip() == f"rank {rank}: {rounds} rounds"
+
+
+def test_shutdown_sleeps_before_destroying_a_gloo_group_only_where_torch_needs_it(monkeypatch, tmp_path) -> None:
+    import torch.distributed as dist
+
+    from clip_train.train import distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: calls.append(f"sleep {seconds}"))
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (calls.append("destroy"), destroy())[1])
+    for grace, expected in ((0.05, ["sleep 0.05", "destroy"]), (0.0, ["destroy"])):
+        monkeypatch.setattr(distributed, "GLOO_TEARDOWN_GRACE_S", grace)
+        calls.clear()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        distributed.shutdown()
+        assert calls == expected and not dist.is_initialized()
+    distributed.shutdown()  # outside a group: nothing to leave
+    assert calls == expected
