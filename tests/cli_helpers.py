@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +52,46 @@ def run_cli(args: list[str], cache_dir: Path, timeout: float = 300, torchrun_pro
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    return subprocess.run(command, cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout, check=False)  # tests assert on the exit status themselves
+    return run_to_completion(command, timeout, cwd=cwd or REPO, env=full_env)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, parents first. torchrun starts each rank in a session of its own,
+    so no one process group holds a job: signalling all of it means signalling each of these."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def kill_process_tree(root: int) -> None:
+    """SIGKILL ``root`` and every descendant, read before any dies (an orphan no longer names its parent)."""
+    for pid in process_tree(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_to_completion(command: list[str], timeout: float, **popen_args) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, except that a command
+    that overstays is killed with all its descendants: ``subprocess.run`` kills only torchrun itself, and
+    its ranks would live on as orphans, loading the cores for every test after."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_args) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(proc.pid)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(command, timeout, out, err) from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)  # tests assert on the status
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

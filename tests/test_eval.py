@@ -344,10 +344,9 @@ def test_zeroshot_cli_on_shards_with_a_class_field_and_builtin_templates(model_a
 
 
 def test_zeroshot_and_retrieval_under_torchrun_equal_one_process(model_and_checkpoint, tmp_path, capsys):
-    import subprocess
     import sys
 
-    from tests.cli_helpers import cli_env
+    from tests.cli_helpers import cli_env, run_to_completion
 
     model, run = model_and_checkpoint
     labelled, _, _ = _labelled_shards(tmp_path / "labelled")
@@ -363,9 +362,9 @@ def test_zeroshot_and_retrieval_under_torchrun_equal_one_process(model_and_check
     env = cli_env(tmp_path / "cache")  # one thread per rank, no inherited rank variables
     for task, argv in tasks.items():
         single = _run([*argv, "--no-progress"], capsys)
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "-m", "clip_train.eval", *argv, "--no-progress"],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+        done = run_to_completion([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc_per_node=2", "-m", "clip_train.eval", *argv, "--no-progress"],
+                                 timeout=300, env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         json_lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         assert len(json_lines) == 1, done.stdout  # rank 0 alone prints the combined result

@@ -6,7 +6,6 @@ a loader can be slowed on purpose; the rest run ``python -m clip_train`` the way
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from clip_train.train.timing import EtaEstimator, StepTimer, scheduled_between
-from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics
+from tests.cli_helpers import FAST_DEMO, REPO, cli_env, kill_process_tree, process_tree, read_metrics
 
 REGIONS = ("data", "forward", "loss", "backward", "optimizer")
 TIME_KEYS = ("train_s", "step_s", "data_wait_s", "data_wait_max_s", "data_wait_min_s", "compute_s",
@@ -231,24 +230,6 @@ def test_profile_steps_write_a_chrome_trace_naming_the_step_regions(eval_run):
     assert set(REGIONS) <= names
 
 
-def _job_processes(root: int) -> list[int]:
-    """``root`` and all its descendants (torchrun puts each rank in a session of its own, so no one process
-    group holds the job: like ``pkill -f clip_train``, signal every process)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
 def test_sigurg_to_a_torchrun_job_profiles_every_rank_and_the_loss_communication_is_timed(tmp_path, cache_dir):
     """SIGURG to every process of a job (the torchrun agent, two ranks, their DataLoader workers), as
     ``pkill -URG -f clip_train`` does: the agent and the workers ignore it, each rank profiles its next
@@ -267,7 +248,7 @@ def test_sigurg_to_a_torchrun_job_profiles_every_rank_and_the_loss_communication
         while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
-        processes = _job_processes(proc.pid)
+        processes = process_tree(proc.pid)
         assert len(processes) >= 5  # the agent, 2 ranks, a DataLoader worker each
         for pid in processes:
             os.kill(pid, signal.SIGURG)
@@ -275,14 +256,12 @@ def test_sigurg_to_a_torchrun_job_profiles_every_rank_and_the_loss_communication
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
         time.sleep(1.0)  # a step or two more, logged after the profiled ones
-        assert proc.poll() is None and set(_job_processes(proc.pid)) >= set(processes), "SIGURG ended a process"
+        assert proc.poll() is None and set(process_tree(proc.pid)) >= set(processes), "SIGURG ended a process"
         os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to the ranks
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            for pid in _job_processes(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_process_tree(proc.pid)
             proc.wait()
     assert stderr.count("SIGURG received; profiling the next 2 steps") == 2, stderr[-3000:]
     traces = sorted(profile.glob("*.json"))

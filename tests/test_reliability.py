@@ -30,7 +30,7 @@ import clip_train
 from clip_train.models import CheckpointError
 from clip_train.train import checkpoint as ckpt
 from clip_train.train import preemption
-from tests.cli_helpers import FAST_DEMO, REPO, cli_env, read_metrics, run_cli, train_losses
+from tests.cli_helpers import FAST_DEMO, REPO, cli_env, kill_process_tree, read_metrics, run_cli, train_losses
 
 EXIT_PREEMPTED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST = 3, 2, 4, 5
 DEADLINE_S = 420  # per subprocess: far above a healthy run on a loaded 2-core machine, far below "hung"
@@ -123,6 +123,8 @@ def _finish(proc: subprocess.Popen, deadline_s: float = DEADLINE_S) -> str:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run: each descendant (torchrun's ranks have sessions of their own), then its group."""
+    kill_process_tree(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
