@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from clip_train.train.distributed import shutdown
+
 # No network here: the Hugging Face hub fails at once instead of retrying connections (each OpenCLIP model
 # with an HF text tower otherwise spent ~23 s timing out before its test skipped).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,4 +29,4 @@ def one_rank_group(tmp_path: Path):
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        shutdown()

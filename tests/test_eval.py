@@ -22,7 +22,7 @@ from clip_train.data.writer import ManifestShardWriter
 from clip_train.eval.__main__ import main as eval_main
 from clip_train.eval.linear_probe import linear_probe, stratified_split
 from clip_train.eval.retrieval import retrieval_recall
-from clip_train.train.distributed import DistributedContext
+from clip_train.train.distributed import DistributedContext, shutdown
 from clip_train.train.zeroshot_hook import ZeroShotHook
 from tests.cli_helpers import write_perturbed_tiny_checkpoint
 
@@ -247,7 +247,7 @@ def _hook_in_rank(rank, init_file, cfg, model, queue):
         hook = ZeroShotHook(cfg, clip_train.get_tokenizer("tiny"), ctx)
         queue.put((rank, hook.run(model, torch.device("cpu"))))
     finally:
-        dist.destroy_process_group()
+        shutdown()  # as the trainer leaves: Queue.put's feeder thread must still get the GIL (see shutdown)
 
 
 def test_hook_over_two_gloo_ranks_equals_one_process(model_and_checkpoint, folder, tmp_path):

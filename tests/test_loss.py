@@ -284,6 +284,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from clip_train.train.distributed import shutdown
+
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -310,7 +312,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         }
         dist.barrier()
     torch.save({"global_batch": global_batch, "results": results}, out)
-    dist.destroy_process_group()
+    shutdown()
 
 
 def _free_port() -> int:

@@ -241,6 +241,7 @@ def _gather_state_in_rank(rank, init_file, pattern, queue):
     import torch.distributed as dist
 
     from clip_train.tokenizer import get_tokenizer
+    from clip_train.train.distributed import shutdown
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -250,7 +251,7 @@ def _gather_state_in_rank(rank, init_file, pattern, queue):
         state = loader.state_dict()  # collective under torch.distributed
         queue.put((rank, state, loader.state_dict(gather=False)))
     finally:
-        dist.destroy_process_group()
+        shutdown()  # as the trainer leaves: Queue.put's feeder thread must still get the GIL (see shutdown)
 
 
 def test_state_dict_gathers_every_rank_under_torch_distributed(make_shards, tokenizer, tmp_path):
