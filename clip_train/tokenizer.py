@@ -344,6 +344,9 @@ class HFTokenizer:
         return ids
 
 
+_MAX_REASON_CHARS = 240
+
+
 def _load_hf_tokenizer(path: str):  # -> transformers.PreTrainedTokenizerBase
     """An HF tokenizer from local files only; one line naming the problem otherwise."""
     from pathlib import Path
@@ -363,9 +366,19 @@ def _load_hf_tokenizer(path: str):  # -> transformers.PreTrainedTokenizerBase
         return transformers.PreTrainedTokenizerFast(tokenizer_file=str(location))
     try:
         return transformers.AutoTokenizer.from_pretrained(str(location), local_files_only=True)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"tokenizer {HF_PREFIX}{path} could not be loaded: {first_line}") from err
+    except Exception as err:  # for unusable files transformers raises more than OSError and ValueError
+        bare = location / "tokenizer.json"
+        if bare.is_file() and not (location / "tokenizer_config.json").is_file():
+            # transformers 4 finds no class to pick for a directory holding only a tokenizer.json; 5 loads it,
+            # with the same ids as the file itself gives.
+            return transformers.PreTrainedTokenizerFast(tokenizer_file=str(bare))
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if not isinstance(err, (OSError, ValueError)):  # a failure inside transformers: say what kind
+            reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+        reason = reason or type(err).__name__
+        if len(reason) > _MAX_REASON_CHARS:  # transformers' "Unrecognized model" lists every model type it knows
+            reason = reason[:_MAX_REASON_CHARS].rstrip() + " ..."
+        raise ValueError(f"tokenizer {HF_PREFIX}{path} could not be loaded: {reason}") from err
 
 
 def _openclip_text_cfg(name: str) -> dict | None:

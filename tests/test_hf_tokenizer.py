@@ -135,6 +135,29 @@ def test_bad_hf_paths_are_one_clear_error(tmp_path: Path) -> None:
         clip_train.get_tokenizer("ViT-B-16", tokenizer=str(tmp_path))
 
 
+def test_a_dir_holding_only_tokenizer_json_loads_where_transformers_finds_no_class(tmp_path: Path, monkeypatch) -> None:
+    """transformers 4 refuses such a directory ("Unrecognized model ... Should have a `model_type` key", then
+    every model type it knows); transformers 5 loads it. Ours gives the same ids either way, and a directory
+    that cannot load still fails in one short line."""
+    import transformers
+
+    path = _wordpiece_dir(tmp_path)
+    expected = clip_train.get_tokenizer(f"hf:{path}", context_length=16)(TEXTS)  # this transformers' own way
+
+    def refuse_as_transformers_4(name, **kwargs):
+        raise ValueError(f"Unrecognized model in {name}. Should have a `model_type` key in its config.json, or "
+                         f"contain one of the following strings in its name: {', '.join(['bert'] * 400)}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse_as_transformers_4)
+    got = clip_train.get_tokenizer(f"hf:{path}", context_length=16)
+    assert torch.equal(got(TEXTS), expected)
+    assert got.tokenizer.pad_token_id == 0  # [PAD], from the file's padding settings
+    (path / "tokenizer_config.json").write_text("{}")  # now transformers' refusal is the answer
+    with pytest.raises(ValueError, match="could not be loaded: Unrecognized model") as refused:
+        clip_train.get_tokenizer(f"hf:{path}")
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < len(str(path)) + 320
+
+
 def test_the_app_key_selects_the_tokenizer_and_refuses_a_missing_one(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
