@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,13 @@ def run_to_completion(command: list[str], timeout: float, **popen_args) -> subpr
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(command, timeout, out, err) from None
     return subprocess.CompletedProcess(command, proc.returncode, out, err)  # tests assert on the status
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a rendezvous the test sets up itself."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,16 @@ import clip_train
 from clip_train.models import CheckpointError
 from clip_train.train import checkpoint as ckpt
 from clip_train.train import preemption
-from tests.cli_helpers import FAST_DEMO, REPO, cli_env, kill_process_tree, read_metrics, run_cli, train_losses
+from tests.cli_helpers import (
+    FAST_DEMO,
+    REPO,
+    cli_env,
+    free_port,
+    kill_process_tree,
+    read_metrics,
+    run_cli,
+    train_losses,
+)
 
 EXIT_PREEMPTED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST = 3, 2, 4, 5
 DEADLINE_S = 420  # per subprocess: far above a healthy run on a loaded 2-core machine, far below "hung"
@@ -143,15 +151,9 @@ def _env_of(pid: int) -> dict[str, str]:
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_ranks(args: list[str], cache_dir: Path, cwd: Path, world_size: int = 2) -> list[subprocess.Popen]:
     """Ranks started the way srun does it (one process each, rank in the environment), without torchrun."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world_size):
         env = cli_env(cache_dir)

@@ -7,7 +7,6 @@ where 2.4 differs in behaviour rather than in an import path.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 from clip_train.config import ConfigError, TrainConfig, validate
 from clip_train.models.registry import get_model_config
 from clip_train.train import torch_compat
+from tests.cli_helpers import free_port
 
 _JOIN_AND_SUM = textwrap.dedent("""
     import torch, torch.distributed as dist
@@ -29,16 +29,10 @@ _JOIN_AND_SUM = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ranks_meet_where_torchrun_leaves_the_store_to_rank_0() -> None:
     """torch 2.4's ``torchrun --standalone`` hosts no store for its workers (TORCHELASTIC_USE_AGENT_STORE=False):
     rank 0 must host it, or every rank waits as a client until the timeout."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, TORCHELASTIC_RUN_ID="compat", TORCHELASTIC_USE_AGENT_STORE="False",
@@ -105,7 +99,7 @@ def test_leaving_the_group_straight_after_a_gather_never_hangs(tmp_path) -> None
         assert out.strip() == f"rank {rank}: {rounds} rounds"
 
 
-def test_shutdown_sleeps_before_destroying_a_gloo_group_only_where_torch_needs_it(monkeypatch, tmp_path) -> None:
+def test_shutdown_sleeps_before_destroying_a_gloo_group_only_where_torch_needs_it(monkeypatch) -> None:
     import torch.distributed as dist
 
     from clip_train.train import distributed
