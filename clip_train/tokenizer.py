@@ -372,10 +372,9 @@ def _load_hf_tokenizer(path: str):  # -> transformers.PreTrainedTokenizerBase
             # transformers 4 finds no class to pick for a directory holding only a tokenizer.json; 5 loads it,
             # with the same ids as the file itself gives.
             return transformers.PreTrainedTokenizerFast(tokenizer_file=str(bare))
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if not isinstance(err, (OSError, ValueError)):  # a failure inside transformers: say what kind
-            reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
-        reason = reason or type(err).__name__
+        reason = (str(err).strip().splitlines() or [""])[0]
+        if not reason or not isinstance(err, (OSError, ValueError)):  # a failure inside transformers: its kind
+            reason = f"{type(err).__name__}: {reason}".removesuffix(": ")
         if len(reason) > _MAX_REASON_CHARS:  # transformers' "Unrecognized model" lists every model type it knows
             reason = reason[:_MAX_REASON_CHARS].rstrip() + " ..."
         raise ValueError(f"tokenizer {HF_PREFIX}{path} could not be loaded: {reason}") from err
