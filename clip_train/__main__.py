@@ -26,6 +26,7 @@ from clip_train.config import (
     validate,
 )
 from clip_train.config_source import hydra_config_path
+from clip_train.errors import reason
 from clip_train.models.pretrained import CheckpointError
 from clip_train.train import preemption, preflight, run_lock
 from clip_train.train.checkpoint import CheckpointCorrupt, DiskFull
@@ -135,9 +136,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def _lost_peer(err: RuntimeError) -> None:
     """A failed collective (NCCL raises DistError; gloo a RuntimeError from its transport): one line, exit 5."""
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     log.error("clip_train: error: rank %d lost contact with the other ranks (%s); one of them died or hung. "
-              "Restart the job: it resumes from the newest checkpoint", launch_env().rank, first_line[:300])
+              "Restart the job: it resumes from the newest checkpoint", launch_env().rank, reason(err))
     sys.exit(EXIT_PEER_LOST)
 
 

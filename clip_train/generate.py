@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clip_train.errors import first_line
 from clip_train.tokenizer import ClipTokenizer
 
 START_OF_TEXT_ID = 49406
@@ -224,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = generate(model, images, method=args.method, num_beams=args.num_beams, max_length=args.max_length,
                           min_length=args.min_length)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"clip_train.generate: error: {message}", file=sys.stderr)
+        print(f"clip_train.generate: error: {first_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     tokenizer = ClipTokenizer()
     for path, row in zip(args.images, tokens):

@@ -19,6 +19,8 @@ import ftfy
 import regex
 import torch
 
+from clip_train.errors import reason
+
 DEFAULT_CONTEXT_LENGTH = 77
 START_OF_TEXT = "<start_of_text>"
 END_OF_TEXT = "<end_of_text>"
@@ -344,9 +346,6 @@ class HFTokenizer:
         return ids
 
 
-_MAX_REASON_CHARS = 240
-
-
 def _load_hf_tokenizer(path: str):  # -> transformers.PreTrainedTokenizerBase
     """An HF tokenizer from local files only; one line naming the problem otherwise."""
     from pathlib import Path
@@ -372,12 +371,10 @@ def _load_hf_tokenizer(path: str):  # -> transformers.PreTrainedTokenizerBase
             # transformers 4 finds no class to pick for a directory holding only a tokenizer.json; 5 loads it,
             # with the same ids as the file itself gives.
             return transformers.PreTrainedTokenizerFast(tokenizer_file=str(bare))
-        reason = (str(err).strip().splitlines() or [""])[0]
-        if not reason or not isinstance(err, (OSError, ValueError)):  # a failure inside transformers: its kind
-            reason = f"{type(err).__name__}: {reason}".removesuffix(": ")
-        if len(reason) > _MAX_REASON_CHARS:  # transformers' "Unrecognized model" lists every model type it knows
-            reason = reason[:_MAX_REASON_CHARS].rstrip() + " ..."
-        raise ValueError(f"tokenizer {HF_PREFIX}{path} could not be loaded: {reason}") from err
+        why = reason(err)
+        if not isinstance(err, (OSError, ValueError)) and why != type(err).__name__:  # a failure inside transformers
+            why = f"{type(err).__name__}: {why}"
+        raise ValueError(f"tokenizer {HF_PREFIX}{path} could not be loaded: {why}") from err
 
 
 def _openclip_text_cfg(name: str) -> dict | None:

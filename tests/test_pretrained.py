@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import open_clip
@@ -174,6 +175,29 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="refusing to load"):
         clip_train.create_model("tiny", pretrained=tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"# CLIP weights\nsee the release page\n", b"\x89PNG\r\n\x1a\n" + bytes(64),
+                                     b'{"visual.proj": [1, 2]}'])
+def test_a_file_that_is_no_pickle_is_called_not_a_weights_file_not_unsafe(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "weights.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match="it is not a weights file") as refused:
+        clip_train.create_model("tiny", pretrained=tmp_path / "weights.pt")
+    assert "unsafe" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_tensors_pickled_with_a_newer_protocol_are_named_with_the_remedy(tmp_path: Path) -> None:
+    # torch's weights_only reader has no FRAME opcode, so it refuses protocol 4 even when only tensors are inside.
+    torch.save(clip_train.create_model("tiny").state_dict(), tmp_path / "p4.pt", pickle_protocol=4)
+    try:
+        torch.load(tmp_path / "p4.pt", weights_only=True)
+    except pickle.UnpicklingError:
+        with pytest.raises(CheckpointError, match="pickled with protocol 4.*safetensors.torch.save_file") as refused:
+            clip_train.create_model("tiny", pretrained=tmp_path / "p4.pt")
+        assert "unsafe" not in str(refused.value)
+    else:  # a torch whose safe reader learnt protocol 4 simply loads it
+        model = clip_train.create_model("tiny", pretrained=tmp_path / "p4.pt")
+        assert torch.equal(model.logit_scale, torch.load(tmp_path / "p4.pt", weights_only=True)["logit_scale"])
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from clip_train.bench import command_line
+from clip_train.errors import reason
 
 NEEDS_CUDA = "needs CUDA"
 
@@ -440,8 +441,7 @@ def run_entries(entries: Sequence[Entry], ctx: Context) -> list[Row]:
             result, command = entry.run(ctx)
             row = Row(entry.what, "ok", result, command)
         except Exception as err:  # noqa: BLE001 -- one failing entry must not hide the others' figures
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            row = Row(entry.what, "FAILED", f"{type(err).__name__}: {first_line[:300]}")
+            row = Row(entry.what, "FAILED", f"{type(err).__name__}: {reason(err)}")
         row.seconds = time.monotonic() - began
         print(f"[bench.gpu] {entry.name}: {row.status} in {row.seconds:.1f} s {row.result}", file=sys.stderr,
               flush=True)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from clip_train.errors import first_line
+
 EXIT_BAD_INPUT = 2
 
 
@@ -256,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rank, args.world_size, args.dist_device = dist_ctx.rank, dist_ctx.world_size, dist_ctx.device
         result = args.run(args)
     except (ValueError, CheckpointError, FileNotFoundError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"clip_train.eval {args.task}: error: {message}", file=sys.stderr)
+        print(f"clip_train.eval {args.task}: error: {first_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         shutdown()

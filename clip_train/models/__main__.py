@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from clip_train.errors import first_line
 from clip_train.models.factory import build_model
 from clip_train.models.openclip_config import family, openclip_model_names, tokenizer_need, unsupported_fields
 from clip_train.models.registry import builtin_models, get_model_config, list_models
@@ -29,7 +30,7 @@ def describe(name: str) -> dict:
                 model = build_model(get_model_config(name))
             row["parameters"] = sum(p.numel() for p in model.parameters())
         except (ImportError, ValueError) as err:
-            row["missing"] = [str(err).splitlines()[0]]
+            row["missing"] = [first_line(err)]
     return row
 
 

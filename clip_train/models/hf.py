@@ -267,7 +267,9 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]
 
             hf_state.update(load_file(str(file), device="cpu"))
         else:
-            hf_state.update(torch.load(file, map_location="cpu", weights_only=True))
+            from clip_train.models.pretrained import read_tensor_pickle  # pretrained imports this module
+
+            hf_state.update(read_tensor_pickle(file))
     return from_hf_state_dict(hf_state), cfg
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clip_train.errors import reason
 from clip_train.models.config import ModelConfig
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -100,11 +101,45 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:  # noqa: BLE001 - SafetensorError and friends: one line, no traceback
-        raise CheckpointError(f"cannot read {path}: not a valid safetensors file ({_first_line(err)})") from None
+        raise CheckpointError(f"cannot read {path}: not a valid safetensors file ({reason(err)})") from None
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+def pickle_refusal(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """Why torch's safe loader (``weights_only``) refused ``path``, in one line that says what to do.
+
+    It refuses three kinds of file, each with its own remedy: files that are no pickle at all (a README, an
+    image), pickles of a protocol it has no reader for (``torch.save(..., pickle_protocol=4)``), and pickles
+    that hold Python objects besides tensors, which are unsafe.
+    """
+    operand = re.search(r"Unsupported operand \d+", str(err))
+    if operand is None:
+        return unsafe_pickle_error(path, err)
+    head = _pickle_head(path)
+    if head[:1] != b"\x80":  # every pickle of protocol 2 or later, so every torch.save file, starts with PROTO
+        return CheckpointError(f"cannot read {path}: it is not a weights file (it begins {head[:16]!r}); give an "
+                               "OpenAI or OpenCLIP weights file (.pt, .bin, .safetensors) or a clip_train checkpoint")
+    if len(head) > 1 and head[1] > 2:
+        return CheckpointError(
+            f"cannot read {path}: it was pickled with protocol {head[1]}, which torch's safe loader does not read; "
+            "re-save its tensors with safetensors.torch.save_file(state_dict, 'model.safetensors') or with "
+            "torch.save's default protocol"
+        )
+    return CheckpointError(f"cannot read {path}: torch's safe loader does not understand it ({operand.group(0)})")
+
+
+def _pickle_head(path: Path) -> bytes:
+    """The first bytes of the pickle in ``path``: the file itself, or the ``data.pkl`` of a torch.save zip."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is not None:
+                    with archive.open(name) as pickled:
+                        return pickled.read(64)
+        with open(path, "rb") as file:
+            return file.read(64)
+    except (OSError, zipfile.BadZipFile):
+        return b""
 
 
 def unsafe_pickle_error(path: Path, err: BaseException) -> CheckpointError:
@@ -129,18 +164,20 @@ def _load_container(path: Path) -> object:
             try:
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
             except RuntimeError as err:  # e.g. a zip dressed up as an archive around an ordinary pickle
-                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise CheckpointError(
-                    f"cannot read {path}: it looks like a TorchScript archive but is not a valid one "
-                    f"({first_line[:200]})"
+                    f"cannot read {path}: it looks like a TorchScript archive but is not a valid one ({reason(err)})"
                 ) from None
+    return read_tensor_pickle(path)
+
+
+def read_tensor_pickle(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, and a one-line refusal otherwise."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise unsafe_pickle_error(path, err) from None
+        raise pickle_refusal(path, err) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"cannot read {path}: the file is truncated or not a weights file ({first_line[:200]})") from None
+        raise CheckpointError(f"cannot read {path}: the file is truncated or not a weights file ({reason(err)})") from None
 
 
 def read_weights(path: str | os.PathLike) -> LoadedWeights:
@@ -221,10 +258,8 @@ def _read_weights_dir(path: Path) -> LoadedWeights:
             state_dict, cfg = read_hf_dir(path)
         except HFConversionError as err:
             raise CheckpointError(f"{path}: {err}") from None
-        except pickle.UnpicklingError as err:  # pytorch_model.bin (or a shard of it) with a pickle payload
-            raise unsafe_pickle_error(path / "pytorch_model.bin", err) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-            raise CheckpointError(f"cannot read the weights in {path}: {_first_line(err)}") from None
+            raise CheckpointError(f"cannot read the weights in {path}: {reason(err)}") from None
         # The config states the activation; ``openai_layout`` is what makes create_model honour QuickGELU.
         return LoadedWeights(state_dict=state_dict, openai_layout=cfg.quick_gelu, model_config=dataclasses.asdict(cfg))
     openclip_config = path / "open_clip_config.json"

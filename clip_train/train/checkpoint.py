@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from clip_train.errors import reason
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
@@ -250,8 +252,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointCorrupt(f"{path.name}: {STATE_FILE} cannot be read safely ({first_line[:200]})") from None
+        raise CheckpointCorrupt(f"{path.name}: {STATE_FILE} cannot be read safely ({reason(err)})") from None
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
