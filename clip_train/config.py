@@ -335,10 +335,10 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
             f"data.batch_size={cfg.data.batch_size} must be a multiple of train.accum_steps={cfg.train.accum_steps}"
         )
     validate_coca(cfg)
-    if cfg.data.batch_size * world_size < 2:
-        raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; raise data.batch_size")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size is per rank and must be at least 1, got {cfg.data.batch_size}")
+    if cfg.data.batch_size * world_size < 2:
+        raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; raise data.batch_size")
     global_batch = cfg.data.batch_size * world_size
     if cfg.data.order_streams >= 1 and global_batch % cfg.data.order_streams:
         raise ConfigError(f"data.order_streams={cfg.data.order_streams} must divide the global batch of "

@@ -407,6 +407,8 @@ def test_bad_files_and_keys_are_refused_in_one_line_before_anything_is_written(
     ("ckpt.every_n_steps=-1", "ckpt.every_n_steps and ckpt.keep_last must be >= 0"),
     ("ckpt.resume=/nonexistent/run/checkpoints/step_000000002", "does not exist"),
     ("train.lock_stale_after_s=0", "train.lock_stale_after_s"),
+    ("data.batch_size=0", "data.batch_size is per rank and must be at least 1"),
+    ("data.train_shards=null", "data.train_shards is not set; give a shard pattern"),
 ])
 def test_bad_values_are_refused_in_one_line_before_hydra_writes_anything(
     tmp_path: Path, monkeypatch, capsys, override: str, expect: str

@@ -18,6 +18,16 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def test_help_names_the_app_and_how_to_start_it_and_writes_nothing(cache_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(["+experiment=demo", "--help"], cache_dir, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    head = result.stdout.split("== Configuration groups ==")[0]
+    assert head.startswith("clip_train: ") and "__main__" not in head
+    assert "python -m clip_train +experiment=NAME" in head and "torchrun --nproc_per_node=N" in head
+    assert "train_shards: demo" in result.stdout  # the help shows the config these overrides compose
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_config_key_is_named(cache_dir: Path, tmp_path: Path) -> None:
     result = run_cli([*FAST_DEMO, "train.max_stepz=3", f"hydra.run.dir={tmp_path}"], cache_dir, timeout=120)
     assert result.returncode != 0

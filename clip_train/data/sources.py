@@ -222,6 +222,12 @@ def expand_pattern(pattern: str, name: str = "data.train_shards", *, lone: bool 
     return remote + existing
 
 
+def unset_shards_message(name: str = "data.train_shards") -> str:
+    """The refusal of a run whose shard setting is left unset (the real experiments ship without one)."""
+    return (f"{name} is not set; give a shard pattern such as {name}='/data/laion/{{00000..41407}}.tar', "
+            f"or {name}=demo for the built-in digits")
+
+
 def resolve_sources(spec: Any, name: str = "data.train_shards", options: RemoteOptions | None = None
                     ) -> list[ShardSource]:
     """Parse a shard setting into sources: a pattern, a list of patterns (one source), or weighted sources.
@@ -231,8 +237,7 @@ def resolve_sources(spec: Any, name: str = "data.train_shards", options: RemoteO
     """
     spec = _plain(spec)
     if spec is None:
-        raise ValueError(f"{name} is not set; give a shard pattern such as "
-                         f"{name}='/data/laion/{{00000..41407}}.tar', or {name}=demo for the built-in digits")
+        raise ValueError(unset_shards_message(name))
     if isinstance(spec, str):
         return [ShardSource(spec, tuple(expand_pattern(spec, name, options=options)))]
     if isinstance(spec, dict):

@@ -108,6 +108,10 @@ def check(config_dir: str, config_name: str, overrides: list[str], world_size: i
         raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
     device_type = "cuda" if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()) else "cpu"
     validate(typed, world_size, device_type)
+    if typed.data.train_shards is None:  # caught here, not by the loader, so the refused run leaves no run dir
+        from clip_train.data.sources import unset_shards_message
+
+        raise ConfigError(unset_shards_message())
     return Preflight(config=typed, run_dir=run_dir.expanduser().absolute())
 
 
