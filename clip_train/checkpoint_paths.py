@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from clip_train.models.pretrained import CheckpointError
+from clip_train.models.registry import HF_HUB_PREFIX, hub_name_message
 from clip_train.train import checkpoint as ckpt_io
 
 EXPORT_CONFIG_FILES = ("config.json", "open_clip_config.json")  # Hugging Face / OpenCLIP export directories
@@ -55,8 +56,7 @@ def resolve_weights(source: str | os.PathLike) -> Path:
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path} (give {_EXPECTED}, a weights file, or an "
-                              "exported Hugging Face / OpenCLIP directory)")
+        raise CheckpointError(weights_not_found(str(source)))
     if path.is_file():
         if path.name == ckpt_io.STATE_FILE and (path.parent / ckpt_io.MANIFEST_FILE).is_file():
             _verify(path.parent)
@@ -69,6 +69,23 @@ def resolve_weights(source: str | os.PathLike) -> Path:
         f"{path} holds no checkpoint: expected {_EXPECTED}, a weights file, or a Hugging Face / OpenCLIP "
         f"export directory ({' or '.join(EXPORT_CONFIG_FILES)})"
     )
+
+
+def weights_not_found(source: str) -> str:
+    """Why ``source`` names no weights here, and what to give instead (OpenCLIP tags and hub names included)."""
+    if source.startswith(HF_HUB_PREFIX):
+        return f"checkpoint not found: {source}: {hub_name_message(source.removeprefix(HF_HUB_PREFIX))}"
+    if _looks_like_a_pretrained_tag(source):  # OpenCLIP's pretrained="openai" / "laion2b_s34b_b79k"
+        return (f"checkpoint not found: {source} is no file here, and clip_train reads local files only (it "
+                "downloads nothing); for an OpenCLIP pretrained tag, download its weights once (e.g. `hf download "
+                "timm/vit_base_patch16_clip_224.openai --local-dir DIR`) and give DIR instead")
+    return (f"checkpoint not found: {Path(source).expanduser()} (give {_EXPECTED}, a weights file, or an "
+            "exported Hugging Face / OpenCLIP directory)")
+
+
+def _looks_like_a_pretrained_tag(source: str) -> bool:
+    """A bare word such as ``openai`` or ``laion2b_s34b_b79k``: no folder, no file suffix, no home dir."""
+    return bool(source) and not any(char in source for char in ("/", os.sep, ".", "~", ":"))
 
 
 def _holds_training_checkpoints(path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -198,6 +199,33 @@ def test_tensors_pickled_with_a_newer_protocol_are_named_with_the_remedy(tmp_pat
     else:  # a torch whose safe reader learnt protocol 4 simply loads it
         model = clip_train.create_model("tiny", pretrained=tmp_path / "p4.pt")
         assert torch.equal(model.logit_scale, torch.load(tmp_path / "p4.pt", weights_only=True)["logit_scale"])
+
+
+@pytest.mark.parametrize("name, pretrained", [("ViT-B-32", "openai"), ("ViT-B-16", "laion2b_s34b_b79k"),
+                                              ("ViT-B-32", "hf-hub:timm/vit_base_patch32_clip_224.openai"),
+                                              ("hf-hub:timm/vit_base_patch32_clip_224.openai", None)])
+def test_openclip_tags_and_hub_names_say_we_download_nothing_and_how_to_fetch_them(
+    tmp_path: Path, monkeypatch, name: str, pretrained: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a tag is tried as a relative path first
+    with pytest.raises(ValueError, match="reads local files only .*downloads nothing.*hf download") as refused:
+        clip_train.create_model(name, pretrained=pretrained)
+    if "hf-hub:" in f"{name}{pretrained}":
+        assert "hf download timm/vit_base_patch32_clip_224.openai --local-dir DIR" in str(refused.value)
+
+
+def test_a_downloaded_hub_directory_loads_with_its_architecture_from_open_clip_config(tmp_path: Path) -> None:
+    # The layout `hf download` gives for OpenCLIP's hub models: weights beside open_clip_config.json.
+    reference = open_clip.create_model("RN50", pretrained=None).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    config = {"model_cfg": open_clip.get_model_config("RN50"),
+              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    model = clip_train.create_model(pretrained=tmp_path).eval()
+    image, text = torch.randn(1, 3, 224, 224), open_clip.get_tokenizer("RN50")(["a photo of a dog"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(image), reference.encode_image(image), rtol=0, atol=1e-4)
+        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text), rtol=0, atol=1e-5)
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

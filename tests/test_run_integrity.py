@@ -409,6 +409,7 @@ def test_bad_files_and_keys_are_refused_in_one_line_before_anything_is_written(
     ("train.lock_stale_after_s=0", "train.lock_stale_after_s"),
     ("data.batch_size=0", "data.batch_size is per rank and must be at least 1"),
     ("data.train_shards=null", "data.train_shards is not set; give a shard pattern"),
+    ("model.pretrained=laion2b_s34b_b79k", "model.pretrained=laion2b_s34b_b79k: checkpoint not found"),
 ])
 def test_bad_values_are_refused_in_one_line_before_hydra_writes_anything(
     tmp_path: Path, monkeypatch, capsys, override: str, expect: str

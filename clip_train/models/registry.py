@@ -73,6 +73,16 @@ def list_models() -> list[str]:
     return list(_ARCHITECTURES) + [n for n in openclip_model_names() if n not in _ARCHITECTURES]
 
 
+HF_HUB_PREFIX = "hf-hub:"  # OpenCLIP's names for models it downloads from the Hugging Face hub
+
+
+def hub_name_message(repo: str) -> str:
+    """The refusal of a hub name or pretrained tag: we read local files only, and how to get them there."""
+    return (f"clip_train reads local files only (it downloads nothing): fetch {repo} once with `hf download "
+            f"{repo} --local-dir DIR` (huggingface-cli download before huggingface_hub 0.34) and use "
+            "create_model(pretrained=DIR), which takes the architecture from DIR's open_clip_config.json")
+
+
 def get_model_config(name: str) -> ModelConfig:
     """A fresh copy of the named architecture; a ``-quickgelu`` suffix selects QuickGELU."""
     base, quick_gelu = name, False
@@ -88,6 +98,8 @@ def get_model_config(name: str) -> ModelConfig:
     try:
         cfg, missing = openclip_model_config(name.replace("/", "-"))
     except KeyError:
+        if name.startswith(HF_HUB_PREFIX):
+            raise ValueError(hub_name_message(name.removeprefix(HF_HUB_PREFIX))) from None
         raise ValueError(
             f"unknown model {name!r}; choose one of {', '.join(builtin_models())} or another of the "
             f"{len(list_models())} names `python -m clip_train.models` lists (each also with -quickgelu)"
