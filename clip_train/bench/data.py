@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip_train.bench import command_line
+from clip_train.cli_help import DefaultsHelpFormatter
 
 WORDS = (
     "a", "photo", "of", "the", "dog", "cat", "red", "blue", "small", "large", "old", "new", "city",
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return shuffle.main(argv)
     parser = argparse.ArgumentParser(prog="python -m clip_train.bench.data", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("pattern", nargs="?", help="shard pattern, e.g. '/data/laion/{00000..00099}.tar'")
     parser.add_argument("--image-size", type=int, default=224, help="output resolution")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")

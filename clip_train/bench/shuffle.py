@@ -53,6 +53,7 @@ from itertools import islice
 import numpy as np
 
 from clip_train.bench import command_line
+from clip_train.cli_help import DefaultsHelpFormatter
 from clip_train.data.decode import SkipCounter
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     d = Setup()
     parser = argparse.ArgumentParser(prog="python -m clip_train.bench.data --shuffle-quality",
                                      description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--shards", type=int, default=d.shards, help="tiny shards to write")
     parser.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
                         help="mean samples per shard (8 sizes within ±25%%)")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from PIL import Image
 from tqdm import tqdm
 
+from clip_train.cli_help import DefaultsHelpFormatter
 from clip_train.data.writer import ManifestShardWriter
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -178,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 with a one-line error on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m clip_train.data.make_shards",
                                      description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("input", help="folder of images with sidecar .txt captions, or a .csv/.tsv/.parquet table")
     parser.add_argument("out_dir", help="folder to write 00000.tar, 00001.tar, ... and shards.json into")
     parser.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per shard at most")
     parser.add_argument("--max-shard-mb", type=float, default=1000.0, help="start a new shard beyond this size")
     parser.add_argument("--max-size", type=int, default=None,
-                        help="downscale images whose shorter side is larger than this (re-encoded)")
+                        help="downscale images whose shorter side is larger than this (re-encoded; default: keep every "
+                             "image as it is)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     parser.add_argument("--image-col", default=None, help=f"table column of image paths (default: first of "
                                                           f"{', '.join(IMAGE_COLUMNS)})")
