@@ -6,7 +6,9 @@
 
 Each sample becomes ``KEY.jpg|png|webp`` + ``KEY.txt`` (+ ``KEY.json`` naming its source); ``shards.json``
 records every shard's sample count (the loader's epoch length). Image paths in a table are relative to
-the table's folder unless absolute.
+the table's folder unless absolute. JPEG, PNG and WebP files are stored byte for byte; other images Pillow
+reads (TIFF, BMP, GIF, ...) are converted to PNG, which keeps every pixel, and counted in the summary. In a
+folder, any file with a sidecar caption is tried as an image, so nothing captioned is left out unseen.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from tqdm import tqdm
 from clip_train.cli_help import DefaultsHelpFormatter
 from clip_train.data.writer import ManifestShardWriter
 
-IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")  # found without a caption too
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what shard readers decode; kept byte for byte
+_NOT_IMAGES = (".txt", ".json")  # sidecars: img2dataset's folder output has KEY.jpg, KEY.txt and KEY.json
 IMAGE_COLUMNS = ("image", "filepath", "image_path", "path", "file", "filename")
 CAPTION_COLUMNS = ("caption", "text", "txt", "title")
 
@@ -40,16 +44,18 @@ class _Skip(Exception):
 
 
 def folder_pairs(root: str) -> tuple[list[tuple[str, str | None]], int]:
-    """``(image path, caption or None)`` for every image under ``root`` (sorted), with its sidecar ``.txt``."""
+    """``(image path, caption file or None)`` under ``root`` (sorted): every file with an image extension,
+    and every other file that has a sidecar ``.txt`` (it is tried as an image, and counted if it is none)."""
     pairs = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
+        names = set(files)
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTENSIONS:
+            captioned = stem + ".txt" in names
+            if ext.lower() in _NOT_IMAGES or not (captioned or ext.lower() in IMAGE_EXTENSIONS):
                 continue
-            sidecar = os.path.join(folder, stem + ".txt")
-            pairs.append((os.path.join(folder, name), sidecar if os.path.isfile(sidecar) else None))
+            pairs.append((os.path.join(folder, name), os.path.join(folder, stem + ".txt") if captioned else None))
     return pairs, len(pairs)
 
 
@@ -89,28 +95,40 @@ def table_rows(path: str, image_col: str | None, caption_col: str | None) -> tup
     return rows, len(rows)
 
 
-def _encode(path: str, max_size: int | None, quality: int) -> tuple[str, bytes]:
-    """The image's bytes and extension: untouched unless its shorter side exceeds ``max_size``."""
+def _encode(path: str, max_size: int | None, quality: int) -> tuple[str, bytes, str | None]:
+    """The image's extension and bytes, untouched unless its shorter side exceeds ``max_size`` or its format
+    is none of JPEG, PNG and WebP; third, the format it was converted from (None when it was not)."""
     with open(path, "rb") as f:
         data = f.read()
     with Image.open(io.BytesIO(data)) as image:  # header only: proves it is an image
         width, height = image.size
-        ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(image.format or "")
+        ext = STORED_FORMATS.get(image.format or "")
         if max_size is None or min(width, height) <= max_size:
             if ext is None:
-                raise ValueError(f"unsupported image format {image.format}")
-            return ext, data
+                return "png", _as_png(image), str(image.format)
+            return ext, data, None
         scale = max_size / min(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image.draft("RGB", size)  # JPEG: decode at reduced size first
         keep_alpha = image.mode in ("RGBA", "LA", "P")
         image = image.convert("RGBA" if keep_alpha else "RGB").resize(size, Image.Resampling.BICUBIC)
         out = io.BytesIO()
+        converted = None if ext is not None else str(image.format)
         if keep_alpha:
             image.save(out, format="PNG")
-            return "png", out.getvalue()
+            return "png", out.getvalue(), converted
         image.save(out, format="JPEG", quality=quality)
-        return "jpg", out.getvalue()
+        return "jpg", out.getvalue(), converted
+
+
+def _as_png(image: Image.Image) -> bytes:
+    """A lossless PNG of ``image`` (a GIF's first frame); modes PNG cannot hold become RGB(A)."""
+    image.load()
+    if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def _caption(value: str | None, from_file: bool) -> str:
@@ -147,8 +165,10 @@ def make_shards(source: str, out_dir: str, *, samples_per_shard: int = 10_000, m
     else:
         raise CliError(f"input {source} is neither a folder nor a .csv/.tsv/.parquet table")
     if total == 0:
-        raise CliError(f"no images found in {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise CliError(f"no images found in {source} (looked for {', '.join(IMAGE_EXTENSIONS)} files, and any "
+                       "file with a sidecar .txt caption)")
     skipped: Counter = Counter()
+    converted: Counter = Counter()
     written = 0
     writer = ManifestShardWriter(out_dir, samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes)
     rows_iter: Iterator = iter(rows)
@@ -159,7 +179,7 @@ def make_shards(source: str, out_dir: str, *, samples_per_shard: int = 10_000, m
             try:
                 text = _caption(caption, from_folder)
                 try:
-                    ext, data = _encode(image_path, max_size, quality)
+                    ext, data, converted_from = _encode(image_path, max_size, quality)
                 except FileNotFoundError:
                     raise _Skip("missing image file") from None
                 except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files; all mean "leave it out"
@@ -167,12 +187,14 @@ def make_shards(source: str, out_dir: str, *, samples_per_shard: int = 10_000, m
             except _Skip as why:
                 skipped[str(why)] += 1
                 continue
+            if converted_from is not None:
+                converted[converted_from] += 1
             rel = os.path.relpath(image_path, source if from_folder else os.path.dirname(os.path.abspath(source)))
             writer.write({"__key__": f"{written:09d}", ext: data, "txt": text,
                           "json": json.dumps({"source": rel}).encode()})
             written += 1
     return {"samples": written, "shards": len(writer.shards), "pattern": writer.pattern,
-            "skipped": dict(skipped), "out_dir": out_dir}
+            "skipped": dict(skipped), "converted_to_png": dict(converted), "out_dir": out_dir}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
-    print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {args.out_dir} (skipped: {skipped})")
+    converted = ", ".join(f"{n} {kind}" for kind, n in summary["converted_to_png"].items())
+    print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {args.out_dir} (skipped: {skipped}"
+          f"{'; converted to PNG: ' + converted if converted else ''})")
     if summary["samples"]:
         print(f"train with: \"data.train_shards='{summary['pattern']}'\"")
     return 0

@@ -64,6 +64,34 @@ def test_make_shards_from_a_folder_round_trips(tmp_path, capsys):
     assert "1 no caption" in printed and "data.train_shards=" in printed
 
 
+def test_make_shards_converts_other_image_formats_to_png_and_counts_every_captioned_file(tmp_path, capsys, tokenizer):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = np.arange(24 * 18 * 3, dtype=np.uint8).reshape(18, 24, 3)
+    Image.fromarray(pixels).save(photos / "scan.tif")
+    Image.fromarray(pixels).save(photos / "paint.BMP")
+    Image.fromarray(pixels[..., 0]).save(photos / "grey.tiff")
+    Image.fromarray(pixels).convert("P").save(photos / "anim.gif")
+    (photos / "notes.md").write_text("# not an image")
+    (photos / "stats.json").write_text("{}")  # img2dataset writes KEY.json beside KEY.jpg and KEY.txt
+    for stem in ("scan", "paint", "grey", "anim", "notes", "stats"):
+        (photos / f"{stem}.txt").write_text(f"a picture called {stem}")
+    out = tmp_path / "shards"
+    assert make_shards_main([str(photos), str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped: 1 unreadable image" in printed, printed  # notes.md: tried, since it has a caption
+    assert "converted to PNG: " in printed and "2 TIFF" in printed and "1 BMP" in printed and "1 GIF" in printed
+    samples = {json.loads(s["json"])["source"]: s for s in _read_tars(out).values()}
+    assert sorted(samples) == ["anim.gif", "grey.tiff", "paint.BMP", "scan.tif"]
+    for name, sample in samples.items():
+        assert set(sample) == {"png", "txt", "json"}
+        stored = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        assert np.array_equal(stored, np.asarray(Image.open(photos / name).convert("RGB"))), name  # lossless
+    loader = build_train_loader(DataConfig(train_shards=str(out / "00000.tar"), num_workers=0, batch_size=4,
+                                           resampled=False), 16, tokenizer)
+    assert next(iter(loader))[0].shape == (4, 3, 16, 16)
+
+
 def test_make_shards_from_csv_and_parquet_with_resize(tmp_path, tokenizer):
     photos = tmp_path / "photos"
     photos.mkdir()
