@@ -5,6 +5,7 @@ learning rate, samples/s, evaluation metrics), a stacked plot of where each logg
 (data wait, forward+backward, optimizer, communication, other, evaluation, checkpoint) and ``summary.md``
 linking them, with the run's time totals and the profiler traces under ``RUN_DIR/profile/``. The plots need
 matplotlib, an optional dependency (``pip install 'clip-train[report]'``); ``--no-plots`` writes the summary alone.
+Given a folder of runs (a sweep's), it compares them instead (``clip_train/sweep_report.py``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def read_metrics(path: Path) -> RunMetrics:
     return out
 
 
-def _plot(path: Path, title: str, curves: dict[str, list[tuple[int, float]]], log_y: bool) -> None:
+def plot_curves(path: Path, title: str, curves: dict[str, list[tuple[int, float]]], log_y: bool) -> None:
+    """One PNG: each curve's (step, value) points, labelled by its key."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI backend picked up from the session
@@ -165,7 +167,8 @@ def _profile_lines(run_dir: Path) -> list[str]:
     return lines + [""]
 
 
-def _check_matplotlib() -> None:
+def check_matplotlib() -> None:
+    """``ReportError`` naming the extra to install when the plots cannot be drawn."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -174,7 +177,8 @@ def _check_matplotlib() -> None:
         ) from None
 
 
-def _fmt(value: object) -> str:
+def fmt(value: object) -> str:
+    """A table cell: floats to four significant digits."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -194,7 +198,7 @@ def _config_lines(run_dir: Path) -> list[str]:
     for key in wanted:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
-            lines.append(f"| `{key}` | {_fmt(value)} |")
+            lines.append(f"| `{key}` | {fmt(value)} |")
     return ["## Configuration", "", "| key | value |", "| --- | --- |", *lines, ""] if lines else []
 
 
@@ -208,7 +212,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
     if not metrics.series:
         raise ReportError(f"{metrics_path} holds no logged steps yet")
     if plots:
-        _check_matplotlib()
+        check_matplotlib()
     out = Path(out_dir).expanduser() if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -217,11 +221,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
         for stem, title, keys, log_y in TRAIN_PLOTS:
             curves = {k: metrics.series[k] for k in keys if k in metrics.series}
             if curves:
-                _plot(out / f"{stem}.png", title, curves, log_y)
+                plot_curves(out / f"{stem}.png", title, curves, log_y)
                 written.append(out / f"{stem}.png")
         eval_keys = metrics.keys_like(EVAL_SUFFIXES)
         if eval_keys:
-            _plot(out / "eval.png", "Evaluation", {k: metrics.series[k] for k in eval_keys}, False)
+            plot_curves(out / "eval.png", "Evaluation", {k: metrics.series[k] for k in eval_keys}, False)
             written.append(out / "eval.png")
         if _plot_time_breakdown(out / "time_breakdown.png", metrics):
             written.append(out / "time_breakdown.png")
@@ -233,17 +237,17 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
         lines += [
             "## Training", "", "| | |", "| --- | --- |",
             f"| steps logged | {loss[0][0]} … {loss[-1][0]} ({len(loss)} lines) |",
-            f"| final loss | {_fmt(loss[-1][1])} |",
-            f"| lowest loss | {_fmt(best)} (step {best_step}) |",
+            f"| final loss | {fmt(loss[-1][1])} |",
+            f"| lowest loss | {fmt(best)} (step {best_step}) |",
         ]
         for key, label in (("temperature", "final temperature"), ("lr", "final learning rate"),
                            ("world_size", "world size"), ("global_batch_size", "global batch size"),
                            ("skipped_samples", "skipped samples")):
             if key in metrics.last:
-                lines.append(f"| {label} | {_fmt(metrics.last[key])} |")
+                lines.append(f"| {label} | {fmt(metrics.last[key])} |")
         throughput = [v for _, v in metrics.series.get("samples_per_s", [])]
         if throughput:
-            lines.append(f"| samples/s (median of logged windows) | {_fmt(sorted(throughput)[len(throughput) // 2])} |")
+            lines.append(f"| samples/s (median of logged windows) | {fmt(sorted(throughput)[len(throughput) // 2])} |")
         lines.append("")
     eval_keys = metrics.keys_like(EVAL_SUFFIXES)
     if eval_keys:
@@ -251,7 +255,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
         for key in eval_keys:
             points = metrics.series[key]
             best_step, best = max(points, key=lambda p: p[1])
-            lines.append(f"| `{key}` | {_fmt(points[-1][1])} (step {points[-1][0]}) | {_fmt(best)} ({best_step}) |")
+            lines.append(f"| `{key}` | {fmt(points[-1][1])} (step {points[-1][0]}) | {fmt(best)} ({best_step}) |")
         lines.append("")
     lines += _time_lines(metrics)
     lines += _profile_lines(run_dir)
@@ -276,16 +280,26 @@ def newest_run(parent: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clip_train.report",
-                                     description="Plots and a markdown summary of a run from its metrics.jsonl.")
-    parser.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+                                     description="Plots and a markdown summary of a run from its metrics.jsonl, "
+                                                 "or of the runs of a sweep side by side.")
+    parser.add_argument("run_dir", help="the run directory (holds metrics.jsonl), or a sweep's folder of runs to "
+                                        "compare them side by side")
     parser.add_argument("--newest", action="store_true",
                         help="RUN_DIR is a folder of runs (e.g. outputs): report the most recently updated one")
     parser.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")
     parser.add_argument("--no-plots", action="store_true", help="only summary.md (no matplotlib needed)")
     args = parser.parse_args(argv)
     try:
-        run_dir = newest_run(args.run_dir) if args.newest else args.run_dir
-        files = write_report(run_dir, args.out, plots=not args.no_plots)
+        run_dir = newest_run(args.run_dir) if args.newest else Path(args.run_dir).expanduser()
+        if not (run_dir / METRICS_FILE).exists() and run_dir.is_dir():  # a sweep's folder, or any folder of runs
+            from clip_train.sweep_report import find_runs, write_sweep_report
+
+            if find_runs(run_dir):
+                files = write_sweep_report(run_dir, args.out, plots=not args.no_plots)
+            else:
+                files = write_report(run_dir, args.out, plots=not args.no_plots)  # its one-line error
+        else:
+            files = write_report(run_dir, args.out, plots=not args.no_plots)
     except ReportError as err:
         print(f"clip_train.report: error: {err}", file=sys.stderr)
         return 2

@@ -100,3 +100,41 @@ def test_module_entry_points_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "clip_train.eval", "--help"], capture_output=True, text=True, check=False,
                           timeout=120)
     assert done.returncode == 0 and all(t in done.stdout for t in ("zeroshot", "retrieval", "linear-probe"))
+
+
+def _write_sweep_point(run_dir, overrides: list[str], top1: float, steps: int = 30, max_steps: int = 30) -> None:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (run_dir / ".hydra" / "config.yaml").write_text(f"train:\n  max_steps: {max_steps}\n")
+    lines = [{"step": s, "loss": 4.0 / s, "samples_per_s": 900.0 + s} for s in range(1, steps + 1)]
+    lines += [{"step": steps // 2, "zeroshot_top1": top1 + 0.1}, {"step": steps, "zeroshot_top1": top1}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_sweep_folder_is_reported_side_by_side_ranked_by_its_eval(tmp_path, capsys):
+    # Hydra's multirun layout: one numbered run dir per point, each with the overrides that made it.
+    sweep = tmp_path / "multirun" / "2026-12-03" / "10-00-00"
+    for num, (temperature, batch, top1) in enumerate([(0.1, 256, 0.31), (0.05, 256, 0.42), (0.1, 512, 0.27)]):
+        _write_sweep_point(sweep / str(num), ["+experiment=vit_b32", f"loss.temperature={temperature}",
+                                              f"data.batch_size={batch}", f"hydra.run.dir=/x/{num}"], top1)
+    _write_sweep_point(sweep / "10", ["+experiment=vit_b32", "loss.temperature=0.02", "data.batch_size=512"], 0.05,
+                       steps=12)  # preempted and not yet requeued
+    assert report_main([str(sweep)]) == 0
+    report = sweep / "report"
+    for name in ("loss", "eval"):
+        assert (report / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    summary = (report / "summary.md").read_text()
+    assert "4 runs, highest final `zeroshot_top1` first. Swept: `data.batch_size`, `loss.temperature`; " \
+           "shared: `experiment=vit_b32`." in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| `")]
+    assert [row.split(" | ")[0] for row in rows] == ["| `1`", "| `0`", "| `2`", "| `10`"]
+    assert rows[0].startswith("| `1` | 256 | 0.05 | finished | 0.1333 | 0.1333 | 0.42 | 0.52 (15) | 916 |"), rows[0]
+    assert "| stopped at 12 of 30 |" in rows[3]
+    assert "hydra" not in summary.split("## Plots")[0].replace("Hydra", "")  # hydra.run.dir is no swept value
+
+
+def test_a_folder_without_runs_is_still_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report_main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.jsonl" in err
