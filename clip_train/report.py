@@ -177,6 +177,15 @@ def check_matplotlib() -> None:
         ) from None
 
 
+def output_dir(reported: Path, out_dir: str | Path | None, plots: bool) -> Path:
+    """Where a report goes (``out_dir``, else ``reported/report``), created; first, matplotlib if plots are asked for."""
+    if plots:
+        check_matplotlib()
+    out = Path(out_dir).expanduser() if out_dir is not None else reported / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def fmt(value: object) -> str:
     """A table cell: floats to four significant digits."""
     if isinstance(value, float):
@@ -211,10 +220,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, plots: 
     metrics = read_metrics(metrics_path)
     if not metrics.series:
         raise ReportError(f"{metrics_path} holds no logged steps yet")
-    if plots:
-        check_matplotlib()
-    out = Path(out_dir).expanduser() if out_dir is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(run_dir, out_dir, plots)
 
     written: list[Path] = []
     if plots:

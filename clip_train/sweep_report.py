@@ -16,8 +16,8 @@ from clip_train.report import (
     METRICS_FILE,
     ReportError,
     RunMetrics,
-    check_matplotlib,
     fmt,
+    output_dir,
     plot_curves,
     read_metrics,
 )
@@ -110,10 +110,7 @@ def write_sweep_report(folder: str | Path, out_dir: str | Path | None = None, pl
         return (1, loss[-1][1]) if loss else (2, 0.0)
 
     ranked = sorted(runs, key=score)
-    if plots:
-        check_matplotlib()
-    out = Path(out_dir).expanduser() if out_dir is not None else folder / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(folder, out_dir, plots)
 
     written: list[Path] = []
     if plots:
