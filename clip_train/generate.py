@@ -165,25 +165,11 @@ def generate(
 def load_images(paths: Sequence[str | Path], image_size: int, preprocessing=None) -> torch.Tensor:
     """uint8 ``(N, 3, S, S)``: each image resized as evaluation does (``preprocessing``: a model's
     ``config.preprocessing``; default the centre square, bicubic)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from clip_train.data.transforms import crop_resize, eval_box
     from clip_train.models.config import ImagePreprocessing
+    from clip_train.preprocess import ImageTransform
 
-    preprocessing = preprocessing or ImagePreprocessing()
-
-    arrays = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                arrays.append(crop_resize(image, eval_box(*image.size, image_size, preprocessing.resize_mode), image_size,
-                                          preprocessing.interpolation))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read {path} as an image ({type(err).__name__})") from None
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    transform = ImageTransform(image_size, preprocessing or ImagePreprocessing())
+    return torch.stack([transform.pixels(path) for path in paths])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -195,3 +195,37 @@ def test_exports_carry_the_models_preprocessing(tmp_path: Path) -> None:
     assert list(processor.image_mean) == [0.5] * 3 and processor.resample == Image.Resampling.BILINEAR
     pixels = processor(images=image, return_tensors="pt").pixel_values[0]
     assert (pixels - _ours(tiny, image)).abs().max() <= 1 / 255 / 0.5 + 1e-5
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16-SigLIP"])  # shortest + bicubic + OpenAI's; squash + 0.5
+def test_get_preprocess_gives_openclips_preprocess_tensors_from_python(tmp_path: Path, name: str) -> None:
+    import clip_train
+
+    tag = next(t for n, t in open_clip.list_pretrained() if n == name)
+    facts = _openclip_facts(name, tag)
+    size = get_model_config(name).vision.image_size
+    reference = image_transform(size, is_train=False, mean=facts["mean"], std=facts["std"],
+                                interpolation=facts["interpolation"], resize_mode=facts["resize_mode"])
+    preprocess = clip_train.get_preprocess(name)
+    one_level = 1 / 255 / min(facts["std"])
+    photos = [_photo(301, 203), _photo(203, 301)]
+    for photo in photos:
+        ours, theirs = preprocess(photo), reference(photo)
+        assert ours.dtype == torch.float32 and ours.shape == theirs.shape == (3, size, size)
+        assert (ours - theirs).abs().max() <= one_level + 1e-5
+    (tmp_path / "a.png").write_bytes(_png(photos[0]))
+    batch = preprocess([tmp_path / "a.png", photos[1]])  # paths and PIL images alike
+    assert torch.equal(batch, torch.stack([preprocess(photos[0]), preprocess(photos[1])]))
+    with pytest.raises(FileNotFoundError, match="image not found: .*missing.png"):
+        preprocess(str(tmp_path / "missing.png"))
+
+
+def test_get_preprocess_takes_a_model_and_follows_its_config() -> None:
+    import clip_train
+
+    for name in ("tiny", "coca_tiny"):
+        model = clip_train.create_model(name)
+        preprocess = clip_train.get_preprocess(model)
+        assert preprocess.image_size == model.image_size and preprocess.preprocessing == model.config.preprocessing
+        with torch.no_grad():  # what a user does next: the features of a photo
+            assert model.encode_image(preprocess([_photo()]), normalize=True).shape[0] == 1
