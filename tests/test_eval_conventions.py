@@ -238,6 +238,27 @@ def test_linear_probe_labels_follow_the_class_names_by_name(digit_folder, model_
     assert "10 class folders" in _error([*common, "--classnames", str(nine)], capsys)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_a_linear_probe_test_folder_with_some_of_the_classes_is_labelled_by_name(digit_folder, model_and_run,
+                                                                                 tmp_path, capsys) -> None:
+    # Without --classnames the training folders name the classes: a test set holding only "seven" and
+    # "three" must not become classes 0 and 1 (eight and five, in sorted order).
+    import shutil
+
+    _, run = model_and_run
+    root, _ = digit_folder
+    for name in ("seven", "three"):
+        shutil.copytree(root / "images" / name, tmp_path / "test" / name)
+    common = ["linear-probe", "--checkpoint", str(run), "--train-data", str(root / "images"), "--max-iter", "50"]
+    result = _eval([*common, "--test-data", str(tmp_path / "test")], capsys)
+    assert result["per_class_samples"] == {name: {"seven": 8, "three": 4}.get(name, 0) for name in sorted(DIGITS)}
+    assert result["per_class_top1"]["eight"] is None and result["test_samples"] == 12
+    (tmp_path / "test" / "ten").mkdir()
+    shutil.copy(root / "images" / "one" / "0.png", tmp_path / "test" / "ten" / "0.png")
+    err = _error([*common, "--test-data", str(tmp_path / "test")], capsys)
+    assert "class folders ten are not among the 10 classes of --train-data" in err
+
+
 def test_training_hook_matches_folders_by_name_and_refuses_a_mismatch_at_start_up(
     digit_folder, model_and_run, tmp_path, capsys
 ) -> None:

@@ -145,32 +145,39 @@ def run_linear_probe(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from clip_train.eval.data import ClassificationSpec, LabelledImages
+    from clip_train.eval.imagefolder import imagefolder_classes, is_imagefolder
     from clip_train.eval.linear_probe import image_features, linear_probe, stratified_split
 
     if args.world_size > 1:
         raise ValueError("linear-probe runs in one process (the fit is not distributed); start it without torchrun")
     if (args.test_data is None) == (args.test_fraction is None):
         raise ValueError("give either --test-data DIR_OR_SHARDS or --test-fraction F (a split of --train-data)")
-    classnames = classnames_file = None
+    classnames, classnames_source = None, "--classnames"
+    train_root = ClassificationSpec(args.train_data).resolved().data
     if args.classnames:
         from clip_train.eval.templates import load_classnames
 
         classnames_file = ClassificationSpec(args.train_data, args.classnames).resolved().classnames
-        classnames = load_classnames(classnames_file)
+        classnames, classnames_source = load_classnames(classnames_file), f"--classnames {classnames_file}"
+    elif is_imagefolder(train_root):
+        # The training folders name the classes of both sets, so a test set that lacks a class folder is
+        # refused instead of having every later folder's labels shifted by one.
+        classnames = imagefolder_classes(train_root)
+        classnames_source = f"--train-data {args.train_data} (its class folders)"
     ctx = _Context(args)
 
-    def features(where: str, desc: str):
-        # With --classnames, ImageFolder labels follow the file (folders matched by name), in both sets alike.
+    def features(where: str, desc: str, may_omit_classes: bool = False):
+        # ImageFolder labels follow ``classnames`` (folders matched by name), in both sets alike.
         data = LabelledImages(ClassificationSpec(where).resolved().data, ctx.image_size, args.batch_size,
                               class_key=args.class_key, num_workers=args.num_workers, max_samples=args.max_samples,
-                              classnames=classnames, classnames_source=f"--classnames {classnames_file}",
-                              preprocessing=ctx.preprocessing)
+                              classnames=classnames, classnames_source=classnames_source,
+                              may_omit_classes=may_omit_classes, preprocessing=ctx.preprocessing)
         with ctx.autocast(), _progress(data.total_samples, desc, not args.no_progress) as bar:
             return image_features(ctx.model, data, ctx.preprocess, progress=bar.update)
 
     train_x, train_y = features(args.train_data, "features (train)")
     if args.test_data is not None:
-        test_x, test_y = features(args.test_data, "features (test)")
+        test_x, test_y = features(args.test_data, "features (test)", may_omit_classes=True)
     else:
         train_idx, test_idx = stratified_split(train_y, args.test_fraction, args.seed)
         train_x, train_y, test_x, test_y = train_x[train_idx], train_y[train_idx], train_x[test_idx], train_y[test_idx]

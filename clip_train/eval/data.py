@@ -75,14 +75,16 @@ class LabelledImages:
     -1). An ImageFolder's labels index ``classnames`` when given (folders matched to names by
     ``folder_class_indices``), else its sorted folders. Shard loaders keep their worker processes between
     passes, so a set evaluated every N steps starts fast. ``option`` is how error messages name ``data``
-    (the CLI flag, or the config key in training); ``classnames_source`` names the class-names file.
+    (the CLI flag, or the config key in training); ``classnames_source`` names the class-names file;
+    ``may_omit_classes`` lets an ImageFolder hold only some of ``classnames`` (each folder matched by name).
     """
 
     def __init__(self, data: str, image_size: int, batch_size: int = 256, *, class_key: str = "cls",
                  rank: int = 0, world_size: int = 1, num_workers: int = 2, max_samples: int | None = None,
                  tokenizer: Callable | None = None, image_key: str = "jpg;png;jpeg;webp", text_key: str = "txt",
                  base_cfg: DataConfig | None = None, option: str = "--data", classnames: list[str] | None = None,
-                 classnames_source: str = "--classnames", preprocessing: ImagePreprocessing | None = None) -> None:
+                 classnames_source: str = "--classnames", may_omit_classes: bool = False,
+                 preprocessing: ImagePreprocessing | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.data = data
@@ -101,7 +103,7 @@ class LabelledImages:
                                  f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
             if classnames is not None:
                 self._folder_to_class = torch.tensor(
-                    folder_class_indices(data, self.folder_classes, classnames, classnames_source))
+                    folder_class_indices(data, self.folder_classes, classnames, classnames_source, may_omit_classes))
         else:
             # Expanded here first so that a pattern matching nothing is reported under the user's option name.
             self._urls = [u for s in resolve_sources(data, option) for u in s.urls]

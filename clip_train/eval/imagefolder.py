@@ -44,7 +44,7 @@ def _preview(names: list[str], limit: int = 6) -> str:
 
 
 def folder_class_indices(root: str | Path, folders: list[str], classnames: list[str],
-                         classnames_source: str = "--classnames") -> list[int]:
+                         classnames_source: str = "--classnames", may_omit_classes: bool = False) -> list[int]:
     """For each class folder (sorted order), the index of its class in ``classnames``.
 
     When every folder is one of the class names, they are matched by name, whatever the file's order (so
@@ -52,15 +52,24 @@ def folder_class_indices(root: str | Path, folders: list[str], classnames: list[
     a class name (ImageNet's WordNet-id folders with a file of readable names), line i names the i-th folder
     in sorted order, the torchvision/CLIP_benchmark convention. Anything else (a different count, or some
     names matching and some not) cannot be paired safely and is refused in one line that shows both.
+    ``may_omit_classes``: a set whose folders are some of the classes, each named (a linear probe's test
+    set, labelled by its training set's classes), is matched by name too.
     """
     wanted = [_comparable(n) for n in classnames]
     have = [_comparable(f) for f in folders]
+    unique = len(set(wanted)) == len(wanted)
+    if may_omit_classes and unique and set(have) <= set(wanted):
+        return [wanted.index(name) for name in have]
+    if may_omit_classes and len(folders) != len(classnames):
+        unmatched = [f for f, name in zip(folders, have) if name not in wanted]
+        raise ValueError(f"{root}: class folders {_preview(unmatched)} are not among the {len(classnames)} classes "
+                         f"of {classnames_source} ({_preview(classnames)}); name each folder as one of them")
     if len(folders) != len(classnames):
         raise ValueError(
             f"{root} has {len(folders)} class folders ({_preview(folders)}) but {classnames_source} lists "
             f"{len(classnames)} names ({_preview(classnames)}); give one class name per folder"
         )
-    if set(have) == set(wanted) and len(set(wanted)) == len(wanted):
+    if set(have) == set(wanted) and unique:
         return [wanted.index(name) for name in have]
     if not set(have) & set(wanted):
         return list(range(len(folders)))
