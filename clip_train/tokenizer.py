@@ -20,6 +20,7 @@ import regex
 import torch
 
 from clip_train.errors import reason
+from clip_train.models.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, hub_name_message
 
 DEFAULT_CONTEXT_LENGTH = 77
 START_OF_TEXT = "<start_of_text>"
@@ -464,6 +465,10 @@ def get_tokenizer(
     """
     if name is not None and name.startswith(HF_PREFIX):
         name, tokenizer = None, name
+    if name is not None and name.startswith(HF_HUB_PREFIX):
+        raise ValueError(hub_name_message(name.removeprefix(HF_HUB_PREFIX)))
+    if name is not None and name.startswith(LOCAL_DIR_PREFIX):
+        return _local_dir_tokenizer(name.removeprefix(LOCAL_DIR_PREFIX), context_length, tokenizer)
     if tokenizer is not None and not tokenizer.startswith(HF_PREFIX):
         raise ValueError(f"tokenizer={tokenizer!r}: use hf:PATH (a local Hugging Face tokenizer), or leave it unset")
     text_cfg = _openclip_text_cfg(name) if name else None
@@ -476,6 +481,36 @@ def get_tokenizer(
         return _cached_tokenizer(context_length)
     options = dict((text_cfg or {}).get("tokenizer_kwargs") or {})  # OpenCLIP's per-model options (clean, ...)
     return HFTokenizer(tokenizer[len(HF_PREFIX) :], context_length=context_length, **options)
+
+
+def _local_dir_tokenizer(directory: str, context_length: int | None,
+                         tokenizer: str | None) -> ClipTokenizer | HFTokenizer:
+    """OpenCLIP's ``local-dir:DIR``: the tokenizer its ``open_clip_config.json`` describes, with the files in DIR.
+
+    DIR is an OpenCLIP export (``python -m clip_train.export --format open_clip``) or a hub repository fetched
+    with ``hf download``; a text tower with ``hf_tokenizer_name`` reads its tokenizer from DIR itself.
+    """
+    import json
+    from pathlib import Path
+
+    config = Path(directory).expanduser() / "open_clip_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{LOCAL_DIR_PREFIX}{directory}: no open_clip_config.json there (an OpenCLIP "
+                                "export or a hub download holds one)")
+    try:
+        text_cfg = json.loads(config.read_text())["model_cfg"].get("text_cfg") or {}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{config} is not OpenCLIP's config JSON ({reason(err)}); fix or re-export it") from None
+    if context_length is None:
+        context_length = int(text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH))
+    if tokenizer is None and text_cfg.get("hf_tokenizer_name"):
+        tokenizer = f"{HF_PREFIX}{config.parent}"
+    if tokenizer is None:
+        return _cached_tokenizer(context_length)
+    if not tokenizer.startswith(HF_PREFIX):
+        raise ValueError(f"tokenizer={tokenizer!r}: use hf:PATH (a local Hugging Face tokenizer), or leave it unset")
+    return HFTokenizer(tokenizer.removeprefix(HF_PREFIX), context_length=context_length,
+                       **dict(text_cfg.get("tokenizer_kwargs") or {}))
 
 
 def _model_context_length(name: str | None, text_cfg: dict | None) -> int:

@@ -149,10 +149,14 @@ def test_open_clip_export_loads_by_dir_and_by_name(open_clip_registry, tmp_path,
     for oc_model in (from_dir, by_name):
         for a, b in zip(ours, _features(oc_model, *inputs)):
             assert (a - b).abs().max().item() < TOL
-    # ...and back into clip_train from the directory.
-    again = clip_train.create_model(pretrained=tmp_path / "oc")
-    for a, b in zip(ours, _features(again.eval(), *inputs)):
-        assert (a - b).abs().max().item() < TOL
+    # ...and back into clip_train from the directory, by either spelling, with OpenCLIP's tokenizer for it.
+    for again in (clip_train.create_model(pretrained=tmp_path / "oc"), clip_train.create_model(f"local-dir:{tmp_path / 'oc'}")):
+        for a, b in zip(ours, _features(again.eval(), *inputs)):
+            assert (a - b).abs().max().item() < TOL
+    captions = ["a photo of a cat", "two dogs playing in the snow, far too long for sixteen tokens of context"]
+    ours_tok, theirs_tok = (clip_train.get_tokenizer(f"local-dir:{tmp_path / 'oc'}"),
+                            open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}"))
+    assert torch.equal(ours_tok(captions), theirs_tok(captions)) and ours_tok(captions).shape[1] == 16
 
 
 def _small_resnet() -> CLIP:

@@ -105,6 +105,22 @@ def test_model_name_brings_openclips_tokenizer_options(tmp_path: Path) -> None:
     assert torch.equal(ours(TEXTS), theirs(TEXTS))
 
 
+def test_local_dir_reads_the_tokenizer_its_open_clip_config_names_as_openclip_does(tmp_path: Path) -> None:
+    # A hub download or an OpenCLIP export: open_clip_config.json beside the tokenizer's own files.
+    import json
+
+    folder = _byte_bpe_dir(tmp_path)
+    text_cfg = {"hf_tokenizer_name": "org/some-tokenizer", "context_length": 24, "tokenizer_kwargs": {"clean": "canonicalize"}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 8, "text_cfg": text_cfg}}))
+    ours = clip_train.get_tokenizer(f"local-dir:{folder}")
+    theirs = pytest.importorskip("open_clip").get_tokenizer(f"local-dir:{folder}")
+    assert isinstance(ours, HFTokenizer) and torch.equal(ours(TEXTS), theirs(TEXTS)) and ours(TEXTS).shape[1] == 24
+    with pytest.raises(FileNotFoundError, match="no open_clip_config.json there"):
+        clip_train.get_tokenizer(f"local-dir:{tmp_path / 'elsewhere'}")
+    with pytest.raises(ValueError, match="downloads nothing.*hf download org/some-tokenizer --local-dir DIR.*local-dir:DIR"):
+        clip_train.get_tokenizer("hf-hub:org/some-tokenizer")
+
+
 @pytest.mark.parametrize(
     "name,needed",
     [("xlm-roberta-base-ViT-B-32", "xlm-roberta-base"), ("ViT-SO400M-14-SigLIP", "timm/ViT-B-16-SigLIP"),

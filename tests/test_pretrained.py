@@ -212,6 +212,7 @@ def test_openclip_tags_and_hub_names_say_we_download_nothing_and_how_to_fetch_th
         clip_train.create_model(name, pretrained=pretrained)
     if "hf-hub:" in f"{name}{pretrained}":
         assert "hf download timm/vit_base_patch32_clip_224.openai --local-dir DIR" in str(refused.value)
+        assert "create_model('local-dir:DIR')" in str(refused.value)
 
 
 def test_a_downloaded_hub_directory_loads_with_its_architecture_from_open_clip_config(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from clip_train.checkpoint_paths import resolve_weights
 from clip_train.models.clip import CLIP
 from clip_train.models.config import ModelConfig
 from clip_train.models.pretrained import load_weights_into, read_weights, resolve_architecture
-from clip_train.models.registry import get_model_config
+from clip_train.models.registry import LOCAL_DIR_PREFIX, get_model_config
 
 
 def _as_model_config(stored: dict) -> ModelConfig:
@@ -50,13 +50,19 @@ def create_model(
         name: an architecture from ``list_models()`` (``RN50``, ``ViT-B-16``, ``tiny``, ...; a
             ``-quickgelu`` suffix selects QuickGELU). ``None`` takes it from ``pretrained``: the file's own
             metadata, an ``open_clip_config.json`` beside it, or the one named architecture whose key names and
-            shapes it has; anything ambiguous is refused with the candidates named.
+            shapes it has; anything ambiguous is refused with the candidates named. ``local-dir:DIR`` (OpenCLIP's
+            spelling) is the same as ``pretrained=DIR``: an OpenCLIP export or hub download.
         pretrained: a local weights file: an OpenAI release, an OpenCLIP state dict or training
             checkpoint, or a clip_train checkpoint. Files in OpenAI's layout select QuickGELU.
         device: where to put the model.
         allow_nonfinite_weights: load ``pretrained`` even if some weights are NaN or Inf (refused by default:
             such a file comes from a run that diverged).
     """
+    if name is not None and name.startswith(LOCAL_DIR_PREFIX):  # OpenCLIP's spelling of "this folder's model"
+        if pretrained is not None:
+            raise ValueError(f"{name} carries its own weights; leave pretrained unset (or pass the folder as "
+                             "pretrained= with no name)")
+        name, pretrained = None, name.removeprefix(LOCAL_DIR_PREFIX)
     weights = read_weights(resolve_weights(pretrained)) if pretrained is not None else None
     if name is not None:
         cfg = get_model_config(name)

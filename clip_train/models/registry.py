@@ -74,13 +74,15 @@ def list_models() -> list[str]:
 
 
 HF_HUB_PREFIX = "hf-hub:"  # OpenCLIP's names for models it downloads from the Hugging Face hub
+LOCAL_DIR_PREFIX = "local-dir:"  # OpenCLIP's names for a folder holding open_clip_config.json and weights
 
 
 def hub_name_message(repo: str) -> str:
-    """The refusal of a hub name or pretrained tag: we read local files only, and how to get them there."""
+    """The refusal of a hub name: we read local files only, and how to get them there."""
     return (f"clip_train reads local files only (it downloads nothing): fetch {repo} once with `hf download "
-            f"{repo} --local-dir DIR` (huggingface-cli download before huggingface_hub 0.34) and use "
-            "create_model(pretrained=DIR), which takes the architecture from DIR's open_clip_config.json")
+            f"{repo} --local-dir DIR` (huggingface-cli download before huggingface_hub 0.34), then use "
+            f"'{LOCAL_DIR_PREFIX}DIR' as the name, as in OpenCLIP: create_model('{LOCAL_DIR_PREFIX}DIR') and "
+            f"get_tokenizer('{LOCAL_DIR_PREFIX}DIR')")
 
 
 def get_model_config(name: str) -> ModelConfig:
