@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from clip_train.models.pretrained import CheckpointError
-from clip_train.models.registry import HF_HUB_PREFIX, hub_name_message
+from clip_train.models.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, hub_name_message
 from clip_train.train import checkpoint as ckpt_io
 
 EXPORT_CONFIG_FILES = ("config.json", "open_clip_config.json")  # Hugging Face / OpenCLIP export directories
@@ -51,10 +51,11 @@ def resolve_training_checkpoint(source: str | os.PathLike) -> Path:
 def resolve_weights(source: str | os.PathLike) -> Path:
     """The weights file or export directory that ``source`` names, for ``read_weights``.
 
-    A file is itself (a step's ``state.pt`` verified against its manifest); an export directory is itself;
-    anything else is resolved as a training checkpoint, giving that step's ``state.pt``.
+    A file is itself (a step's ``state.pt`` verified against its manifest); an export directory is itself
+    (also spelt ``local-dir:DIR``, as OpenCLIP and CLIP_benchmark users write it); anything else is resolved
+    as a training checkpoint, giving that step's ``state.pt``.
     """
-    path = Path(source).expanduser()
+    path = weights_path(source)
     if not path.exists():
         raise CheckpointError(weights_not_found(str(source)))
     if path.is_file():
@@ -69,6 +70,11 @@ def resolve_weights(source: str | os.PathLike) -> Path:
         f"{path} holds no checkpoint: expected {_EXPECTED}, a weights file, or a Hugging Face / OpenCLIP "
         f"export directory ({' or '.join(EXPORT_CONFIG_FILES)})"
     )
+
+
+def weights_path(source: str | os.PathLike) -> Path:
+    """The path a weights setting names: ``~`` expanded, OpenCLIP's ``local-dir:`` prefix dropped."""
+    return Path(str(source).removeprefix(LOCAL_DIR_PREFIX)).expanduser()
 
 
 def weights_not_found(source: str) -> str:

@@ -399,8 +399,9 @@ def validate_values(cfg: TrainConfig) -> None:
     if cfg.data.num_workers > 0 and cfg.data.prefetch_factor < 1:
         raise ConfigError(f"data.prefetch_factor must be at least 1, got {cfg.data.prefetch_factor}")
     pretrained = cfg.model.pretrained
-    if pretrained and not Path(pretrained).expanduser().exists():
-        from clip_train.checkpoint_paths import weights_not_found
+    from clip_train.checkpoint_paths import weights_not_found, weights_path
+
+    if pretrained and not weights_path(pretrained).exists():
 
         raise ConfigError(f"model.pretrained={pretrained}: {weights_not_found(str(pretrained))}")
     resume = cfg.ckpt.resume

@@ -150,7 +150,8 @@ def test_open_clip_export_loads_by_dir_and_by_name(open_clip_registry, tmp_path,
         for a, b in zip(ours, _features(oc_model, *inputs)):
             assert (a - b).abs().max().item() < TOL
     # ...and back into clip_train from the directory, by either spelling, with OpenCLIP's tokenizer for it.
-    for again in (clip_train.create_model(pretrained=tmp_path / "oc"), clip_train.create_model(f"local-dir:{tmp_path / 'oc'}")):
+    for again in (clip_train.create_model(pretrained=tmp_path / "oc"), clip_train.create_model(f"local-dir:{tmp_path / 'oc'}"),
+                  clip_train.create_model(pretrained=f"local-dir:{tmp_path / 'oc'}")):  # as CLIP_benchmark users write it
         for a, b in zip(ours, _features(again.eval(), *inputs)):
             assert (a - b).abs().max().item() < TOL
     captions = ["a photo of a cat", "two dogs playing in the snow, far too long for sixteen tokens of context"]

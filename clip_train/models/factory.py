@@ -8,7 +8,7 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from clip_train.checkpoint_paths import resolve_weights
+from clip_train.checkpoint_paths import resolve_weights, weights_path
 from clip_train.models.clip import CLIP
 from clip_train.models.config import ModelConfig
 from clip_train.models.pretrained import load_weights_into, read_weights, resolve_architecture
@@ -63,6 +63,8 @@ def create_model(
             raise ValueError(f"{name} carries its own weights; leave pretrained unset (or pass the folder as "
                              "pretrained= with no name)")
         name, pretrained = None, name.removeprefix(LOCAL_DIR_PREFIX)
+    if pretrained is not None:
+        pretrained = weights_path(pretrained)  # towers that read files beside the weights need the bare path
     weights = read_weights(resolve_weights(pretrained)) if pretrained is not None else None
     if name is not None:
         cfg = get_model_config(name)
@@ -84,6 +86,8 @@ def create_model_from_config(
     cfg: ModelConfig, init_temperature: float = 0.07, init_logit_bias: float | None = None
 ) -> CLIP:
     """Build the model a (Hydra) ``ModelConfig`` describes, loading ``cfg.pretrained`` when set."""
+    if cfg.pretrained:
+        cfg = dataclasses.replace(cfg, pretrained=str(weights_path(cfg.pretrained)))
     weights = read_weights(resolve_weights(cfg.pretrained)) if cfg.pretrained else None
     if weights is not None and weights.openai_layout and not cfg.quick_gelu:
         cfg = dataclasses.replace(cfg, quick_gelu=True)
