@@ -147,6 +147,13 @@ def test_bf16_checkpoint_holds_every_part_and_resume_path_or_none(cache_dir: Pat
     assert {"python", "numpy", "torch"} <= set(rank0["rng"])
     assert rank0["dataloader"]["samples_seen"] == 16 and rank0["dataloader"]["world_size"] == 1
 
+    # The same command again (a finished job started twice) trains nothing and says so.
+    before = (first / "metrics.jsonl").read_text()
+    result = run_cli([*args, "train.max_steps=2", f"hydra.run.dir={first}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing to train: the run is at step 2 and train.max_steps=2" in result.stdout + result.stderr
+    assert (first / "metrics.jsonl").read_text() == before
+
     # ckpt.resume=PATH continues a given checkpoint in another run dir.
     result = run_cli([*args, "train.max_steps=3", f"ckpt.resume={step_dir}", f"hydra.run.dir={second}"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -514,6 +514,9 @@ class Trainer:
 
     def _train(self) -> dict[str, float]:
         self.maybe_resume()
+        if self.state.step >= self.cfg.train.max_steps and self.ctx.is_main:  # e.g. a finished job started again
+            log.info("nothing to train: the run is at step %d and train.max_steps=%d; raise train.max_steps to "
+                     "train further", self.state.step, self.cfg.train.max_steps)
         self.bad_steps = NonFiniteSteps(self.device, consecutive=self.state.consecutive_bad_steps)
         self._open_metrics()
         cfg = self.cfg
