@@ -90,6 +90,31 @@ def _status(run: SweepRun) -> str:
     return "finished" if last >= run.max_steps else f"stopped at {last} of {run.max_steps}"
 
 
+def _table(ranked: list[SweepRun], varying: list[str], metric: str | None) -> tuple[list[str], list[list[str]]]:
+    """The summary's header and one row per run, in ``ranked`` order."""
+    headers = ["run", *[f"`{k}`" for k in varying], "status", "final loss", "lowest loss"]
+    if metric is not None:
+        headers += [f"final `{metric}`", "best (step)"]
+    headers.append("samples/s")
+    rows = []
+    for run in ranked:
+        series = run.metrics.series
+        loss = [v for _, v in series.get("loss", [])]
+        row = [f"`{run.name}`", *[run.overrides.get(k, "(default)") for k in varying], _status(run),
+               fmt(loss[-1]) if loss else "-", fmt(min(loss)) if loss else "-"]
+        if metric is not None:
+            points = series.get(metric, [])
+            if points:
+                step, best = max(points, key=lambda p: p[1])
+                row += [fmt(points[-1][1]), f"{fmt(best)} ({step})"]
+            else:
+                row += ["-", "-"]
+        throughput = sorted(v for _, v in series.get("samples_per_s", []))
+        row.append(fmt(throughput[len(throughput) // 2]) if throughput else "-")
+        rows.append(row)
+    return headers, rows
+
+
 def write_sweep_report(folder: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> list[Path]:
     """Compare the runs under ``folder``; returns the files written (``summary.md`` last)."""
     folder = Path(folder).expanduser()
@@ -120,26 +145,7 @@ def write_sweep_report(folder: str | Path, out_dir: str | Path | None = None, pl
                 plot_curves(out / f"{stem}.png", title, curves, log_y=False)
                 written.append(out / f"{stem}.png")
 
-    headers = ["run", *[f"`{k}`" for k in varying], "status", "final loss", "lowest loss"]
-    if metric is not None:
-        headers += [f"final `{metric}`", "best (step)"]
-    headers.append("samples/s")
-    rows = []
-    for run in ranked:
-        series = run.metrics.series
-        loss = [v for _, v in series.get("loss", [])]
-        row = [f"`{run.name}`", *[run.overrides.get(k, "(default)") for k in varying], _status(run),
-               fmt(loss[-1]) if loss else "-", fmt(min(loss)) if loss else "-"]
-        if metric is not None:
-            points = series.get(metric, [])
-            if points:
-                step, best = max(points, key=lambda p: p[1])
-                row += [fmt(points[-1][1]), f"{fmt(best)} ({step})"]
-            else:
-                row += ["-", "-"]
-        throughput = sorted(v for _, v in series.get("samples_per_s", []))
-        row.append(fmt(throughput[len(throughput) // 2]) if throughput else "-")
-        rows.append(row)
+    headers, rows = _table(ranked, varying, metric)
     ranked_by = f"highest final `{metric}` first" if metric is not None else "lowest final loss first"
     swept = ", ".join(f"`{k}`" for k in varying) or "nothing differs"
     shared = ", ".join(f"`{k}={runs[0].overrides[k]}`" for k in keys if k not in varying)
