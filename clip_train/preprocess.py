@@ -43,7 +43,7 @@ class ImageTransform:
             return self._pixels_of_file(Path(image))
         box = eval_box(*image.size, self.image_size, self.preprocessing.resize_mode)
         array = crop_resize(image, box, self.image_size, self.preprocessing.interpolation)
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(array)).permute(2, 0, 1).contiguous()  # a writable copy of PIL's buffer
 
     def _pixels_of_file(self, path: Path) -> torch.Tensor:
         try:

@@ -173,7 +173,9 @@ def _load_container(path: Path) -> object:
 def read_tensor_pickle(path: Path) -> object:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers, and a one-line refusal otherwise."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # our refusal names the protocol and the remedy; torch's warning first adds noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise pickle_refusal(path, err) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
