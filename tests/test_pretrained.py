@@ -223,11 +223,16 @@ def test_openclip_tags_and_hub_names_say_we_download_nothing_and_how_to_fetch_th
 def test_a_downloaded_hub_directory_loads_with_its_architecture_from_open_clip_config(tmp_path: Path) -> None:
     # The layout `hf download` gives for OpenCLIP's hub models: weights beside open_clip_config.json.
     reference = open_clip.create_model("RN50", pretrained=None).eval()
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
+    folder = tmp_path / "RN50"  # `hf download ... --local-dir RN50`
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "open_clip_model.safetensors")
     config = {"model_cfg": open_clip.get_model_config("RN50"),
               "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}
-    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
-    model = clip_train.create_model(pretrained=tmp_path).eval()
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    model = clip_train.create_model(pretrained=folder).eval()
+    assert model.config.name == "RN50"  # the folder names the model when it holds that architecture...
+    misnamed = folder.rename(tmp_path / "ViT-B-32")
+    assert clip_train.create_model(pretrained=misnamed).config.name == "open_clip_config"  # ...and only then
     image, text = torch.randn(1, 3, 224, 224), open_clip.get_tokenizer("RN50")(["a photo of a dog"])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(image), reference.encode_image(image), rtol=0, atol=1e-4)

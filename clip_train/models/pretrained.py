@@ -45,6 +45,8 @@ class LoadedWeights:
     """The architecture stored alongside the weights (clip_train checkpoints), if any."""
     openclip_model_cfg: dict | None = None
     """OpenCLIP's ``model_cfg`` from an ``open_clip_config.json`` beside (or around) the weights, if any."""
+    openclip_config_folder: str | None = None
+    """The name of that config's folder (the config itself names no model)."""
     architecture_name: str | None = None
     """The architecture name an OpenCLIP training checkpoint records (its ``name`` entry), if any."""
 
@@ -217,8 +219,10 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         state_dict[key] = value
+    openclip_model_cfg = _openclip_config_beside(path)
     return LoadedWeights(state_dict=state_dict, openai_layout=openai_layout, model_config=model_config,
-                         openclip_model_cfg=_openclip_config_beside(path), architecture_name=architecture_name)
+                         openclip_model_cfg=openclip_model_cfg, architecture_name=architecture_name,
+                         openclip_config_folder=path.resolve().parent.name if openclip_model_cfg is not None else None)
 
 
 def _openclip_config_beside(path: Path) -> dict | None:
@@ -380,6 +384,22 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], quick_gelu: bool
     return distinct[0]
 
 
+def _name_from_folder(cfg: ModelConfig, folder: str | None) -> str:
+    """A name for a model built from an ``open_clip_config.json``: its folder's (``hf download ORG/NAME
+    --local-dir NAME`` gives ``NAME``), unless that names another architecture, whose tokenizer settings
+    lookups by name would then pick up; ``open_clip_config`` then, as when there is no folder name."""
+    from clip_train.models.registry import get_model_config
+
+    if not folder:
+        return "open_clip_config"
+    try:
+        known = get_model_config(folder)
+    except ValueError:  # no model has this name
+        return folder
+    same = (known.embed_dim, known.vision, known.text) == (cfg.embed_dim, cfg.vision, cfg.text)
+    return folder if same else "open_clip_config"
+
+
 def resolve_architecture(weights: LoadedWeights) -> ModelConfig:
     """The architecture of weights loaded without a name: stored metadata first, then a unique match."""
     from omegaconf import OmegaConf
@@ -393,6 +413,7 @@ def resolve_architecture(weights: LoadedWeights) -> ModelConfig:
         cfg, missing = translate(weights.openclip_model_cfg, "open_clip_config")
         if missing:
             raise CheckpointError(f"open_clip_config.json needs tower options this build lacks: {', '.join(missing)}")
+        cfg.name = _name_from_folder(cfg, weights.openclip_config_folder)
         return cfg
     if weights.architecture_name:
         try:
