@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -147,11 +148,16 @@ def test_bf16_checkpoint_holds_every_part_and_resume_path_or_none(cache_dir: Pat
     assert {"python", "numpy", "torch"} <= set(rank0["rng"])
     assert rank0["dataloader"]["samples_seen"] == 16 and rank0["dataloader"]["world_size"] == 1
 
-    # The same command again (a finished job started twice) trains nothing and says so.
+    # The same command again (a finished job started twice) trains nothing and says so, reporting (and
+    # returning to Hydra's sweepers) the final evaluation it logged; these runs skip evaluation, so one is added.
+    with (first / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"step": 2, "zeroshot_top1": 0.25, "zeroshot_top5": 0.75}) + "\n")
     before = (first / "metrics.jsonl").read_text()
     result = run_cli([*args, "train.max_steps=2", f"hydra.run.dir={first}"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "nothing to train: the run is at step 2 and train.max_steps=2" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "nothing to train: the run is at step 2 and train.max_steps=2" in output
+    assert "finished 2 steps; final zeroshot_top1 0.2500, zeroshot_top5 0.7500" in output
     assert (first / "metrics.jsonl").read_text() == before
 
     # ckpt.resume=PATH continues a given checkpoint in another run dir.

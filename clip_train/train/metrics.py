@@ -85,6 +85,22 @@ def truncate_metrics_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def evaluation_at(path: Path, step: int) -> dict[str, float]:
+    """The evaluation results logged at ``step`` (its lines without a training ``loss``), or {} when none."""
+    results: dict[str, float] = {}
+    if not path.is_file():
+        return results
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step") == step and "loss" not in record:
+            results.update({k: float(v) for k, v in record.items()
+                            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return results
+
+
 def _share(metrics: dict[str, Any], key: str) -> float:
     """``key``'s seconds as a percentage of the window's training time (``train_s``)."""
     total = _plain(metrics.get("train_s", 0.0)) or 0.0

@@ -41,6 +41,7 @@ from clip_train.train.metrics import (
     MetricsProcessor,
     TensorboardBackend,
     WandbBackend,
+    evaluation_at,
     truncate_metrics_after,
 )
 from clip_train.train.optim import apply_config_on_resume, build_optimizer, build_scheduler
@@ -514,7 +515,8 @@ class Trainer:
 
     def _train(self) -> dict[str, float]:
         self.maybe_resume()
-        if self.state.step >= self.cfg.train.max_steps and self.ctx.is_main:  # e.g. a finished job started again
+        finished = self.state.step >= self.cfg.train.max_steps  # e.g. a finished job started again
+        if finished and self.ctx.is_main:
             log.info("nothing to train: the run is at step %d and train.max_steps=%d; raise train.max_steps to "
                      "train further", self.state.step, self.cfg.train.max_steps)
         self.bad_steps = NonFiniteSteps(self.device, consecutive=self.state.consecutive_bad_steps)
@@ -529,7 +531,8 @@ class Trainer:
         self.timer.collect()  # a fresh window
         window_start = time.perf_counter()
         window_steps = 0
-        last_eval: dict[str, float] = {}
+        # A finished run hands its final results to Hydra's sweepers again, from its metrics.
+        last_eval = evaluation_at(self.run_dir / METRICS_FILE, self.state.step) if finished and self.ctx.is_main else {}
         while self.state.step < cfg.train.max_steps:
             self.profiler.before_step(self.state.step + 1)
             with self.timer.host_region("data"):
