@@ -399,11 +399,11 @@ def validate_values(cfg: TrainConfig) -> None:
     if cfg.data.num_workers > 0 and cfg.data.prefetch_factor < 1:
         raise ConfigError(f"data.prefetch_factor must be at least 1, got {cfg.data.prefetch_factor}")
     pretrained = cfg.model.pretrained
-    from clip_train.checkpoint_paths import weights_not_found, weights_path
+    if pretrained:
+        from clip_train.checkpoint_paths import weights_not_found, weights_path
 
-    if pretrained and not weights_path(pretrained).exists():
-
-        raise ConfigError(f"model.pretrained={pretrained}: {weights_not_found(str(pretrained))}")
+        if not weights_path(pretrained).exists():
+            raise ConfigError(f"model.pretrained={pretrained}: {weights_not_found(str(pretrained))}")
     resume = cfg.ckpt.resume
     if resume not in ("auto", "none") and not Path(resume).expanduser().exists():
         raise ConfigError(f"ckpt.resume={resume} does not exist; give a step directory, its state.pt, a checkpoints/ "
