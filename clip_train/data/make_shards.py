@@ -103,9 +103,10 @@ def _encode(path: str, max_size: int | None, quality: int) -> tuple[str, bytes, 
     with Image.open(io.BytesIO(data)) as image:  # header only: proves it is an image
         width, height = image.size
         ext = STORED_FORMATS.get(image.format or "")
+        converted = None if ext is not None else str(image.format)
         if max_size is None or min(width, height) <= max_size:
-            if ext is None:
-                return "png", _as_png(image), str(image.format)
+            if converted is not None:
+                return "png", _as_png(image), converted
             return ext, data, None
         scale = max_size / min(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -113,7 +114,6 @@ def _encode(path: str, max_size: int | None, quality: int) -> tuple[str, bytes, 
         keep_alpha = image.mode in ("RGBA", "LA", "P")
         image = image.convert("RGBA" if keep_alpha else "RGB").resize(size, Image.Resampling.BICUBIC)
         out = io.BytesIO()
-        converted = None if ext is not None else str(image.format)
         if keep_alpha:
             image.save(out, format="PNG")
             return "png", out.getvalue(), converted

@@ -90,6 +90,9 @@ def test_make_shards_converts_other_image_formats_to_png_and_counts_every_captio
     loader = build_train_loader(DataConfig(train_shards=str(out / "00000.tar"), num_workers=0, batch_size=4,
                                            resampled=False), 16, tokenizer)
     assert next(iter(loader))[0].shape == (4, 3, 16, 16)
+    # Downscaled on the way (--max-size), a TIFF is still counted under its own format.
+    assert make_shards_main([str(photos), str(tmp_path / "small"), "--max-size", "10", "--no-progress"]) == 0
+    assert "2 TIFF" in capsys.readouterr().out
 
 
 def test_make_shards_from_csv_and_parquet_with_resize(tmp_path, tokenizer):
