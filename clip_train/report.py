@@ -297,15 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_dir = newest_run(args.run_dir) if args.newest else Path(args.run_dir).expanduser()
-        if not (run_dir / METRICS_FILE).exists() and run_dir.is_dir():  # a sweep's folder, or any folder of runs
-            from clip_train.sweep_report import find_runs, write_sweep_report
-
-            if find_runs(run_dir):
-                files = write_sweep_report(run_dir, args.out, plots=not args.no_plots)
-            else:
-                files = write_report(run_dir, args.out, plots=not args.no_plots)  # its one-line error
+        if run_dir.is_dir() and not (run_dir / METRICS_FILE).exists():  # a sweep's folder, or any folder of runs
+            from clip_train.sweep_report import write_sweep_report as report
         else:
-            files = write_report(run_dir, args.out, plots=not args.no_plots)
+            report = write_report
+        files = report(run_dir, args.out, plots=not args.no_plots)
     except ReportError as err:
         print(f"clip_train.report: error: {err}", file=sys.stderr)
         return 2
@@ -315,4 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run this module's canonical copy: sweep_report imports clip_train.report, and under ``python -m`` this
+    # file is also ``__main__``, whose ReportError would be another class that main() cannot catch.
+    from clip_train.report import main as canonical_main
+
+    sys.exit(canonical_main())

@@ -120,7 +120,8 @@ def write_sweep_report(folder: str | Path, out_dir: str | Path | None = None, pl
     folder = Path(folder).expanduser()
     run_dirs = find_runs(folder) if folder.is_dir() else []
     if not run_dirs:
-        raise ReportError(f"no {METRICS_FILE} in or under {folder}: give a run directory, or a sweep folder of runs")
+        raise ReportError(f"{folder / METRICS_FILE} not found, nor any run below it: give the run directory of a "
+                          f"clip_train run (it holds {METRICS_FILE}), or a sweep's folder of runs")
     runs = [SweepRun(str(d.relative_to(folder)), d, _overrides(d), read_metrics(d / METRICS_FILE), _max_steps(d))
             for d in run_dirs]
     keys = sorted({key for run in runs for key in run.overrides})

@@ -97,6 +97,11 @@ def test_module_entry_points_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "clip_train.report", str(tmp_path / "run"), "--no-plots"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip().endswith("summary.md"), done.stderr
+    (tmp_path / "no_runs").mkdir()  # the sweep path's error, raised in another module, is one line too
+    done = subprocess.run([sys.executable, "-m", "clip_train.report", str(tmp_path / "no_runs"), "--no-plots"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "metrics.jsonl not found" in done.stderr
     done = subprocess.run([sys.executable, "-m", "clip_train.eval", "--help"], capture_output=True, text=True, check=False,
                           timeout=120)
     assert done.returncode == 0 and all(t in done.stdout for t in ("zeroshot", "retrieval", "linear-probe"))
