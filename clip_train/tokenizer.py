@@ -14,6 +14,7 @@ import string
 from functools import lru_cache
 from importlib import resources
 from itertools import pairwise
+from pathlib import Path
 
 import ftfy
 import regex
@@ -349,8 +350,6 @@ class HFTokenizer:
 
 def _load_hf_tokenizer(path: str):  # -> transformers.PreTrainedTokenizerBase
     """An HF tokenizer from local files only; one line naming the problem otherwise."""
-    from pathlib import Path
-
     location = Path(path).expanduser()
     if not location.exists():
         raise FileNotFoundError(
@@ -397,7 +396,6 @@ def _openclip_text_cfg(name: str) -> dict | None:
         return None
     import importlib.util
     import json
-    from pathlib import Path
 
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
@@ -467,11 +465,20 @@ def get_tokenizer(
         name, tokenizer = None, name
     if name is not None and name.startswith(HF_HUB_PREFIX):
         raise ValueError(hub_name_message(name.removeprefix(HF_HUB_PREFIX)))
-    if name is not None and name.startswith(LOCAL_DIR_PREFIX):
-        return _local_dir_tokenizer(name.removeprefix(LOCAL_DIR_PREFIX), context_length, tokenizer)
     if tokenizer is not None and not tokenizer.startswith(HF_PREFIX):
         raise ValueError(f"tokenizer={tokenizer!r}: use hf:PATH (a local Hugging Face tokenizer), or leave it unset")
-    text_cfg = _openclip_text_cfg(name) if name else None
+    if name is not None and name.startswith(LOCAL_DIR_PREFIX):
+        # OpenCLIP's local-dir:DIR: DIR's open_clip_config.json stands in for the model name's config, and
+        # a text tower with hf_tokenizer_name reads its tokenizer from DIR itself.
+        folder = Path(name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
+        text_cfg = _local_dir_text_cfg(folder)
+        if tokenizer is None and text_cfg.get("hf_tokenizer_name"):
+            tokenizer = f"{HF_PREFIX}{folder}"
+        if context_length is None:
+            context_length = int(text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH))
+        name = None
+    else:
+        text_cfg = _openclip_text_cfg(name) if name else None
     needed = required_hf_tokenizer(name)
     if tokenizer is None and needed:
         raise ValueError(missing_tokenizer_message(name, needed))  # type: ignore[arg-type]
@@ -483,34 +490,20 @@ def get_tokenizer(
     return HFTokenizer(tokenizer[len(HF_PREFIX) :], context_length=context_length, **options)
 
 
-def _local_dir_tokenizer(directory: str, context_length: int | None,
-                         tokenizer: str | None) -> ClipTokenizer | HFTokenizer:
-    """OpenCLIP's ``local-dir:DIR``: the tokenizer its ``open_clip_config.json`` describes, with the files in DIR.
+def _local_dir_text_cfg(folder: Path) -> dict:
+    """The ``text_cfg`` of ``folder/open_clip_config.json`` (an OpenCLIP export, or a hub repository fetched
+    with ``hf download``)."""
+    from clip_train.models.pretrained import read_open_clip_config
 
-    DIR is an OpenCLIP export (``python -m clip_train.export --format open_clip``) or a hub repository fetched
-    with ``hf download``; a text tower with ``hf_tokenizer_name`` reads its tokenizer from DIR itself.
-    """
-    import json
-    from pathlib import Path
-
-    config = Path(directory).expanduser() / "open_clip_config.json"
+    config = folder / "open_clip_config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{LOCAL_DIR_PREFIX}{directory}: no open_clip_config.json there (an OpenCLIP "
+        raise FileNotFoundError(f"{LOCAL_DIR_PREFIX}{folder}: no open_clip_config.json there (an OpenCLIP "
                                 "export or a hub download holds one)")
-    try:
-        text_cfg = json.loads(config.read_text())["model_cfg"].get("text_cfg") or {}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{config} is not OpenCLIP's config JSON ({reason(err)}); fix or re-export it") from None
-    if context_length is None:
-        context_length = int(text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH))
-    if tokenizer is None and text_cfg.get("hf_tokenizer_name"):
-        tokenizer = f"{HF_PREFIX}{config.parent}"
-    if tokenizer is None:
-        return _cached_tokenizer(context_length)
-    if not tokenizer.startswith(HF_PREFIX):
-        raise ValueError(f"tokenizer={tokenizer!r}: use hf:PATH (a local Hugging Face tokenizer), or leave it unset")
-    return HFTokenizer(tokenizer.removeprefix(HF_PREFIX), context_length=context_length,
-                       **dict(text_cfg.get("tokenizer_kwargs") or {}))
+    text_cfg = (read_open_clip_config(folder) or {}).get("text_cfg") or {}
+    if not isinstance(text_cfg, dict):
+        raise ValueError(  # noqa: TRY004 - bad input: the CLIs report ValueErrors in one line
+            f"{config} is not OpenCLIP's config JSON (its text_cfg is no mapping); fix or re-export it")
+    return text_cfg
 
 
 def _model_context_length(name: str | None, text_cfg: dict | None) -> int:

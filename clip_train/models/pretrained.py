@@ -227,9 +227,14 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
 
 def _openclip_config_beside(path: Path) -> dict | None:
     """``model_cfg`` of an ``open_clip_config.json`` in the weights file's directory (OpenCLIP's hub layout)."""
+    return read_open_clip_config(path.parent)
+
+
+def read_open_clip_config(folder: Path) -> dict | None:
+    """``model_cfg`` of ``folder/open_clip_config.json``, with its ``preprocess_cfg``; None without one."""
     import json
 
-    config_file = path.parent / "open_clip_config.json"
+    config_file = folder / "open_clip_config.json"
     if not config_file.is_file():
         return None
     try:
