@@ -311,6 +311,23 @@ def renamed_key_in(err: BaseException) -> str | None:
     return None
 
 
+def close_key_hint(err: BaseException) -> str:
+    """`` (did you mean optim.cooldown_steps?)`` when a composition error (or one of its causes) is about a key
+    its dataclass does not have and one of its fields is spelt alike, else ``""``."""
+    seen: BaseException | None = err
+    while seen is not None:
+        schema, key, full_key = (getattr(seen, name, None) for name in ("object_type", "key", "full_key"))
+        if dataclasses.is_dataclass(schema) and key is not None and full_key:
+            names = sorted(f.name for f in dataclasses.fields(schema))
+            close = difflib.get_close_matches(str(key), names, n=1)
+            if close and close[0] != key:
+                prefix = str(full_key)[: -len(str(key))] if str(full_key).endswith(str(key)) else ""
+                return f" (did you mean {prefix}{close[0]}?)"
+            return ""
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
 def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     """Reject combinations the schema's types cannot express, each in one line that says how to fix it."""
     choices = {

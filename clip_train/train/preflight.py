@@ -21,6 +21,7 @@ from clip_train.config import (
     ConfigError,
     TrainConfig,
     check_known_keys,
+    close_key_hint,
     renamed_key_error,
     renamed_key_in,
     validate,
@@ -100,7 +101,8 @@ def check(config_dir: str, config_name: str, overrides: list[str], world_size: i
         if renamed is not None:
             raise ConfigError(renamed) from None
         raise ConfigError(
-            f"{one_line(err)} (keys and types are listed in clip_train/config.py; python -m clip_train --cfg job "
+            f"{one_line(err)}{close_key_hint(err)} (keys and types are listed in clip_train/config.py; "
+            "python -m clip_train --cfg job "
             "prints the composed config)"
         ) from None
     preference = typed.train.device
