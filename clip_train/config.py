@@ -42,9 +42,12 @@ class LossConfig:
     """CoCa only: weight of the contrastive term (OpenCLIP's ``--coca-contrastive-loss-weight``); 0 trains captioning only."""
 
 
+LR_SCHEDULES = ("cosine", "const", "const-cooldown")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW (or StableAdamW) with linear warmup and cosine decay."""
+    """AdamW (or StableAdamW) with linear warmup, then a cosine decay or a constant LR (with a cooldown)."""
 
     name: str = "adamw"
     """``adamw`` or ``stable_adamw`` (AdamW with AdaFactor-style update clipping, Wortsman et al. 2023)."""
@@ -56,8 +59,17 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 2000
     """Linear warmup from 0 to ``lr``."""
+    schedule: str = "cosine"
+    """The LR after the warmup (OpenCLIP's ``--lr-scheduler``): ``cosine`` decays to ``lr * min_lr_ratio`` at
+    ``train.max_steps``; ``const`` stays at ``lr``; ``const-cooldown`` stays at ``lr`` until the last
+    ``cooldown_steps`` steps, which decay it to ``lr * min_lr_ratio``. A constant run's checkpoint can be
+    resumed with a cooldown (docs/reliability.md, "Branch a cooldown")."""
     min_lr_ratio: float = 0.0
-    """The cosine schedule ends at ``lr * min_lr_ratio``."""
+    """Where the cosine or the cooldown ends, as a fraction of ``lr``."""
+    cooldown_steps: int = 0
+    """``const-cooldown``: the final steps of ``train.max_steps`` over which the LR decays (ignored otherwise)."""
+    cooldown_power: float = 1.0
+    """``const-cooldown``: the decay's shape, ``(1 - progress) ** power``: 1 linear, below 1 slower at first."""
     grad_clip_norm: Optional[float] = None
     """Clip the global gradient norm to this value; null disables clipping."""
 
@@ -127,7 +139,9 @@ class CheckpointConfig:
     keep_last: int = 3
     """Keep the newest N checkpoints (0 keeps all)."""
     resume: str = "auto"
-    """``auto``: newest complete checkpoint in the run dir, if any; ``none``: start fresh; or a checkpoint path."""
+    """``auto``: newest complete checkpoint in the run dir, if any; ``none``: start fresh; or a checkpoint path.
+    Another run's checkpoint starts a new run off it (a branch), used while this run dir has none of its own:
+    a requeued branch continues from its own newest."""
     async_save: bool = False
     """Write checkpoints in the background: a step blocks only while the state is copied to host memory
     (pinned on CUDA); the write, fsync, manifest and ``latest`` follow in a thread, one save at a time.
@@ -377,6 +391,23 @@ def _positive(key: str, value: float | None, allow_none: bool = False) -> None:
         raise ConfigError(f"{key} must be a positive number, got {value}")
 
 
+def _check_schedule(optim: OptimConfig, max_steps: int) -> None:
+    if optim.schedule not in LR_SCHEDULES:
+        raise ConfigError(f"optim.schedule={optim.schedule!r} is not a schedule: use one of {', '.join(LR_SCHEDULES)}")
+    if optim.cooldown_steps < 0:
+        raise ConfigError(f"optim.cooldown_steps must be >= 0, got {optim.cooldown_steps}")
+    _positive("optim.cooldown_power", optim.cooldown_power)
+    if optim.schedule != "const-cooldown":
+        return
+    after_warmup = max_steps - min(optim.warmup_steps, max_steps)
+    if not 1 <= optim.cooldown_steps <= after_warmup:
+        raise ConfigError(
+            f"optim.schedule=const-cooldown needs optim.cooldown_steps between 1 and {after_warmup} (the steps "
+            f"after the warmup: train.max_steps={max_steps} - optim.warmup_steps={optim.warmup_steps}), got "
+            f"{optim.cooldown_steps}"
+        )
+
+
 def validate_values(cfg: TrainConfig) -> None:
     """Intervals, the temperature, optimizer settings, worker counts and paths: each refused in one line
     before any work starts (instead of a ZeroDivisionError or IndexError deep in the run)."""
@@ -403,6 +434,7 @@ def validate_values(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     if not 0.0 <= optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio is a fraction of optim.lr in [0, 1], got {optim.min_lr_ratio}")
+    _check_schedule(optim, cfg.train.max_steps)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0 (0 reads in the training process), got {cfg.data.num_workers}")
     if cfg.data.shuffle_buffer < 0:

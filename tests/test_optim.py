@@ -1,4 +1,4 @@
-"""Parameter groups, the LR schedule and StableAdamW."""
+"""Parameter groups, the LR schedules (checked against OpenCLIP's) and StableAdamW."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import clip_train
-from clip_train.config import OptimConfig
+from clip_train.config import ConfigError, OptimConfig, TrainConfig, validate_values
 from clip_train.train.optim import (
     StableAdamW,
     build_optimizer,
     build_scheduler,
     cosine_with_warmup,
+    ignored_schedule_options,
     parameter_groups,
 )
 
@@ -56,6 +57,71 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine() -> None:
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+def _lr_per_update(cfg: OptimConfig, total_steps: int) -> list[float]:
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _open_clip_lr_per_update(make_scheduler, total_steps: int, **kwargs) -> list[float]:
+    """OpenCLIP's training script calls its scheduler with the 0-based update index before each update."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.0)
+    adjust = make_scheduler(optimizer, steps=total_steps, **kwargs)
+    return [adjust(step) for step in range(total_steps)]
+
+
+@pytest.mark.parametrize(("power", "end_ratio"), [(1.0, 0.0), (0.5, 0.1), (2.0, 0.0)])
+def test_const_cooldown_gives_openclips_lr_at_every_update(power: float, end_ratio: float) -> None:
+    scheduler = pytest.importorskip("open_clip_train.scheduler")
+    cfg = OptimConfig(lr=3e-3, warmup_steps=5, schedule="const-cooldown", cooldown_steps=8,
+                      cooldown_power=power, min_lr_ratio=end_ratio)
+    ours = _lr_per_update(cfg, 30)
+    theirs = _open_clip_lr_per_update(scheduler.const_lr_cooldown, 30, base_lr=3e-3, warmup_length=5,
+                                      cooldown_steps=8, cooldown_power=power, cooldown_end_lr=3e-3 * end_ratio)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    assert ours[5:22] == pytest.approx([3e-3] * 17) and ours[-1] < 3e-3  # constant, then the cooldown
+
+
+def test_cosine_and_const_give_openclips_lr_at_every_update() -> None:
+    scheduler = pytest.importorskip("open_clip_train.scheduler")
+    cosine = _lr_per_update(OptimConfig(lr=1e-3, warmup_steps=4), 25)
+    assert cosine == pytest.approx(_open_clip_lr_per_update(scheduler.cosine_lr, 25, base_lr=1e-3, warmup_length=4))
+    const = _lr_per_update(OptimConfig(lr=1e-3, warmup_steps=4, schedule="const"), 25)
+    assert const == pytest.approx(_open_clip_lr_per_update(scheduler.const_lr, 25, base_lr=1e-3, warmup_length=4))
+
+
+def _validate_optim(max_steps: int = 100, **optim) -> None:
+    cfg = TrainConfig()
+    cfg.train.max_steps = max_steps
+    cfg.optim = OptimConfig(**optim)
+    validate_values(cfg)
+
+
+def test_schedule_settings_that_cannot_run_are_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"optim.schedule='linear' is not a schedule: use one of cosine, const, "
+                                          r"const-cooldown"):
+        _validate_optim(schedule="linear")
+    with pytest.raises(ConfigError, match=r"between 1 and 90 \(the steps after the warmup: train.max_steps=100 "
+                                          r"- optim.warmup_steps=10\), got 0"):
+        _validate_optim(schedule="const-cooldown", warmup_steps=10)
+    with pytest.raises(ConfigError, match="between 1 and 90"):
+        _validate_optim(schedule="const-cooldown", warmup_steps=10, cooldown_steps=91)
+    with pytest.raises(ConfigError, match="optim.cooldown_power must be a positive number"):
+        _validate_optim(schedule="const-cooldown", warmup_steps=10, cooldown_steps=5, cooldown_power=0.0)
+    _validate_optim(schedule="const-cooldown", warmup_steps=10, cooldown_steps=90)
+    # A sweep over schedules may carry cooldown_steps into its cosine points: warned about, not refused.
+    _validate_optim(schedule="cosine", cooldown_steps=20)
+    assert ignored_schedule_options(OptimConfig(cooldown_steps=20)) == [
+        "optim.cooldown_steps=20 is ignored by optim.schedule=cosine (set optim.schedule=const-cooldown for a cooldown)"
+    ]
+    assert ignored_schedule_options(OptimConfig(schedule="const-cooldown", cooldown_steps=20)) == []
 
 
 def test_stable_adamw_matches_adamw_when_updates_are_unclipped() -> None:

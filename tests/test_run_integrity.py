@@ -25,7 +25,7 @@ import clip_train
 from clip_train.models import CheckpointError
 from clip_train.train import checkpoint as ckpt
 from clip_train.train import run_lock
-from clip_train.train.optim import cosine_with_warmup
+from clip_train.train.optim import const_with_cooldown, cosine_with_warmup
 from tests.cli_helpers import FAST_DEMO, read_metrics, run_cli, train_losses
 from tests.test_reliability import _finish, _kill_group, _logged_step, _start, _wait_for_step
 
@@ -164,6 +164,51 @@ def test_a_resume_takes_lr_weight_decay_and_betas_from_the_new_config(cache_dir:
     groups = ckpt.load_checkpoint(new_run / "checkpoints" / ckpt.step_dir_name(8))["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
     assert all(tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+
+def _wandb_ids(run_dir: Path) -> set[str]:
+    return {path.name.rsplit("-", 1)[-1] for path in (run_dir / "wandb").glob("offline-run-*")}
+
+
+def test_a_constant_runs_checkpoint_branches_into_a_cooldown_as_a_new_run_and_a_rerun_keeps_the_branch(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    const_run, branch = tmp_path / "const", tmp_path / "cooldown"
+    base = [*FAST_DEMO, "data.batch_size=16", "ckpt.every_n_steps=2", "ckpt.keep_last=0", "optim.warmup_steps=2",
+            "logger.wandb.mode=offline"]
+    first = run_cli([*base, "optim.schedule=const", "train.max_steps=6", f"hydra.run.dir={const_run}"], cache_dir,
+                    timeout=DEADLINE_S)
+    assert first.returncode == 0, first.stderr[-3000:]
+    const_lrs = {m["step"]: m["lr"] for m in read_metrics(const_run) if "loss" in m}
+    assert [const_lrs[step] for step in (2, 3, 4, 5, 6)] == pytest.approx([3e-3] * 5)  # after the warmup: lr
+    const_metrics = (const_run / "metrics.jsonl").read_bytes()
+    (const_id,) = _wandb_ids(const_run)
+
+    branch_args = [*base, "optim.schedule=const-cooldown", "optim.cooldown_steps=3", "optim.min_lr_ratio=0.1",
+                   "train.max_steps=7", f"ckpt.resume={const_run / 'checkpoints' / ckpt.step_dir_name(4)}",
+                   f"hydra.run.dir={branch}"]
+    second = run_cli(branch_args, cache_dir, timeout=DEADLINE_S)
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert "optim.schedule const -> const-cooldown" in output and "another run's checkpoint" in output
+    logged = {m["step"]: m for m in read_metrics(branch) if "loss" in m}
+    assert sorted(logged) == [5, 6, 7]
+    for step, record in logged.items():  # the cooldown over steps 4-7 of the new schedule, down to 0.1 x lr
+        assert record["lr"] == pytest.approx(3e-3 * const_with_cooldown(step, 2, 7, 3, 0.1, 1.0), rel=1e-9)
+    assert logged[7]["lr"] == pytest.approx(3e-4)
+    assert logged[5]["loss"] == train_losses(const_run)[5]  # step 5 runs on step 4's weights and data position
+    (branch_id,) = _wandb_ids(branch)
+    assert branch_id != const_id  # its own W&B run, not steps appended to the constant run's
+    assert (const_run / "metrics.jsonl").read_bytes() == const_metrics and _wandb_ids(const_run) == {const_id}
+
+    # A requeued branch job runs the same command: it keeps its own steps instead of starting over at step 4.
+    again = run_cli(branch_args, cache_dir, timeout=DEADLINE_S)
+    assert again.returncode == 0, again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert "this run dir has its own: continuing from" in output and "nothing to train" in output
+    assert _steps(branch) == [5, 6, 7] and not (branch / "checkpoints" / "abandoned").exists()
+    assert [s for s, _ in ckpt.list_checkpoints(branch / "checkpoints")] == [7, 6]
+    assert _wandb_ids(branch) == {branch_id}
 
 
 # ------------------------------------------------------------------------------------------- 3. one timeline

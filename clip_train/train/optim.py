@@ -1,4 +1,4 @@
-"""Optimizers and the learning-rate schedule.
+"""Optimizers and the learning-rate schedules.
 
 AdamW decays weight matrices only: gains, biases, embeddings and the temperature are excluded, as in CLIP.
 """
@@ -6,13 +6,13 @@ AdamW decays weight matrices only: gains, biases, embeddings and the temperature
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from clip_train.config import OptimConfig
+from clip_train.config import LR_SCHEDULES, OptimConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -92,9 +92,44 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def const_with_cooldown(
+    step: int, warmup_steps: int, total_steps: int, cooldown_steps: int, min_ratio: float, power: float
+) -> float:
+    """LR multiplier: the same warmup, then 1 until the last ``cooldown_steps`` steps, which decay it to
+    ``min_ratio`` as ``(1 - progress) ** power`` (1: linear). ``cooldown_steps=0`` is a constant schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    cooldown_start = total_steps - cooldown_steps
+    if cooldown_steps <= 0 or step < cooldown_start:
+        return 1.0
+    progress = min(1.0, (step - cooldown_start) / cooldown_steps)
+    return min_ratio + (1.0 - min_ratio) * (1.0 - progress) ** power
+
+
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """The schedule ``optim.schedule`` names, as a function of the step (``LambdaLR``'s lambda)."""
+    # Plain closures, not partials: LambdaLR's state_dict then stores nothing of them (a function is rebuilt
+    # from the new config on resume), as it always has.
+    warmup, min_ratio = min(cfg.warmup_steps, total_steps), cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return lambda step: cosine_with_warmup(step, warmup, total_steps, min_ratio)
+    if cfg.schedule in ("const", "const-cooldown"):
+        cooldown, power = (cfg.cooldown_steps if cfg.schedule == "const-cooldown" else 0), cfg.cooldown_power
+        return lambda step: const_with_cooldown(step, warmup, total_steps, cooldown, min_ratio, power)
+    raise ValueError(f"optim.schedule={cfg.schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+
+
+def ignored_schedule_options(cfg: OptimConfig) -> list[str]:
+    """The cooldown keys set for a schedule that has no cooldown, each as a line to warn with."""
+    if cfg.schedule == "const-cooldown" or cfg.cooldown_steps == 0:
+        return []
+    line = (f"optim.cooldown_steps={cfg.cooldown_steps} is ignored by optim.schedule={cfg.schedule} (set "
+            "optim.schedule=const-cooldown for a cooldown)")
+    return [line]
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
-    warmup = min(cfg.warmup_steps, total_steps)
-    return LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup, total_steps, cfg.min_lr_ratio))
+    return LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
 
 
 def apply_config_on_resume(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg: OptimConfig) -> None:

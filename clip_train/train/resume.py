@@ -1,10 +1,11 @@
 """What a resume takes from the checkpoint and what from the new config, and keeping one timeline.
 
 From the checkpoint: weights, optimizer moments and step counts, the schedule's position (the step), the
-data position, every RNG stream, the skip counters, the W&B run id. From the new config: everything else,
-the optimizer's hyperparameters in particular (``optim.lr``, ``weight_decay``, ``betas``, ``eps``,
-``warmup_steps``, ``min_lr_ratio``, ``grad_clip_norm``) and ``train.max_steps`` (which shapes the cosine
-schedule). :func:`config_changes` lists what differs from the config stored in the checkpoint, one line each.
+data position, every RNG stream, the skip counters, the W&B run id (when the checkpoint is the run dir's own:
+another run's checkpoint starts a new run off it). From the new config: everything else, the optimizer's
+hyperparameters in particular (``optim.lr``, ``weight_decay``, ``betas``, ``eps``, ``warmup_steps``,
+``schedule`` and its ``min_lr_ratio``/``cooldown_*``, ``grad_clip_norm``) and ``train.max_steps`` (which
+shapes the schedule). :func:`config_changes` lists what differs from the config stored in the checkpoint, one line each.
 
 Resuming from a checkpoint older than the run's newest starts a new timeline from it: the newer step
 directories belong to the abandoned one, so :func:`retire_newer_checkpoints` moves them under

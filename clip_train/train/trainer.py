@@ -44,7 +44,12 @@ from clip_train.train.metrics import (
     evaluation_at,
     truncate_metrics_after,
 )
-from clip_train.train.optim import apply_config_on_resume, build_optimizer, build_scheduler
+from clip_train.train.optim import (
+    apply_config_on_resume,
+    build_optimizer,
+    build_scheduler,
+    ignored_schedule_options,
+)
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
 from clip_train.train.profiler import OnDemandProfiler
@@ -126,6 +131,9 @@ class Trainer:
         self.loss_fn = build_loss(cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        if ctx.is_main:
+            for warning in ignored_schedule_options(cfg.optim):
+                log.warning(warning)
         self.scaler = grad_scaler(cfg.train.precision, self.device)
         self.state = TrainState()
         self.bad_steps = NonFiniteSteps(self.device)
@@ -289,7 +297,20 @@ class Trainer:
             return None
         if resume == "auto":
             return ckpt_io.find_resumable(self.checkpoint_dir)
-        return resolve_training_checkpoint(resume)
+        path = resolve_training_checkpoint(resume)
+        if not self._is_own_checkpoint(path):
+            # A branch that was requeued (preemption, a restart) still names the run it branched from; starting
+            # over from there would throw away its own steps, so its own newest checkpoint wins (torchtitan's
+            # initial_load_path works the same way).
+            own = ckpt_io.find_resumable(self.checkpoint_dir)
+            if own is not None:
+                log.info("ckpt.resume=%s is another run's checkpoint, but this run dir has its own: continuing from "
+                         "%s (to branch afresh, use a new run dir)", resume, own)
+                return own
+        return path
+
+    def _is_own_checkpoint(self, path: Path) -> bool:
+        return Path(path).resolve().is_relative_to(self.checkpoint_dir.resolve())
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         """One line, before anything is loaded, if the checkpoint's model is another architecture or not finite."""
@@ -331,7 +352,13 @@ class Trainer:
             if self.cfg.ckpt.resume not in ("auto", "none"):  # auto skips damaged newer ones; they are rewritten
                 resume_rules.retire_newer_checkpoints(self.checkpoint_dir, self.state.step,
                                                       self.run_dir / METRICS_FILE)
-        self.wandb_run_id = state.get("wandb_run_id")
+        # Another run's checkpoint branches off it (a cooldown, a new lr): this run dir is a new run, so it
+        # gets its own W&B run rather than appending steps the other run has logged already.
+        branched = not self._is_own_checkpoint(Path(path))
+        self.wandb_run_id = None if branched else state.get("wandb_run_id")
+        if branched and self.ctx.is_main:
+            log.info("resume: %s is another run's checkpoint; this run continues from it as a new run (its own "
+                     "metrics and W&B run; that run is left as it was)", path)
         per_rank = state["per_rank"]
         # The data position is the global batch index, which any world size and worker count continues;
         # the loader takes every saved rank's entry (skip counts included) and warns only for a new global batch.
