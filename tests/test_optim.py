@@ -13,6 +13,7 @@ from clip_train.train.optim import (
     StableAdamW,
     build_optimizer,
     build_scheduler,
+    cooldown_begun_before,
     cosine_with_warmup,
     ignored_schedule_options,
     parameter_groups,
@@ -151,3 +152,14 @@ def test_stable_adamw_shrinks_the_step_after_a_gradient_spike() -> None:
     plain_adam_step = 0.1 * 1.0  # Adam's update saturates at ~lr per coordinate
     assert (before - param.detach()).abs().max() < 0.5 * plain_adam_step
     assert not math.isnan(param.sum().item())
+
+
+def test_a_resume_inside_the_cooldown_is_warned_about_with_the_cooldown_that_would_fit() -> None:
+    cfg = OptimConfig(schedule="const-cooldown", warmup_steps=10, cooldown_steps=400)
+    assert cooldown_begun_before(cfg, total_steps=1000, resumed_step=600) is None  # the cooldown starts at 600
+    assert cooldown_begun_before(cfg, total_steps=1000, resumed_step=1000) is None  # nothing left to train
+    assert cooldown_begun_before(OptimConfig(cooldown_steps=400), 1000, 800) is None  # cosine: no cooldown
+    assert cooldown_begun_before(cfg, total_steps=1000, resumed_step=800) == (
+        "optim.cooldown_steps=400 began the cooldown at step 600, before the resumed step 800: the LR starts at "
+        "0.5 x optim.lr; for a whole cooldown from here set optim.cooldown_steps=200"
+    )

@@ -191,6 +191,7 @@ def test_a_constant_runs_checkpoint_branches_into_a_cooldown_as_a_new_run_and_a_
     assert second.returncode == 0, second.stderr[-3000:]
     output = second.stdout + second.stderr
     assert "optim.schedule const -> const-cooldown" in output and "another run's checkpoint" in output
+    assert "began the cooldown" not in output  # cooldown_steps spans exactly the steps left: no warning
     logged = {m["step"]: m for m in read_metrics(branch) if "loss" in m}
     assert sorted(logged) == [5, 6, 7]
     for step, record in logged.items():  # the cooldown over steps 4-7 of the new schedule, down to 0.1 x lr

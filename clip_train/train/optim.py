@@ -128,6 +128,20 @@ def ignored_schedule_options(cfg: OptimConfig) -> list[str]:
     return [line]
 
 
+def cooldown_begun_before(cfg: OptimConfig, total_steps: int, resumed_step: int) -> str | None:
+    """A warning line when a resume lands inside the cooldown: the LR then starts part-way down, which a
+    branch off a constant run rarely means (its cooldown usually spans exactly the steps left)."""
+    if cfg.schedule != "const-cooldown" or resumed_step >= total_steps:
+        return None
+    start = total_steps - cfg.cooldown_steps
+    if resumed_step <= start:
+        return None
+    factor = lr_multiplier(cfg, total_steps)(resumed_step)
+    return (f"optim.cooldown_steps={cfg.cooldown_steps} began the cooldown at step {start}, before the resumed step "
+            f"{resumed_step}: the LR starts at {factor:.3g} x optim.lr; for a whole cooldown from here set "
+            f"optim.cooldown_steps={total_steps - resumed_step}")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
 

@@ -48,6 +48,7 @@ from clip_train.train.optim import (
     apply_config_on_resume,
     build_optimizer,
     build_scheduler,
+    cooldown_begun_before,
     ignored_schedule_options,
 )
 from clip_train.train.parallelize import clip_grad_norm, parallelize
@@ -365,6 +366,9 @@ class Trainer:
         self.loader.load_state_dict([entry["dataloader"] for entry in per_rank])
         restore_rng_streams(per_rank, self.ctx.rank, self.cfg.train.seed, self.state.step)
         log.info("resumed from %s at step %d", path, self.state.step)
+        late_cooldown = cooldown_begun_before(self.cfg.optim, self.cfg.train.max_steps, self.state.step)
+        if late_cooldown and self.ctx.is_main:
+            log.warning(late_cooldown)
 
     # ------------------------------------------------------------------ logging
 
