@@ -88,6 +88,30 @@ def test_hydra_model_configs_match_the_registry(path: Path) -> None:
     assert cfg == get_model_config(cfg.name)
 
 
+def _model_config(**overrides) -> object:
+    from clip_train.models import ModelConfig
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(overrides)))
+
+
+def test_a_named_architecture_takes_forced_sizes_and_refuses_tower_values_it_would_drop() -> None:
+    cfg = _model_config(name="ViT-B-32", architecture_from_name=True, force_image_size=384, force_context_length=32)
+    assert cfg.vision.image_size == 384 and cfg.text.context_length == 32
+    assert cfg.vision.width == get_model_config("ViT-B-32").vision.width  # the rest is the name's
+    # A checkpoint stores the resolved config; it loads back as the same architecture.
+    assert _model_config(**OmegaConf.to_container(OmegaConf.structured(cfg))) == cfg
+    with pytest.raises(ValueError, match=r"model.vision.image_size=384 would be replaced by ViT-B-32's own \(224\)"
+                                         r".*use model.force_image_size=384"):
+        _model_config(name="ViT-B-32", architecture_from_name=True, vision={"image_size": 384})
+    with pytest.raises(ValueError, match=r"model.text.heads=4 would be replaced.*set the architecture without it"):
+        _model_config(name="ViT-B-32", architecture_from_name=True, text={"heads": 4})
+    by_hand = _model_config(name="tiny", vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": [2],
+                                                  "head_width": 32}, force_image_size=48)
+    assert by_hand.vision.image_size == 48
+    with pytest.raises(ValueError, match="model.force_context_length=0: give a whole number"):
+        _model_config(force_context_length=0)
+
+
 def test_logit_scale_starts_at_the_configured_temperature_and_is_clamped_at_100() -> None:
     model = clip_train.create_model("tiny")
     assert torch.isclose(model.logit_scale.exp(), torch.tensor(1 / 0.07))

@@ -52,6 +52,53 @@ def test_openclip_state_dict_gives_identical_features(name: str, tmp_path: Path)
     assert_same_features(clip_train.create_model(name, pretrained=path), reference)
 
 
+def test_a_new_image_size_and_context_length_interpolate_positions_as_openclip_does(tmp_path: Path) -> None:
+    """Fine-tuning at another resolution: the same file and sizes give OpenCLIP's model, position for position."""
+    path = tmp_path / "ViT-B-32.pt"
+    torch.save(reference_model("ViT-B-32").state_dict(), path)
+    reference = open_clip.create_model("ViT-B-32", pretrained=str(path), force_image_size=320,
+                                       force_context_length=40).eval()
+    ours = clip_train.create_model("ViT-B-32", pretrained=path, force_image_size=320, force_context_length=40)
+    assert ours.image_size == 320 and ours.visual.positional_embedding.shape == (101, 768)  # 10x10 + class
+    for key in ("visual.positional_embedding", "positional_embedding"):
+        assert torch.equal(ours.state_dict()[key], reference.state_dict()[key]), key
+    images = torch.randn(2, 3, 320, 320, generator=torch.Generator().manual_seed(1))
+    tokens = clip_train.get_tokenizer(context_length=40)(["a diagram of a cat", "two dogs in the snow"])
+    with torch.no_grad():
+        assert (ours.encode_image(images) - reference.encode_image(images)).abs().max() < TOLERANCE
+        assert (ours.encode_text(tokens) - reference.encode_text(tokens)).abs().max() < TOLERANCE
+
+
+def test_a_training_run_takes_pretrained_weights_at_another_image_size(tmp_path: Path, caplog) -> None:
+    from clip_train.models import create_model_from_config
+    from clip_train.models.registry import get_model_config
+
+    source = clip_train.create_model("tiny")  # 32 pixels, 8-pixel patches: a 4x4 grid
+    path = tmp_path / "tiny.pt"
+    torch.save(source.state_dict(), path)
+    cfg = get_model_config("tiny")
+    cfg.vision.image_size, cfg.pretrained = 48, str(path)
+    with caplog.at_level("INFO", logger="clip_train"):
+        model = create_model_from_config(cfg)
+    assert "visual.positional_embedding resized from a 4x4 to a 6x6 patch grid (bicubic)" in caplog.text
+    grid = model.visual.positional_embedding.detach()
+    assert grid.shape == (37, source.visual.positional_embedding.shape[1])
+    assert torch.equal(grid[0], source.visual.positional_embedding[0])  # the class token's row is kept
+    assert torch.equal(model.visual.conv1.weight, source.visual.conv1.weight)  # every other weight as loaded
+    assert model.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, source.config.embed_dim)
+
+
+def test_position_shapes_that_cannot_be_interpolated_are_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pt"
+    state = clip_train.create_model("tiny").state_dict()
+    state["visual.positional_embedding"] = state["visual.positional_embedding"][:-1]  # 15 patches: no square grid
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"visual.positional_embedding \(file \(16, \d+\), model \(17,"):
+        clip_train.create_model("tiny", pretrained=path)
+    with pytest.raises(ValueError, match="model.force_image_size=0: give a whole number"):
+        clip_train.create_model("tiny", force_image_size=0)
+
+
 def test_openclip_safetensors_and_bin_files_load(tmp_path: Path) -> None:
     reference = reference_model("ViT-B-32")
     state = {k: v.contiguous() for k, v in reference.state_dict().items()}

@@ -6,6 +6,7 @@ Hydra ``model`` config group, so every field carries a docstring-style comment u
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -197,6 +198,12 @@ class ModelConfig:
     whole image to ``image_size`` x ``image_size``, no crop); null as for ``image_mean`` (OpenAI's: shortest)."""
     pretrained: Optional[str] = None
     """Local path to weights to start from: an OpenAI release, an OpenCLIP state dict or checkpoint."""
+    force_image_size: Optional[int] = None
+    """Build the image tower for this image size instead of the architecture's (OpenCLIP's
+    ``--force-image-size``), e.g. to fine-tune at 384 pixels; a ViT's ``pretrained`` patch-grid positions are
+    interpolated to it. Also works with ``architecture_from_name``, which otherwise fixes ``vision.image_size``."""
+    force_context_length: Optional[int] = None
+    """The same for the text tower's context length (tokens per caption); its positions are interpolated."""
     allow_nonfinite_weights: bool = False
     """Load ``pretrained`` weights (and resume checkpoints) even if some hold NaN or Inf; refused by default."""
     architecture_from_name: bool = False
@@ -224,12 +231,46 @@ class ModelConfig:
             from clip_train.models.registry import get_model_config  # the registry builds ModelConfigs itself
 
             named = get_model_config(self.name)
+            named.force_image_size, named.force_context_length = self.force_image_size, self.force_context_length
+            named._apply_forced_sizes()
+            self._refuse_tower_settings_the_name_replaces(named)
             for f in ARCHITECTURE_FIELDS:
                 setattr(self, f, getattr(named, f))
             for f in PREPROCESS_FIELDS:  # the name's preprocessing, unless the user set a field
                 if getattr(self, f) is None:
                     setattr(self, f, getattr(named, f))
+        else:
+            self._apply_forced_sizes()
         self._check_preprocessing()
+
+    def _apply_forced_sizes(self) -> None:
+        for key, value in (("force_image_size", self.force_image_size),
+                           ("force_context_length", self.force_context_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"model.{key}={value!r}: give a whole number of pixels or tokens, at least 1")
+        if self.force_image_size is not None:
+            self.vision.image_size = self.force_image_size
+        if self.force_context_length is not None:
+            self.text.context_length = self.force_context_length
+
+    def _refuse_tower_settings_the_name_replaces(self, named: ModelConfig) -> None:
+        """A ``vision.*``/``text.*`` value set by hand would be dropped for the name's: refuse it, in one line.
+
+        A value counts as set when it differs from the schema's default and from the name's own (a stored
+        config of such a model holds the name's values, and loads as before).
+        """
+        for tower, default in (("vision", VisionConfig()), ("text", TextConfig())):
+            mine, theirs = getattr(self, tower), getattr(named, tower)
+            for f in dataclasses.fields(mine):
+                value = _plain(getattr(mine, f.name))
+                if value != _plain(getattr(default, f.name)) and value != _plain(getattr(theirs, f.name)):
+                    hint = {"image_size": "model.force_image_size", "context_length": "model.force_context_length"}
+                    fix = f"use {hint[f.name]}={value}" if f.name in hint else "set the architecture without it"
+                    raise ValueError(
+                        f"model.{tower}.{f.name}={value} would be replaced by {self.name}'s own "
+                        f"({_plain(getattr(theirs, f.name))}): model.architecture_from_name=true takes every "
+                        f"tower setting from model.name; {fix}"
+                    )
 
     def _check_preprocessing(self) -> None:
         """Refuse preprocessing values the data path cannot apply (one line naming the key)."""
@@ -263,3 +304,10 @@ class ModelConfig:
 
 ARCHITECTURE_FIELDS = ("embed_dim", "vision", "text", "quick_gelu", "custom_text", "init_logit_bias", "multimodal")
 """The ``ModelConfig`` fields that describe the network (the rest are its name, weights and training options)."""
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so a value read back from YAML compares equal to the registry's."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

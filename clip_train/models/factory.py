@@ -43,6 +43,8 @@ def create_model(
     pretrained: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     allow_nonfinite_weights: bool = False,
+    force_image_size: int | None = None,
+    force_context_length: int | None = None,
 ) -> CLIP:
     """Build a CLIP model.
 
@@ -57,6 +59,9 @@ def create_model(
         device: where to put the model.
         allow_nonfinite_weights: load ``pretrained`` even if some weights are NaN or Inf (refused by default:
             such a file comes from a run that diverged).
+        force_image_size: build the model for this image size instead of the architecture's (OpenCLIP's
+            argument); a ViT's ``pretrained`` patch-grid positions are interpolated to it.
+        force_context_length: the same for the text tower's context length (its positions interpolated).
     """
     if name is not None and name.startswith(LOCAL_DIR_PREFIX):  # OpenCLIP's spelling of "this folder's model"
         if pretrained is not None:
@@ -76,9 +81,13 @@ def create_model(
         cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
     if pretrained is not None:
         cfg.pretrained = str(pretrained)  # towers built from files saved beside the weights (HF text config) find them
+    if force_image_size is not None or force_context_length is not None:
+        cfg = dataclasses.replace(cfg, force_image_size=force_image_size, force_context_length=force_context_length,
+                                  architecture_from_name=False)  # replace() re-runs the checks and applies them
     model = build_model(cfg)
     if weights is not None:
-        load_weights_into(model, weights, source=str(pretrained), allow_nonfinite=allow_nonfinite_weights)
+        load_weights_into(model, weights, source=str(pretrained), allow_nonfinite=allow_nonfinite_weights,
+                          resize_positions=True)
     return model.to(device)
 
 
@@ -93,5 +102,6 @@ def create_model_from_config(
         cfg = dataclasses.replace(cfg, quick_gelu=True)
     model = build_model(cfg, init_temperature=init_temperature, init_logit_bias=init_logit_bias)
     if weights is not None:
-        load_weights_into(model, weights, source=str(cfg.pretrained), allow_nonfinite=cfg.allow_nonfinite_weights)
+        load_weights_into(model, weights, source=str(cfg.pretrained), allow_nonfinite=cfg.allow_nonfinite_weights,
+                          resize_positions=True)
     return model

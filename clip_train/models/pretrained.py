@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import pickle
 import re
@@ -25,6 +26,9 @@ from torch import nn
 
 from clip_train.errors import reason
 from clip_train.models.config import ModelConfig
+from clip_train.models.resize import resize_position_embeddings
+
+log = logging.getLogger("clip_train")
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile add these to every key
@@ -466,11 +470,13 @@ def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
 
 
 def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "state dict",
-                      allow_nonfinite: bool = False) -> None:
+                      allow_nonfinite: bool = False, resize_positions: bool = False) -> None:
     """Copy ``weights`` into ``model`` strictly, casting to the model's dtypes.
 
-    Raises ``CheckpointError`` naming every missing or unexpected key and every shape mismatch, and (unless
-    ``allow_nonfinite``) every tensor holding NaN or Inf.
+    With ``resize_positions`` (pretrained weights, not a run's checkpoint), positional embeddings made for
+    another image size or context length are interpolated to the model's first (see ``resize``), each
+    logged. Raises ``CheckpointError`` naming every missing or unexpected key and every shape mismatch, and
+    (unless ``allow_nonfinite``) every tensor holding NaN or Inf.
     """
     expected = model.state_dict()
     state_dict = dict(weights.state_dict)
@@ -479,6 +485,9 @@ def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "s
     for key, value in expected.items():
         if (key.endswith("num_batches_tracked") or key == "logit_bias") and key not in state_dict:
             state_dict[key] = value
+    if resize_positions:
+        for line in resize_position_embeddings(state_dict, expected):
+            log.info("%s: %s", source, line)
     problems = fit_problems(expected, state_dict)
     if problems:
         raise CheckpointError(
