@@ -1,7 +1,7 @@
 """clip_train: distributed contrastive image-text pretraining (CLIP) that loads OpenAI and OpenCLIP weights."""
 
 from clip_train.models import CLIP, CheckpointError, ModelConfig, create_model, get_model_config, list_models
-from clip_train.preprocess import ImageTransform, get_preprocess
+from clip_train.preprocess import ImageTransform, create_model_and_transforms, get_preprocess
 from clip_train.tokenizer import ClipTokenizer, get_tokenizer
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "ImageTransform",
     "ModelConfig",
     "create_model",
+    "create_model_and_transforms",
     "get_model_config",
     "get_preprocess",
     "get_tokenizer",

@@ -229,3 +229,28 @@ def test_get_preprocess_takes_a_model_and_follows_its_config() -> None:
         assert preprocess.image_size == model.image_size and preprocess.preprocessing == model.config.preprocessing
         with torch.no_grad():  # what a user does next: the features of a photo
             assert model.encode_image(preprocess([_photo()]), normalize=True).shape[0] == 1
+
+
+def test_create_model_and_transforms_returns_openclips_three_with_the_training_crop() -> None:
+    import clip_train
+
+    model, preprocess_train, preprocess_val = clip_train.create_model_and_transforms("tiny")
+    assert isinstance(model, clip_train.CLIP) and preprocess_val == clip_train.get_preprocess(model)
+    assert preprocess_train.is_train and not preprocess_val.is_train
+    assert (preprocess_train.train_crop_scale, preprocess_train.train_crop_ratio) == ((0.9, 1.0), (3 / 4, 4 / 3))
+    # With the whole image as the only crop (area 100%, a square photo), OpenCLIP's training transform is
+    # deterministic too: the pixels agree up to one rounding level.
+    size = 224
+    whole = clip_train.get_preprocess("ViT-B-32", train=True, crop_scale=(1.0, 1.0))
+    reference = image_transform(size, is_train=True, mean=OPENAI_MEAN, std=OPENAI_STD, aug_cfg={"scale": (1.0, 1.0)})
+    photo = _photo(257, 257)
+    assert (whole(photo) - reference(photo)).abs().max() <= 1 / 255 / min(OPENAI_STD) + 1e-5
+    # The default crop is random, and reproducible from a seed (a square photo: a 3:2 one leaves no random crop
+    # of 90% of its area within 4:3, and torchvision's rule then takes the centred one).
+    square = _photo(300, 300)
+    seeded = [clip_train.get_preprocess("ViT-B-32", train=True, seed=3)(square) for _ in range(2)]
+    assert torch.equal(*seeded)
+    draws = clip_train.get_preprocess("ViT-B-32", train=True, seed=3)
+    assert not torch.equal(draws(square), draws(square))
+    with pytest.raises(ValueError, match=r"crop_scale=\[0.5, 1.5\]: give \[min, max\] with 0 < min <= max <= 1"):
+        clip_train.get_preprocess("tiny", train=True, crop_scale=(0.5, 1.5))
