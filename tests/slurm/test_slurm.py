@@ -1,5 +1,6 @@
 """The launch path on a real SLURM cluster (``make test-slurm``): two-node training, preemption by hand and by
-time limit that requeues and resumes exactly, a crashing rank that fails the job fast, and a submitit sweep.
+time limit that requeues and resumes exactly, a requeued branch of another run, a crashing rank that fails
+the job fast, and a submitit sweep.
 
 Jobs run one after another: on a small shared machine, concurrent jobs only slow each other's start-up.
 """
@@ -113,6 +114,30 @@ def test_usr2_checkpoints_requeues_and_resumes_with_the_same_losses(
     # training state itself is identical).
     assert train_losses(run_dir) == pytest.approx(train_losses(_run_dir(reference)), rel=1e-6, abs=0)
     print(f"USR2 to completion after requeue: {time.monotonic() - signalled_at:.0f}s")
+
+
+def test_a_requeued_cooldown_branch_continues_from_its_own_checkpoint(
+        reference: Job, root: Path, cache_dir: Path) -> None:
+    # The sbatch line names the run it branches from; the requeued job runs that same line again.
+    source = _run_dir(reference) / "checkpoints" / f"step_{STEPS:09d}"
+    branch = [*FAST, "data.batch_size=32", f"train.max_steps={2 * STEPS}", "optim.warmup_steps=2",
+              "optim.schedule=const-cooldown", f"optim.cooldown_steps={STEPS}",
+              f"ckpt.resume={source}"]  # one rank x 32: the reference's global batch
+    job = sbatch(["--nodes=1"], branch, root / "branch", job_env(cache_dir, 1))
+    run_dir = _run_dir(job)
+    wait_for_lines(run_dir / "metrics.jsonl", 2, job, timeout=600)
+    run(["scancel", "--signal=USR2", job.job_id])
+    assert job.wait(timeout=420) == "COMPLETED", job.log()[-4000:]
+
+    log = job.log()
+    assert job.restarts() == 1, log[-4000:]
+    assert f"resumed from {source} at step {STEPS}" in log and "another run's checkpoint" in log
+    assert "this run dir has its own: continuing from" in log, "the requeued branch kept its own steps"
+    assert _training_steps(run_dir) == list(range(STEPS + 1, 2 * STEPS + 1)), "every branch step exactly once"
+    assert not (run_dir / "checkpoints" / "abandoned").exists()
+    lrs = [m["lr"] for m in read_metrics(run_dir) if "loss" in m]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cooled down to 0
+    assert _training_steps(_run_dir(reference)) == list(range(1, STEPS + 1)), "the source run is untouched"
 
 
 def test_time_limit_signal_requeues_and_resumes(root: Path, cache_dir: Path) -> None:
