@@ -63,6 +63,9 @@ def test_quickgelu_suffix_selects_quickgelu_and_plain_name_gelu() -> None:
     assert isinstance(plain.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
     assert isinstance(quick.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert isinstance(quick.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    forced = clip_train.create_model("tiny", force_quick_gelu=True, force_patch_dropout=0.5)  # OpenCLIP's kwargs
+    assert isinstance(forced.transformer.resblocks[0].mlp.gelu, QuickGELU) and forced.config.quick_gelu
+    assert forced.config.patch_dropout == 0.5 and forced.visual.patch_dropout == 0.5
 
 
 def test_unknown_architecture_names_the_choices() -> None:

@@ -45,6 +45,8 @@ def create_model(
     allow_nonfinite_weights: bool = False,
     force_image_size: int | None = None,
     force_context_length: int | None = None,
+    force_quick_gelu: bool = False,
+    force_patch_dropout: float | None = None,
 ) -> CLIP:
     """Build a CLIP model.
 
@@ -62,6 +64,8 @@ def create_model(
         force_image_size: build the model for this image size instead of the architecture's (OpenCLIP's
             argument); a ViT's ``pretrained`` patch-grid positions are interpolated to it.
         force_context_length: the same for the text tower's context length (its positions interpolated).
+        force_quick_gelu: QuickGELU activations whatever the name says (as its ``-quickgelu`` suffix does).
+        force_patch_dropout: ViT patch dropout in training (FLIP), as ``model.patch_dropout``.
     """
     if name is not None and name.startswith(LOCAL_DIR_PREFIX):  # OpenCLIP's spelling of "this folder's model"
         if pretrained is not None:
@@ -77,8 +81,10 @@ def create_model(
         cfg = resolve_architecture(weights)
     else:
         raise ValueError("create_model needs an architecture name, or pretrained weights to infer it from")
-    if weights is not None and weights.openai_layout:
+    if (weights is not None and weights.openai_layout) or force_quick_gelu:
         cfg.quick_gelu = True  # OpenAI trained every released model with QuickGELU
+    if force_patch_dropout is not None:
+        cfg.patch_dropout = float(force_patch_dropout)
     if pretrained is not None:
         cfg.pretrained = str(pretrained)  # towers built from files saved beside the weights (HF text config) find them
     if force_image_size is not None or force_context_length is not None:
