@@ -138,6 +138,9 @@ class CheckpointConfig:
     """Save every N steps; 0 saves only at the end."""
     keep_last: int = 3
     """Keep the newest N checkpoints (0 keeps all)."""
+    keep_every_n_steps: int = 0
+    """Also keep, beyond ``keep_last``, every checkpoint whose step is a multiple of this: the points to branch
+    cooldowns or fine-tunes from later (a multiple of ``every_n_steps``; 0 keeps none extra)."""
     resume: str = "auto"
     """``auto``: newest complete checkpoint in the run dir, if any; ``none``: start fresh; or a checkpoint path.
     Another run's checkpoint starts a new run off it (a branch), used while this run dir has none of its own:
@@ -376,8 +379,12 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
                           f"{global_batch} samples ({world_size} ranks x data.batch_size={cfg.data.batch_size})")
     if not cfg.train.collective_timeout_s > 0:
         raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {cfg.train.collective_timeout_s}")
-    if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0:
-        raise ConfigError("ckpt.every_n_steps and ckpt.keep_last must be >= 0")
+    if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0 or cfg.ckpt.keep_every_n_steps < 0:
+        raise ConfigError("ckpt.every_n_steps, ckpt.keep_last and ckpt.keep_every_n_steps must be >= 0")
+    every, keep_every = cfg.ckpt.every_n_steps, cfg.ckpt.keep_every_n_steps
+    if keep_every and every and keep_every % every:
+        raise ConfigError(f"ckpt.keep_every_n_steps={keep_every} must be a multiple of ckpt.every_n_steps={every}: "
+                          "only those steps are saved")
     validate_values(cfg)
     validate_profile(cfg.train.profile, cfg.train.max_steps)
     validate_tokenizer(cfg)

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 
 from clip_train.train import checkpoint as ckpt
@@ -64,6 +65,14 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == [ckpt.step_dir_name(4), ckpt.step_dir_name(3)]
 
 
+
+def test_prune_also_keeps_every_nth_step_for_later_branches(tmp_path: Path) -> None:
+    for step in range(2, 22, 2):
+        save(tmp_path, step)
+    ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_every_n_steps=8)
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [20, 18, 16, 8]
+
+
 def test_resolve_accepts_run_dir_checkpoint_dir_or_step_dir(tmp_path: Path) -> None:
     root = tmp_path / "run" / "checkpoints"
     save(root, 3)
@@ -79,3 +88,14 @@ def test_metrics_after_the_resumed_step_are_dropped(tmp_path: Path) -> None:
     path.write_text("\n".join(lines))
     truncate_metrics_after(path, 20)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+
+
+def test_keep_every_n_steps_must_fall_on_saved_steps() -> None:
+    from clip_train.config import ConfigError, TrainConfig, validate
+
+    cfg = TrainConfig()
+    cfg.ckpt.every_n_steps, cfg.ckpt.keep_every_n_steps = 1000, 2500
+    with pytest.raises(ConfigError, match="ckpt.keep_every_n_steps=2500 must be a multiple of ckpt.every_n_steps=1000"):
+        validate(cfg, world_size=1, device_type="cpu")
+    cfg.ckpt.keep_every_n_steps = 5000
+    validate(cfg, world_size=1, device_type="cpu")

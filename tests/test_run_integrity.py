@@ -176,9 +176,10 @@ def test_a_constant_runs_checkpoint_branches_into_a_cooldown_as_a_new_run_and_a_
     const_run, branch = tmp_path / "const", tmp_path / "cooldown"
     base = [*FAST_DEMO, "data.batch_size=16", "ckpt.every_n_steps=2", "ckpt.keep_last=0", "optim.warmup_steps=2",
             "logger.wandb.mode=offline"]
-    first = run_cli([*base, "optim.schedule=const", "train.max_steps=6", f"hydra.run.dir={const_run}"], cache_dir,
-                    timeout=DEADLINE_S)
+    first = run_cli([*base, "optim.schedule=const", "train.max_steps=6", "ckpt.keep_last=1", "ckpt.keep_every_n_steps=4",
+                     f"hydra.run.dir={const_run}"], cache_dir, timeout=DEADLINE_S)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert [s for s, _ in ckpt.list_checkpoints(const_run / "checkpoints")] == [6, 4]  # the newest, and step 4 kept
     const_lrs = {m["step"]: m["lr"] for m in read_metrics(const_run) if "loss" in m}
     assert [const_lrs[step] for step in (2, 3, 4, 5, 6)] == pytest.approx([3e-3] * 5)  # after the warmup: lr
     const_metrics = (const_run / "metrics.jsonl").read_bytes()

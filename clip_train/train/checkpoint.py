@@ -255,13 +255,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointCorrupt(f"{path.name}: {STATE_FILE} cannot be read safely ({reason(err)})") from None
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps everything), and stale temporaries."""
+def prune_checkpoints(root: Path, keep_last: int, keep_every_n_steps: int = 0) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps everything) and those whose step is
+    a multiple of ``keep_every_n_steps`` (when > 0), and stale temporaries."""
     for stale in root.glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
-    for _, path in list_checkpoints(root)[keep_last:]:
+    for step, path in list_checkpoints(root)[keep_last:]:
+        if keep_every_n_steps > 0 and step % keep_every_n_steps == 0:
+            continue
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -200,7 +200,7 @@ class Trainer:
         elif self.ctx.is_main:
             path = ckpt_io.write_checkpoint(self.checkpoint_dir, self.state.step, state)
         if self.ctx.is_main:
-            ckpt_io.prune_checkpoints(self.checkpoint_dir, self.cfg.ckpt.keep_last)
+            ckpt_io.prune_checkpoints(self.checkpoint_dir, self.cfg.ckpt.keep_last, self.cfg.ckpt.keep_every_n_steps)
             log.info("saved checkpoint %s", path)
         barrier(self.ctx)
         took = time.perf_counter() - start
@@ -237,7 +237,8 @@ class Trainer:
             deferred |= {value.untyped_storage().data_ptr() for per_param in self.optimizer.state.values()
                          for value in per_param.values() if isinstance(value, torch.Tensor)}
         host_state = self._host_copy.take(state, deferred) if state is not None else None
-        root, keep_last, is_main = self.checkpoint_dir, self.cfg.ckpt.keep_last, self.ctx.is_main
+        root, is_main = self.checkpoint_dir, self.ctx.is_main
+        keep_last, keep_every = self.cfg.ckpt.keep_last, self.cfg.ckpt.keep_every_n_steps
         if sharded:
             if self._ckpt_group is None:  # collective, and every rank saves at the same step
                 self._ckpt_group = dist.new_group(backend="gloo")
@@ -256,7 +257,7 @@ class Trainer:
                                             f"checkpoint of step {step} was not written")
             path = write_shards()
             if is_main:
-                ckpt_io.prune_checkpoints(root, keep_last)
+                ckpt_io.prune_checkpoints(root, keep_last, keep_every)
             return path
 
         timing = ckpt_io.SaveTiming(step, block_s=time.perf_counter() - start)
