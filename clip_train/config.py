@@ -151,6 +151,10 @@ class CheckpointConfig:
     Holds one extra host copy of the state for the run's life."""
 
 
+CKPT_ZERO_MEANS = {"every_n_steps": "save at the end only", "keep_last": "keep every checkpoint",
+                   "keep_every_n_steps": "keep none beyond keep_last"}
+
+
 @dataclass
 class WandbConfig:
     """Weights & Biases, from rank 0 only. A key left null defers to the standard ``WANDB_*`` variable, so
@@ -379,8 +383,9 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
                           f"{global_batch} samples ({world_size} ranks x data.batch_size={cfg.data.batch_size})")
     if not cfg.train.collective_timeout_s > 0:
         raise ConfigError(f"train.collective_timeout_s must be > 0 seconds, got {cfg.train.collective_timeout_s}")
-    if cfg.ckpt.every_n_steps < 0 or cfg.ckpt.keep_last < 0 or cfg.ckpt.keep_every_n_steps < 0:
-        raise ConfigError("ckpt.every_n_steps, ckpt.keep_last and ckpt.keep_every_n_steps must be >= 0")
+    for key in ("every_n_steps", "keep_last", "keep_every_n_steps"):
+        if getattr(cfg.ckpt, key) < 0:
+            raise ConfigError(f"ckpt.{key} must be >= 0 (0: {CKPT_ZERO_MEANS[key]}), got {getattr(cfg.ckpt, key)}")
     every, keep_every = cfg.ckpt.every_n_steps, cfg.ckpt.keep_every_n_steps
     if keep_every and every and keep_every % every:
         raise ConfigError(f"ckpt.keep_every_n_steps={keep_every} must be a multiple of ckpt.every_n_steps={every}: "
