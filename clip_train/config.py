@@ -284,6 +284,13 @@ def renamed_key_error(overrides: list[str]) -> str | None:
     return None
 
 
+def did_you_mean(key: str, names: set[str], prefix: str = "") -> str:
+    """`` (did you mean PREFIX+NAME?)`` for the one of ``names`` spelt most like ``key``; ``""`` when none is, or
+    when ``key`` is one of them (the error is then about its value, not its spelling)."""
+    close = [] if key in names else difflib.get_close_matches(key, sorted(names), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def unknown_keys(node: object, prefix: str = "") -> list[str]:
     """Dotted keys of a composed config that its typed schema does not have.
 
@@ -304,9 +311,7 @@ def unknown_keys(node: object, prefix: str = "") -> list[str]:
         if not prefix and key == "hydra":
             continue
         if key not in names:
-            close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            found.append(f"{prefix}{key}{hint}")
+            found.append(f"{prefix}{key}{did_you_mean(str(key), names, prefix)}")
         else:
             found += unknown_keys(node._get_node(key), f"{prefix}{key}.")
     return found
@@ -339,12 +344,8 @@ def close_key_hint(err: BaseException) -> str:
     while seen is not None:
         schema, key, full_key = (getattr(seen, name, None) for name in ("object_type", "key", "full_key"))
         if dataclasses.is_dataclass(schema) and key is not None and full_key:
-            names = sorted(f.name for f in dataclasses.fields(schema))
-            close = difflib.get_close_matches(str(key), names, n=1)
-            if close and close[0] != key:
-                prefix = str(full_key)[: -len(str(key))] if str(full_key).endswith(str(key)) else ""
-                return f" (did you mean {prefix}{close[0]}?)"
-            return ""
+            prefix = str(full_key)[: -len(str(key))] if str(full_key).endswith(str(key)) else ""
+            return did_you_mean(str(key), {f.name for f in dataclasses.fields(schema)}, prefix)
         seen = seen.__cause__ or seen.__context__
     return ""
 
