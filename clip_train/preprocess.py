@@ -21,7 +21,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from clip_train.data.config import DataConfig
-from clip_train.data.transforms import crop_resize, eval_box, normalize_on_device, random_resized_crop_box
+from clip_train.data.transforms import (
+    crop_range,
+    crop_resize,
+    eval_box,
+    normalize_on_device,
+    random_resized_crop_box,
+)
 from clip_train.models.clip import CLIP
 from clip_train.models.coca import CoCa
 from clip_train.models.config import ImagePreprocessing, ModelConfig
@@ -109,7 +115,7 @@ def get_preprocess(
         raise TypeError(f"get_preprocess takes a model, a ModelConfig or a model name, not {type(model).__name__}")
     if not train:
         return ImageTransform(size, preprocessing)
-    scale, ratio = _crop_range("crop_scale", crop_scale, upper=1.0), _crop_range("crop_ratio", crop_ratio)
+    scale, ratio = crop_range("crop_scale", crop_scale, at_most_one=True), crop_range("crop_ratio", crop_ratio)
     return ImageTransform(size, preprocessing, train_crop_scale=scale, train_crop_ratio=ratio,
                           rng=random.Random(seed))
 
@@ -122,10 +128,3 @@ def create_model_and_transforms(
     model = create_model(name, pretrained, **kwargs)  # type: ignore[arg-type]
     return model, get_preprocess(model, train=True), get_preprocess(model)
 
-
-def _crop_range(name: str, values: Sequence[float], upper: float | None = None) -> tuple[float, float]:
-    low, high = (float(v) for v in values) if len(values) == 2 else (0.0, -1.0)
-    if not 0 < low <= high or (upper is not None and high > upper):
-        bound = f" <= {upper:g}" if upper is not None else ""
-        raise ValueError(f"{name}={list(values)}: give [min, max] with 0 < min <= max{bound}")
-    return low, high

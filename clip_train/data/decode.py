@@ -18,7 +18,7 @@ from PIL import Image
 
 from clip_train.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from clip_train.data.remote import ShardUnavailable
-from clip_train.data.transforms import Box, crop_resize, eval_box, random_resized_crop_box
+from clip_train.data.transforms import Box, crop_range, crop_resize, eval_box, random_resized_crop_box
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,10 @@ class SampleDecoder:
         self.image_keys = [k.strip().lower() for k in image_key.split(";") if k.strip()]
         self.text_key = text_key.lower()
         self.train = train
-        self.crop_scale = tuple(crop_scale)
-        self.crop_ratio = tuple(crop_ratio)
+        self.crop_scale = crop_range("data.train_crop_scale", crop_scale, at_most_one=True)
+        self.crop_ratio = crop_range("data.train_crop_ratio", crop_ratio)
         self.max_pixels = int(max_pixels)
         self.label_key = label_key.lower() if label_key else None
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"data.train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {crop_scale}")
-        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"data.train_crop_ratio must be [min, max] with 0 < min <= max, got {crop_ratio}")
 
     def caption(self, sample: dict[str, object]) -> str:
         """The stripped UTF-8 caption, or ``BadSample`` when it is missing, empty or not UTF-8."""

@@ -24,6 +24,17 @@ RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.
 Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
 
 
+def crop_range(name: str, values: Sequence[float], at_most_one: bool = False) -> tuple[float, float]:
+    """``[min, max]`` of a random resized crop's area fraction (``at_most_one``) or aspect ratio, as floats;
+    ``ValueError`` naming ``name`` otherwise."""
+    bound = " <= 1" if at_most_one else ""
+    if len(values) == 2:
+        low, high = float(values[0]), float(values[1])
+        if 0 < low <= high and (high <= 1 or not at_most_one):
+            return low, high
+    raise ValueError(f"{name}={list(values)}: give [min, max] with 0 < min <= max{bound}")
+
+
 def random_resized_crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
                             rng: random.Random) -> Box:
     """A random crop covering ``scale`` of the image's area with aspect ratio in ``ratio`` (log-uniform).
