@@ -15,7 +15,7 @@ from clip_train.train.optim import (
     build_scheduler,
     cooldown_begun_before,
     cosine_with_warmup,
-    ignored_schedule_options,
+    ignored_cooldown,
     parameter_groups,
 )
 
@@ -119,10 +119,10 @@ def test_schedule_settings_that_cannot_run_are_refused_in_one_line() -> None:
     _validate_optim(schedule="const-cooldown", warmup_steps=10, cooldown_steps=90)
     # A sweep over schedules may carry cooldown_steps into its cosine points: warned about, not refused.
     _validate_optim(schedule="cosine", cooldown_steps=20)
-    assert ignored_schedule_options(OptimConfig(cooldown_steps=20)) == [
+    assert ignored_cooldown(OptimConfig(cooldown_steps=20)) == (
         "optim.cooldown_steps=20 is ignored by optim.schedule=cosine (set optim.schedule=const-cooldown for a cooldown)"
-    ]
-    assert ignored_schedule_options(OptimConfig(schedule="const-cooldown", cooldown_steps=20)) == []
+    )
+    assert ignored_cooldown(OptimConfig(schedule="const-cooldown", cooldown_steps=20)) is None
 
 
 def test_stable_adamw_matches_adamw_when_updates_are_unclipped() -> None:

@@ -119,13 +119,12 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     raise ValueError(f"optim.schedule={cfg.schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
 
 
-def ignored_schedule_options(cfg: OptimConfig) -> list[str]:
-    """The cooldown keys set for a schedule that has no cooldown, each as a line to warn with."""
+def ignored_cooldown(cfg: OptimConfig) -> str | None:
+    """A warning line when ``cooldown_steps`` is set for a schedule that has no cooldown."""
     if cfg.schedule == "const-cooldown" or cfg.cooldown_steps == 0:
-        return []
-    line = (f"optim.cooldown_steps={cfg.cooldown_steps} is ignored by optim.schedule={cfg.schedule} (set "
+        return None
+    return (f"optim.cooldown_steps={cfg.cooldown_steps} is ignored by optim.schedule={cfg.schedule} (set "
             "optim.schedule=const-cooldown for a cooldown)")
-    return [line]
 
 
 def cooldown_begun_before(cfg: OptimConfig, total_steps: int, resumed_step: int) -> str | None:

@@ -49,7 +49,7 @@ from clip_train.train.optim import (
     build_optimizer,
     build_scheduler,
     cooldown_begun_before,
-    ignored_schedule_options,
+    ignored_cooldown,
 )
 from clip_train.train.parallelize import clip_grad_norm, parallelize
 from clip_train.train.precision import autocast, enable_tf32, grad_scaler
@@ -132,9 +132,9 @@ class Trainer:
         self.loss_fn = build_loss(cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        if ctx.is_main:
-            for warning in ignored_schedule_options(cfg.optim):
-                log.warning(warning)
+        unused_cooldown = ignored_cooldown(cfg.optim)
+        if unused_cooldown and ctx.is_main:
+            log.warning(unused_cooldown)
         self.scaler = grad_scaler(cfg.train.precision, self.device)
         self.state = TrainState()
         self.bad_steps = NonFiniteSteps(self.device)
