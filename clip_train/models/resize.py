@@ -25,11 +25,7 @@ def _square_side(rows: int) -> int | None:
     return side if side * side == rows else None
 
 
-def _resize_grid(embedding: torch.Tensor, new_rows: int) -> torch.Tensor | None:
-    old_side = _square_side(embedding.shape[0] - VIT_EXTRA_TOKENS)
-    new_side = _square_side(new_rows - VIT_EXTRA_TOKENS)
-    if old_side is None or new_side is None:
-        return None
+def _resize_grid(embedding: torch.Tensor, old_side: int, new_side: int) -> torch.Tensor:
     extra, grid = embedding[:VIT_EXTRA_TOKENS], embedding[VIT_EXTRA_TOKENS:]
     grid = grid.float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", antialias=True, align_corners=False)
@@ -56,11 +52,10 @@ def resize_position_embeddings(
         if old.ndim != 2 or new.ndim != 2 or old.shape[1] != new.shape[1] or old.shape[0] == new.shape[0]:
             continue
         if key == VISION_KEY:
-            grid = _resize_grid(old, new.shape[0])
-            if grid is None:
+            old_side, new_side = (_square_side(rows - VIT_EXTRA_TOKENS) for rows in (old.shape[0], new.shape[0]))
+            if old_side is None or new_side is None:
                 continue
-            state_dict[key] = grid
-            old_side, new_side = (math.isqrt(rows - VIT_EXTRA_TOKENS) for rows in (old.shape[0], new.shape[0]))
+            state_dict[key] = _resize_grid(old, old_side, new_side)
             resized.append(f"{key} resized from a {old_side}x{old_side} to a {new_side}x{new_side} patch grid (bicubic)")
         else:
             state_dict[key] = _resize_sequence(old, new.shape[0])
