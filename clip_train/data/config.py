@@ -90,10 +90,12 @@ class DataConfig:
     """Random resized crop: range of the crop's aspect ratio (width / height)."""
 
     epoch_samples: Optional[int] = None
-    """Samples per epoch in epoch mode when the shards have no ``shards.json`` manifest."""
+    """Samples per epoch in epoch mode when the shards have no ``shards.json`` manifest (or OpenCLIP
+    ``sizes.json``); it wins over an OpenCLIP ``__len__`` file."""
 
     manifest: Optional[str] = None
-    """Path or URL of a ``shards.json`` manifest, when it does not sit next to the shards (e.g. ``pipe:`` URLs)."""
+    """Path or URL of a ``shards.json`` manifest (or of OpenCLIP's ``sizes.json``), when it does not sit next to
+    the shards (e.g. ``pipe:`` URLs)."""
 
     seed: int = 0
     """Data-order seed, combined with the training seed: changing either changes shard and sample order."""

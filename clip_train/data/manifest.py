@@ -7,12 +7,15 @@ Format (version 1)::
 
 Shard names are relative to the manifest's folder. Shards written by img2dataset carry a
 ``NAME_stats.json`` (and ``NAME.parquet``) next to each tar instead; its ``successes`` count (or the
-parquet's rows with status ``success``) is used when there is no manifest. Manifests and stats are read
-from buckets as well as from local folders.
+parquet's rows with status ``success``) is used when there is no manifest. Datasets prepared for OpenCLIP
+carry its ``sizes.json`` (``{"00000.tar": 10000, ...}``), read like a manifest, or only its ``__len__`` (the
+total, a Python integer literal), which gives epoch mode its length. Manifests and stats are read from
+buckets as well as from local folders.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -29,6 +32,8 @@ from clip_train.data.remote import RemoteOptions, open_shard, read_small, scheme
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "shards.json"
+OPENCLIP_SIZES_NAME = "sizes.json"
+OPENCLIP_LEN_NAME = "__len__"
 
 
 def write_manifest(out_dir: str, shards: Sequence[tuple]) -> str:
@@ -43,9 +48,19 @@ def write_manifest(out_dir: str, shards: Sequence[tuple]) -> str:
     return path
 
 
+def parse_manifest(raw: bytes | str) -> dict[str, int]:
+    """Shard name -> sample count from the text of a ``shards.json`` or of OpenCLIP's ``sizes.json``."""
+    doc = json.loads(raw)
+    if isinstance(doc, dict) and isinstance(doc.get("shards"), list):
+        return {str(e["name"]): int(e["num_samples"]) for e in doc["shards"]}
+    if isinstance(doc, dict) and doc and all(isinstance(v, (int, str)) for v in doc.values()):
+        return {str(name): int(count) for name, count in doc.items()}  # OpenCLIP's sizes.json
+    raise ValueError("neither a shards.json nor a sizes.json ({\"NAME.tar\": count, ...})")
+
+
 def read_manifest(path: str, options: RemoteOptions | None = None) -> dict[str, int]:
-    """Shard name -> sample count from a manifest at a local path, an ``s3://``/``gs://``/http URL, or
-    anything webdataset can open (``pipe:``)."""
+    """Shard name -> sample count from a manifest (``shards.json``, or OpenCLIP's ``sizes.json``) at a local
+    path, an ``s3://``/``gs://``/http URL, or anything webdataset can open (``pipe:``)."""
     try:
         if scheme(path) == "pipe":
             with wds.gopen(path, "rb") as f:
@@ -54,11 +69,41 @@ def read_manifest(path: str, options: RemoteOptions | None = None) -> dict[str, 
             raw = read_small(path, options)
             if raw is None:
                 raise FileNotFoundError("not found")
-        doc = json.loads(raw)
-        return {str(e["name"]): int(e["num_samples"]) for e in doc["shards"]}
+        return parse_manifest(raw)
     except (OSError, ValueError, KeyError, TypeError) as exn:
         raise ValueError(f"cannot read shard manifest {path}: {exn} (expected {MANIFEST_NAME} as written by "
-                         "python -m clip_train.data.make_shards)") from exn
+                         f"python -m clip_train.data.make_shards, or OpenCLIP's {OPENCLIP_SIZES_NAME})") from exn
+
+
+def _folder_manifest(folder: str, options: RemoteOptions | None) -> tuple[dict[str, int], str] | None:
+    """The counts in ``folder``'s ``shards.json``, else in its OpenCLIP ``sizes.json``, and the file's name."""
+    for name in (MANIFEST_NAME, OPENCLIP_SIZES_NAME):
+        candidate = f"{folder}/{name}" if folder else name
+        try:
+            raw = read_small(candidate, options)
+        except OSError:
+            raw = None
+        if raw is not None:
+            return read_manifest(candidate, options), name
+    return None
+
+
+def openclip_total(urls: Sequence[str], options: RemoteOptions | None = None) -> int | None:
+    """The total in OpenCLIP's ``__len__`` next to the first shard (local or in a bucket), if there is one."""
+    if not urls or scheme(urls[0]) not in ("file", "s3", "gs"):
+        return None
+    folder = os.path.dirname(urls[0])
+    path = f"{folder}/{OPENCLIP_LEN_NAME}" if folder else OPENCLIP_LEN_NAME
+    try:
+        raw = read_small(path, options)
+        if raw is None:
+            return None
+        total = ast.literal_eval(raw.decode().strip())
+    except (OSError, ValueError, SyntaxError, UnicodeDecodeError) as exn:
+        raise ValueError(f"cannot read {path} (OpenCLIP's dataset size: one integer): {exn}") from exn
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise ValueError(f"cannot read {path} (OpenCLIP's dataset size: one integer): it holds {total!r}")
+    return total
 
 
 def _img2dataset_count(shard_url: str, options: RemoteOptions | None = None) -> tuple[int, str] | None:
@@ -106,32 +151,28 @@ def sample_counts(urls: Sequence[str], manifest: str | None = None, options: Rem
                   ) -> list[int] | None:
     """Sample count of every shard in ``urls``, or None when none of them is known.
 
-    Counts come from ``manifest`` when given (matched by shard file name), else from the ``shards.json``
-    in each shard's folder (local or in a bucket), else from img2dataset's per-shard ``NAME_stats.json`` or
+    Counts come from ``manifest`` when given (matched by shard file name), else from the ``shards.json`` (or
+    OpenCLIP's ``sizes.json``) in each shard's folder (local or in a bucket), else from img2dataset's per-shard ``NAME_stats.json`` or
     ``NAME.parquet``. Shards left without a count while others have one (an img2dataset download that was
     interrupted) are counted from their tars, with a warning that names them.
     """
     by_name = read_manifest(manifest, options) if manifest else None
-    per_dir: dict[str, dict[str, int] | None] = {}
+    per_dir: dict[str, tuple[dict[str, int], str] | None] = {}
     counts: list[int | None] = []
+    sources: dict[str, int] = {}  # where the counts came from, for the warning below
     for url in urls:
         name = os.path.basename(url)
         if by_name is not None:
-            counts.append(by_name.get(name, by_name.get(url)))
-            continue
-        folder = os.path.dirname(url)
-        if folder not in per_dir:
-            per_dir[folder] = None
-            if scheme(url) in ("file", "s3", "gs"):
-                candidate = f"{folder}/{MANIFEST_NAME}" if folder else MANIFEST_NAME
-                try:
-                    raw = read_small(candidate, options)
-                except OSError:
-                    raw = None
-                per_dir[folder] = read_manifest(candidate, options) if raw is not None else None
-        found = per_dir[folder]
-        counts.append(found.get(name) if found is not None else None)
-    sources: dict[str, int] = {}
+            found = by_name, "data.manifest"
+        else:
+            folder = os.path.dirname(url)
+            if folder not in per_dir:
+                per_dir[folder] = _folder_manifest(folder, options) if scheme(url) in ("file", "s3", "gs") else None
+            found = per_dir[folder]
+        count = None if found is None else found[0].get(name, found[0].get(url))
+        counts.append(count)
+        if count is not None:
+            sources[found[1]] = sources.get(found[1], 0) + 1
     unknown = [i for i, c in enumerate(counts) if c is None and scheme(urls[i]) in ("file", "s3", "gs")]
     if unknown:
         with ThreadPoolExecutor(16) as pool:  # bucket round trips overlap
@@ -146,7 +187,7 @@ def sample_counts(urls: Sequence[str], manifest: str | None = None, options: Rem
     if known == 0 or len(unknown) < len(counts) - known:
         return None  # nothing known, or an http/pipe shard without a count (counting it would read it all)
     gaps = [i for i, c in enumerate(counts) if c is None]
-    origin = ", ".join(f"{n} from {where}" for where, n in sources.items()) or "from the manifest"
+    origin = ", ".join(f"{n} from {where}" for where, n in sources.items())
     for i in gaps:
         counts[i] = count_tar_samples(urls[i], options)
     named = ", ".join(f"{os.path.basename(urls[i])} ({counts[i]} samples)" for i in gaps[:5])

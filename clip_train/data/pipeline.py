@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from clip_train.data.config import RENAMED_OPTIONS, DataConfig, renamed_option_message
 from clip_train.data.decode import SampleDecoder
-from clip_train.data.manifest import count_tar_samples, sample_counts
+from clip_train.data.manifest import count_tar_samples, openclip_total, sample_counts
 from clip_train.data.order import GlobalOrder
 from clip_train.data.plan import StreamPlan, mix_seed
 from clip_train.data.remote import RemoteOptions
@@ -486,9 +486,12 @@ def build_train_loader(cfg: Any, image_size: int, tokenizer: Callable | None = N
     if mode == "epoch":
         total = sum(counts) if counts is not None else cfg.epoch_samples
         if total is None:
+            total = openclip_total([u for s in sources for u in s.urls], options)
+        if total is None:
             raise ValueError("data.resampled=false (epoch mode) needs the number of samples per epoch: put a "
                              "shards.json manifest next to the shards (python -m clip_train.data.make_shards "
-                             "writes one), set data.manifest, or set data.epoch_samples")
+                             "writes one; OpenCLIP's sizes.json or __len__ also do), set data.manifest, or set "
+                             "data.epoch_samples")
         batches_per_epoch = total // global_batch
         if batches_per_epoch < 1:
             raise ValueError(f"an epoch of {total} samples is smaller than one global batch "
