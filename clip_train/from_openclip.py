@@ -234,16 +234,20 @@ def _dataset_size(patterns: list[str]) -> int | None:
 
 
 def _model_name(name: str, quick_gelu: bool) -> str:
+    """``name`` (with ``-quickgelu`` for ``--force-quick-gelu``), refused in one line unless clip_train builds it."""
     from clip_train.config import did_you_mean
-    from clip_train.models.registry import list_models
+    from clip_train.models.registry import get_model_config, list_models
 
-    known = set(list_models())
-    if name not in known:
-        raise TranslationError(f"--model {name}: not an architecture clip_train builds{did_you_mean(name, known)} "
-                               "(python -m clip_train.models lists them)")
+    def check(candidate: str, flag: str) -> None:
+        try:
+            get_model_config(candidate)
+        except ValueError as exn:
+            hint = did_you_mean(candidate, set(list_models()))
+            raise TranslationError(f"{flag} {candidate}: {exn}{hint}") from None
+
+    check(name, "--model")
     if quick_gelu and not name.endswith("-quickgelu"):
-        if f"{name}-quickgelu" not in known:
-            raise TranslationError(f"--force-quick-gelu: {name} has no -quickgelu variant in clip_train's registry")
+        check(f"{name}-quickgelu", "--force-quick-gelu: --model")
         return f"{name}-quickgelu"
     return name
 
