@@ -350,6 +350,17 @@ def close_key_hint(err: BaseException) -> str:
     return ""
 
 
+# OpenCLIP's --precision names, as users bring them: what they are called here.
+OPENCLIP_PRECISIONS = {
+    name: f" (OpenCLIP's {name} is train.precision={ours} here: autocast with fp32 weights)"
+    for name, ours in (("amp", "fp16"), ("amp_bf16", "bf16"), ("amp_bfloat16", "bf16"))
+} | {
+    name: f" (OpenCLIP's {name} casts the weights; clip_train keeps fp32 weights: the closest is "
+          f"train.precision={'bf16' if 'bf' in name else 'fp16'})"
+    for name in ("pure_bf16", "pure_fp16")
+}
+
+
 def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     """Reject combinations the schema's types cannot express, each in one line that says how to fix it."""
     choices = {
@@ -364,7 +375,8 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             names = ", ".join("null" if choice is None else choice for choice in allowed)
-            raise ConfigError(f"{key}={value!r} is not one of {names}")
+            hint = OPENCLIP_PRECISIONS.get(value, "") if key == "train.precision" else ""
+            raise ConfigError(f"{key}={value!r} is not one of {names}{hint}")
     if cfg.train.precision == "fp16" and device_type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); on CPU use bf16 or fp32")
     if cfg.train.max_steps < 1:

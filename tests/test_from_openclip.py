@@ -16,7 +16,7 @@ from open_clip_train.data import get_wds_dataset
 from open_clip_train.params import parse_args
 from open_clip_train.scheduler import const_lr_cooldown, cosine_lr
 
-from clip_train.config import TrainConfig, register_configs, validate
+from clip_train.config import ConfigError, TrainConfig, register_configs, validate
 from clip_train.from_openclip import main, split_command, translate
 from clip_train.train.optim import lr_multiplier
 from tests.cli_helpers import cli_env, read_metrics, run_to_completion
@@ -166,3 +166,16 @@ def test_the_printed_command_trains_the_demo_with_openclips_learning_rate_at_eve
     openclip_lr = cosine_lr(_sgd(), 2e-3, 3, total)
     assert [m["lr"] for m in logged] == pytest.approx([openclip_lr(m["step"]) for m in logged], rel=1e-6)
     assert logged[0]["lr"] == pytest.approx(2e-3 * 2 / 3)
+
+
+@pytest.mark.parametrize(("precision", "hint"), [
+    ("amp_bf16", "OpenCLIP's amp_bf16 is train.precision=bf16 here"),
+    ("amp", "OpenCLIP's amp is train.precision=fp16 here"),
+    ("pure_bf16", "the closest is train.precision=bf16"),
+])
+def test_an_openclip_precision_name_in_the_config_is_refused_with_ours(precision: str, hint: str) -> None:
+    cfg = TrainConfig()
+    cfg.train.precision = precision
+    with pytest.raises(ConfigError, match=rf"^train.precision='{precision}' is not one of fp32, bf16, fp16 \(") as info:
+        validate(cfg, 1, "cuda")
+    assert hint in str(info.value)
