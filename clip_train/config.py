@@ -207,7 +207,9 @@ class ZeroShotSetConfig:
     """An ImageFolder directory, or shards (brace pattern, or a folder of .tar) whose samples carry a class index."""
     classnames: str = "???"
     """A file with one class name per line: line i names class i of shards; an ImageFolder's folders are
-    matched to the names by name (or by sorted position when no folder is a name); a mismatch is refused."""
+    matched to the names by name (or by sorted position when no folder is a name; folders 0..N-1 by number);
+    a mismatch is refused. ``imagenet``: the built-in ImageNet-1k names (OpenAI's, for ImageNet's val folders
+    and ImageNet-V2's)."""
     templates: str = "openai"
     """``openai`` (80 ImageNet templates), ``simple`` (a few), or a file with one template per line using {}
     or {c} (CLIP_benchmark's files)."""

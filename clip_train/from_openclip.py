@@ -256,12 +256,13 @@ def _is_path(value: str) -> bool:
     return os.sep in value or "/" in value or value.endswith((".pt", ".bin", ".safetensors", ".pth"))
 
 
-def translate(argv: Sequence[str], world_size: int | None = None, imagenet_classnames: str | None = None
+def translate(argv: Sequence[str], world_size: int | None = None, imagenet_classnames: str = "imagenet"
               ) -> Translation:
     """The clip_train command for the OpenCLIP command ``argv`` (launcher included, or its flags alone).
 
     ``world_size`` overrides what the launcher says (needed for ``srun`` and other launchers).
-    ``imagenet_classnames``: the class-names file for ``--imagenet-val`` / ``--imagenet-v2``.
+    ``imagenet_classnames``: the class names for ``--imagenet-val`` / ``--imagenet-v2`` (default: the built-in
+    ImageNet names, OpenAI's, which OpenCLIP uses too).
     """
     launcher, flags = split_command(argv)
     given = {token.split("=", 1)[0] for token in flags if token.startswith("--")}
@@ -432,12 +433,8 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
     # the zero-shot accuracy; both run every N epochs and after the last.
     zeroshot = []
     if args.zeroshot_frequency > 0:
-        for name, flag, folder in (("imagenet", "--imagenet-val", args.imagenet_val),
-                                   ("imagenet_v2", "--imagenet-v2", args.imagenet_v2)):
-            if folder:
-                if not imagenet_classnames:
-                    raise TranslationError(f"{flag}: pass --imagenet-classnames FILE (one class name per line, "
-                                           "in class-index order) before the command")
+        for name, folder in (("imagenet", args.imagenet_val), ("imagenet_v2", args.imagenet_v2)):
+            if folder:  # OpenCLIP's ImageNet names and OpenAI's 80 templates, both built in here too
                 zeroshot.append(f"{{name:{name},data:{_hydra_str(folder)},"
                                 f"classnames:{_hydra_str(imagenet_classnames)},templates:openai}}")
     every_epochs = []
@@ -475,8 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--model ViT-B-32 --train-data '/data/{00000..41407}.tar' --train-num-samples 400000000 ...")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs the job runs on (default: torchrun's --nnodes x --nproc_per_node, else 1)")
-    parser.add_argument("--imagenet-classnames", default=None,
-                        help="class-names file for --imagenet-val / --imagenet-v2 (one name per line)")
+    parser.add_argument("--imagenet-classnames", default="imagenet",
+                        help="class names for --imagenet-val / --imagenet-v2: a file, one name per line, or the "
+                             "built-in 'imagenet' (OpenAI's, as OpenCLIP's)")
     # Our options come first; the OpenCLIP command is everything from the first other token (or after --).
     argv = list(sys.argv[1:] if argv is None else argv)
     split = 0

@@ -20,7 +20,7 @@ from clip_train.data.writer import ManifestShardWriter
 from clip_train.eval.__main__ import main as eval_main
 from clip_train.eval.imagefolder import folder_class_indices
 from clip_train.eval.retrieval import retrieval_recall
-from clip_train.eval.templates import load_templates
+from clip_train.eval.templates import load_classnames, load_templates
 from clip_train.train.distributed import DistributedContext
 from clip_train.train.zeroshot_hook import ZeroShotHook
 from tests.cli_helpers import write_perturbed_tiny_checkpoint
@@ -223,6 +223,26 @@ def test_folders_and_class_names_that_differ_are_refused_in_one_line(digit_folde
     indices = folder_class_indices("root", ["n02", "n01"], ["goldfish", "tench"])
     assert indices == [0, 1]
     assert folder_class_indices("root", ["golden_retriever", "Tabby"], ["tabby", "golden retriever"]) == [1, 0]
+
+
+def test_builtin_imagenet_names_and_imagenet_v2s_numbered_folders(model_and_run, tmp_path, capsys) -> None:
+    open_clip_metadata = pytest.importorskip("open_clip.zero_shot_metadata")
+    assert load_classnames("imagenet") == list(open_clip_metadata.IMAGENET_CLASSNAMES)  # OpenAI's 1,000 names
+    # ImageNet-V2's folders are 0..999: folder "10" holds class 10, not the third name in text order.
+    folders = sorted(str(i) for i in range(1000))
+    assert folders[2] == "10" and folder_class_indices("root", folders, load_classnames("imagenet"))[2] == 10
+
+    _, run = model_and_run
+    names = [f"class {k}" for k in range(12)]
+    rng = np.random.default_rng(0)
+    for k in range(12):  # folder k holds k + 1 images, so each class's sample count shows its folder
+        (tmp_path / "v2" / str(k)).mkdir(parents=True)
+        for i in range(k + 1):
+            Image.fromarray(_digit_image(rng, k % 10)).save(tmp_path / "v2" / str(k) / f"{i}.png")
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    result = _eval(["zeroshot", "--checkpoint", str(run), "--data", str(tmp_path / "v2"), "--classnames",
+                    str(tmp_path / "names.txt"), "--templates", "simple"], capsys)
+    assert result["per_class_samples"] == {name: k + 1 for k, name in enumerate(names)}
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # 50 iterations: labels, not fit, matter

@@ -106,7 +106,12 @@ def test_weighted_sources_tensorboard_and_notes_come_through(capsys) -> None:
     assert "note: --local-loss: no effect here" in err and "note: --gather-with-grad: no effect here" in err
     assert "32 epochs = train.max_steps=" in err
 
-    sources = _compose(translate(shlex.split(RN50_COOLDOWN), world_size=4).overrides).data.train_shards
+    cfg = _compose(translate([*shlex.split(RN50_COOLDOWN), "--imagenet-val", "/in/val", "--imagenet-v2", "/in/v2",
+                              "--zeroshot-frequency", "2"], world_size=4).overrides)
+    assert [(z.name, z.data, z.classnames, z.templates) for z in cfg.eval.zeroshot] == [
+        ("imagenet", "/in/val", "imagenet", "openai"), ("imagenet_v2", "/in/v2", "imagenet", "openai")]
+    assert cfg.eval.every_n_steps == 2 * translate(shlex.split(RN50_COOLDOWN), world_size=4).steps_per_epoch
+    sources = cfg.data.train_shards
     assert [dict(s) for s in sources] == [{"shards": "/a/{0..9}.tar", "weight": 1.0},
                                           {"shards": "/b/{0..3}.tar", "weight": 2.0}]
 
@@ -119,7 +124,6 @@ def test_weighted_sources_tensorboard_and_notes_come_through(capsys) -> None:
     ("--train-data /d/{0..9}.tar --pretrained laion2b_s34b_b79k", "download the weights file and pass its path"),
     ("--train-data /d/{0..9}.tar --resume /logs/run/checkpoints/epoch_3.pt", "--pretrained PATH"),
     ("--train-data /d/{0..9}.tar --model ViT-B-3", "(did you mean ViT-B-32?)"),
-    ("--train-data /d/{0..9}.tar --train-num-samples 100 --imagenet-val /in/val", "--imagenet-val: pass --imagenet-classnames FILE"),
     ("--train-data /d/{0..9}.tar", "--train-num-samples is needed"),
 ])
 def test_what_cannot_be_translated_is_one_line_naming_the_flag_and_the_way_out(flags: str, message: str,

@@ -6,7 +6,7 @@ Zero-shot and retrieval also run under ``torchrun --nproc_per_node=N -m clip_tra
 each rank reads its share of the set, and rank 0 prints the combined result.
 
     python -m clip_train.eval zeroshot --checkpoint outputs/run --data /data/imagenet/val \\
-        --classnames imagenet_classes.txt --templates openai
+        --classnames imagenet --templates openai
     python -m clip_train.eval retrieval --checkpoint outputs/run --data '/data/coco/test-{0000..0004}.tar'
     python -m clip_train.eval linear-probe --checkpoint outputs/run --train-data DIR --test-data DIR
     python -m clip_train.eval zeroshot --checkpoint outputs/run --data demo     # the built-in digits
@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--data", required=True,
                     help="ImageFolder root, shards (pattern or a folder of .tar) with a class field, or 'demo'")
     zs.add_argument("--classnames", default=None,
-                    help="file: one class name per line (or JSON 'classnames'); ImageFolder folders are matched to "
-                         "them by name (default: the folder names)")
+                    help="file: one class name per line (or JSON 'classnames'), or 'imagenet' (built in); "
+                         "ImageFolder folders are matched to them by name (default: the folder names)")
     zs.add_argument("--templates", default=None,
                     help="openai (80 prompts; the default), simple (7), or a file with {} or {c} "
                          "(data=demo: the demo's own)")

@@ -50,8 +50,10 @@ def folder_class_indices(root: str | Path, folders: list[str], classnames: list[
     When every folder is one of the class names, they are matched by name, whatever the file's order (so
     folders ``zero/ ... nine/`` pair with a file listing zero, one, ... in counting order). When no folder is
     a class name (ImageNet's WordNet-id folders with a file of readable names), line i names the i-th folder
-    in sorted order, the torchvision/CLIP_benchmark convention. Anything else (a different count, or some
-    names matching and some not) cannot be paired safely and is refused in one line that shows both.
+    in sorted order, the torchvision/CLIP_benchmark convention, except that folders named ``0`` to ``N-1``
+    (ImageNet-V2's) are classes 0 to N-1, not sorted as text ("10" before "2"). Anything else (a different
+    count, or some names matching and some not) cannot be paired safely and is refused in one line that
+    shows both.
     ``may_omit_classes``: a set whose folders are some of the classes, each named (a linear probe's test
     set, labelled by its training set's classes), is matched by name too.
     """
@@ -71,6 +73,8 @@ def folder_class_indices(root: str | Path, folders: list[str], classnames: list[
         )
     if set(have) == set(wanted) and unique:
         return [wanted.index(name) for name in have]
+    if sorted(int(f) if f.isdecimal() else -1 for f in folders) == list(range(len(classnames))):
+        return [int(f) for f in folders]  # folders 0..N-1 (ImageNet-V2's layout): folder "10" is class 10
     if not set(have) & set(wanted):
         return list(range(len(folders)))
     unmatched = [f for f, name in zip(folders, have) if name not in wanted] or ["(none)"]

@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 BUILTIN_TEMPLATES = ("openai", "simple")
+BUILTIN_CLASSNAMES = ("imagenet",)
 CLIP_BENCHMARK_SLOT = "{c}"
 
 
@@ -49,10 +50,16 @@ def load_templates(spec: str) -> list[str]:
 
 
 def load_classnames(path: str) -> list[str]:
-    """Class names, one per line (line i names class i), or a JSON file with a ``classnames`` list."""
+    """Class names, one per line (line i names class i), or a JSON file with a ``classnames`` list; or
+    ``imagenet``: ImageNet-1k's 1,000 names as OpenAI wrote them for CLIP's zero-shot evaluation (class i is
+    the i-th WordNet id in sorted order, the folder order of ImageNet's val set; ImageNet-V2's folder i)."""
+    if path in BUILTIN_CLASSNAMES:
+        text = resources.files("clip_train.assets").joinpath(f"classnames_{path}.txt").read_text()
+        return [line.strip() for line in text.splitlines() if line.strip()]
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ValueError(f"class names file not found: {path} (one class name per line)")
+        raise ValueError(f"class names file not found: {path} (one class name per line, or "
+                         f"{' / '.join(BUILTIN_CLASSNAMES)} for the built-in names)")
     names = _json_field(file, "classnames") or [
         line.strip() for line in file.read_text().splitlines() if line.strip()
     ]
