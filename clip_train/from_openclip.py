@@ -252,17 +252,25 @@ def _model_name(name: str, quick_gelu: bool) -> str:
     return name
 
 
+def _tokenizer_need(model_name: str) -> str | None:
+    from clip_train.models.registry import get_model_config
+    from clip_train.tokenizer import model_tokenizer_need
+
+    return model_tokenizer_need(get_model_config(model_name))
+
+
 def _is_path(value: str) -> bool:
     return os.sep in value or "/" in value or value.endswith((".pt", ".bin", ".safetensors", ".pth"))
 
 
-def translate(argv: Sequence[str], world_size: int | None = None, imagenet_classnames: str = "imagenet"
-              ) -> Translation:
+def translate(argv: Sequence[str], world_size: int | None = None, imagenet_classnames: str = "imagenet",
+              tokenizer: str | None = None) -> Translation:
     """The clip_train command for the OpenCLIP command ``argv`` (launcher included, or its flags alone).
 
     ``world_size`` overrides what the launcher says (needed for ``srun`` and other launchers).
     ``imagenet_classnames``: the class names for ``--imagenet-val`` / ``--imagenet-v2`` (default: the built-in
-    ImageNet names, OpenAI's, which OpenCLIP uses too).
+    ImageNet names, OpenAI's, which OpenCLIP uses too). ``tokenizer``: a local directory holding the Hugging
+    Face tokenizer a model needs (SigLIP, XLM-RoBERTa, ...), which OpenCLIP downloads by itself.
     """
     launcher, flags = split_command(argv)
     given = {token.split("=", 1)[0] for token in flags if token.startswith("--")}
@@ -311,7 +319,15 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
     if refused:
         raise TranslationError("cannot translate " + "; ".join(refused))
 
-    overrides = ["model=openclip", f"model.name={_model_name(args.model, args.force_quick_gelu)}"]
+    model_name = _model_name(args.model, args.force_quick_gelu)
+    overrides = ["model=openclip", f"model.name={model_name}"]
+    needed = _tokenizer_need(model_name)
+    if tokenizer:
+        overrides.append(f"tokenizer={_hydra_str('hf:' + tokenizer)}")
+    elif needed:
+        raise TranslationError(f"--model {args.model} needs the Hugging Face tokenizer {needed!r}, which OpenCLIP "
+                               f"downloads: fetch it once (hf download {needed} --local-dir DIR) and pass "
+                               "--tokenizer DIR before the command")
     if args.pretrained:
         overrides.append(f"model.pretrained={_hydra_str(args.pretrained)}")
     if args.force_image_size:
@@ -467,25 +483,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clip_train.from_openclip", formatter_class=DefaultsHelpFormatter,
         description="Print the clip_train command that trains what an OpenCLIP training command trains.",
-        usage="%(prog)s [--world-size N] [--imagenet-classnames FILE] [--] OPENCLIP_COMMAND ...",
+        usage="%(prog)s [--world-size N] [--tokenizer DIR] [--imagenet-classnames FILE] [--] OPENCLIP_COMMAND ...",
         epilog="e.g. python -m clip_train.from_openclip torchrun --nproc_per_node 8 -m open_clip_train.main "
                "--model ViT-B-32 --train-data '/data/{00000..41407}.tar' --train-num-samples 400000000 ...")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs the job runs on (default: torchrun's --nnodes x --nproc_per_node, else 1)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="local directory of the Hugging Face tokenizer the model needs (SigLIP, ...)")
     parser.add_argument("--imagenet-classnames", default="imagenet",
                         help="class names for --imagenet-val / --imagenet-v2: a file, one name per line, or the "
                              "built-in 'imagenet' (OpenAI's, as OpenCLIP's)")
     # Our options come first; the OpenCLIP command is everything from the first other token (or after --).
     argv = list(sys.argv[1:] if argv is None else argv)
     split = 0
-    while split < len(argv) and argv[split] in ("-h", "--help", "--world-size", "--imagenet-classnames"):
+    while split < len(argv) and argv[split] in ("-h", "--help", "--world-size", "--tokenizer", "--imagenet-classnames"):
         split += 1 if argv[split] in ("-h", "--help") else 2
     ns = parser.parse_args(argv[:split])
     command = argv[split + 1:] if argv[split:split + 1] == ["--"] else argv[split:]
     if not command:
         parser.error("give the OpenCLIP command to translate after the options")
     try:
-        translation = translate(command, ns.world_size, ns.imagenet_classnames)
+        translation = translate(command, ns.world_size, ns.imagenet_classnames, ns.tokenizer)
     except TranslationError as exn:
         print(f"{parser.prog}: error: {exn}", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ def _sgd() -> torch.optim.Optimizer:
     return torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.0)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # OpenCLIP's loader, built, never iterated
 @pytest.mark.parametrize(("command", "world_size"), [(LAION_VIT_B32, None), (RN50_COOLDOWN, 4)],
                          ids=["laion400m-vit-b32", "rn50-accum-cooldown"])
 def test_a_translated_command_has_openclips_values_steps_and_learning_rates(command: str, world_size) -> None:
@@ -133,6 +134,24 @@ def test_what_cannot_be_translated_is_one_line_naming_the_flag_and_the_way_out(f
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_siglip_and_coca_commands_compose_with_their_losses_and_a_local_tokenizer(tmp_path: Path, capsys) -> None:
+    siglip = ["python", "-m", "open_clip_train.main", "--model", "ViT-B-16-SigLIP", "--siglip", "--train-data",
+              "/d/{0..9}.tar", "--train-num-samples", "1000", "--precision", "amp_bf16"]
+    parse_args(siglip[3:])
+    assert main(siglip) == 2
+    assert "needs the Hugging Face tokenizer 'timm/ViT-B-16-SigLIP'" in capsys.readouterr().err
+    cfg = _compose(translate(siglip, tokenizer=str(tmp_path)).overrides)
+    validate(cfg, 1, "cuda")
+    assert (cfg.loss.name, cfg.tokenizer, cfg.model.name) == ("siglip", f"hf:{tmp_path}", "ViT-B-16-SigLIP")
+    assert cfg.optim.betas == [0.9, 0.98]  # "vit" is in the name: OpenCLIP's ViT betas
+
+    coca = ["python", "-m", "open_clip_train.main", "--model", "coca_ViT-B-32", "--train-data", "/d/{0..9}.tar",
+            "--train-num-samples", "1000", "--coca-caption-loss-weight", "1.5", "--precision", "amp_bf16"]
+    cfg = _compose(translate(coca).overrides)
+    validate(cfg, 1, "cuda")
+    assert (cfg.loss.name, cfg.loss.caption_loss_weight, cfg.loss.clip_loss_weight) == ("coca", 1.5, 1.0)
 
 
 def test_an_unknown_flag_or_launcher_is_refused(capsys) -> None:
