@@ -17,6 +17,7 @@ line each on stderr; flags clip_train cannot honour stop the translation with on
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import shlex
@@ -252,6 +253,25 @@ def _model_name(name: str, quick_gelu: bool) -> str:
     return name
 
 
+def _augmentation(items: Sequence[str]) -> dict[str, object]:
+    """``--aug-cfg KEY=VALUE ...`` as OpenCLIP reads it: each value a Python literal, else the string."""
+    parsed: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TranslationError(f"--aug-cfg {item}: expected KEY=VALUE, e.g. scale='(0.4, 1.0)'")
+        try:
+            parsed[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed[key] = value
+    for key in ("scale", "ratio"):
+        value = parsed.get(key)
+        if key in parsed and not (isinstance(value, (tuple, list)) and len(value) == 2
+                                  and all(isinstance(v, (int, float)) for v in value)):
+            raise TranslationError(f"--aug-cfg {key}={value!r}: expected two numbers, e.g. {key}='(0.4, 1.0)'")
+    return parsed
+
+
 def _tokenizer_need(model_name: str) -> str | None:
     from clip_train.models.registry import get_model_config
     from clip_train.tokenizer import model_tokenizer_need
@@ -316,6 +336,10 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
         refused.append("--image-interpolation random / --image-resize-mode longest (not supported)")
     if not train_data:
         refused.append("--train-data (missing: clip_train trains on WebDataset shards)")
+    augment = _augmentation(args.aug_cfg or [])
+    if other := sorted(set(augment) - {"scale", "ratio", "use_timm"}):
+        refused.append(f"--aug-cfg {', '.join(other)} (clip_train's training augmentation is the random resized "
+                       "crop: scale and ratio only)")
     if refused:
         raise TranslationError("cannot translate " + "; ".join(refused))
 
@@ -365,6 +389,12 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
         overrides.append("data.train_shards=[" + ",".join(_hydra_str(p) for p in patterns) + "]")
     else:
         overrides.append(f"data.train_shards={_hydra_str(patterns[0])}")
+    # OpenCLIP's random resized crop: scale (0.9, 1.0) by default; its ratio is read only by timm's crop.
+    scale = augment.get("scale", (0.9, 1.0))
+    ratio = augment.get("ratio", (3 / 4, 4 / 3)) if augment.get("use_timm") else (3 / 4, 4 / 3)
+    if "ratio" in augment and not augment.get("use_timm"):
+        notes.append("--aug-cfg ratio: OpenCLIP reads it only with use_timm=True, so the default 3/4-4/3 is kept")
+    overrides += [f"data.train_crop_scale={_hydra_list(scale)}", f"data.train_crop_ratio={_hydra_list(ratio)}"]
     accum = max(1, args.accum_freq)
     # OpenCLIP's --accum-freq K accumulates K batches of --batch-size into one update; clip_train's
     # train.accum_steps splits one batch into K sub-batches, so the batch holds all K.
@@ -470,9 +500,6 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
     if args.lock_image and not args.lock_image_freeze_bn_stats and not vit:
         notes.append("--lock-image: the locked tower's BatchNorm statistics are frozen too (OpenCLIP updates them "
                      "without --lock-image-freeze-bn-stats)")
-    if args.aug_cfg:
-        notes.append(f"--aug-cfg {' '.join(args.aug_cfg)}: not translated (set data.train_crop_scale / "
-                     "data.train_crop_ratio for the random resized crop)")
     notes.append(f"an epoch is {steps_per_epoch} steps at world size {world}: {args.epochs} epochs = "
                  f"train.max_steps={total_steps}")
     return Translation(launcher=launcher, overrides=overrides, world_size=world, steps_per_epoch=steps_per_epoch,

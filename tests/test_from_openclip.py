@@ -136,6 +136,18 @@ def test_what_cannot_be_translated_is_one_line_naming_the_flag_and_the_way_out(f
     assert out == "" and err.count("\n") == 1 and message in err, err
 
 
+def test_the_crop_of_aug_cfg_is_translated_and_other_augmentations_are_refused(capsys) -> None:
+    base = ["--train-data", "/d/{0..9}.tar", "--train-num-samples", "100"]
+    reference = parse_args([*base, "--aug-cfg", "scale=(0.4, 1.0)", "ratio=(0.5,2)", "use_timm=True"]).aug_cfg
+    cfg = _compose(translate([*base, "--aug-cfg", "scale=(0.4, 1.0)", "ratio=(0.5,2)", "use_timm=True"]).overrides)
+    assert cfg.data.train_crop_scale == list(reference["scale"]) and cfg.data.train_crop_ratio == [0.5, 2.0]
+    default = _compose(translate(base).overrides).data  # OpenCLIP's crop: scale (0.9, 1), ratio 3/4 to 4/3
+    assert default.train_crop_scale == [0.9, 1.0] and default.train_crop_ratio == pytest.approx([0.75, 4 / 3])
+    assert main(["--", *base, "--aug-cfg", "scale=(0.4,1)", "color_jitter=0.4", "re_prob=0.25"]) == 2
+    assert "--aug-cfg color_jitter, re_prob (clip_train's training augmentation is the random resized crop" in (
+        capsys.readouterr().err)
+
+
 def test_siglip_and_coca_commands_compose_with_their_losses_and_a_local_tokenizer(tmp_path: Path, capsys) -> None:
     siglip = ["python", "-m", "open_clip_train.main", "--model", "ViT-B-16-SigLIP", "--siglip", "--train-data",
               "/d/{0..9}.tar", "--train-num-samples", "1000", "--precision", "amp_bf16"]
