@@ -58,6 +58,11 @@ def parse_manifest(raw: bytes | str) -> dict[str, int]:
     raise ValueError("neither a shards.json nor a sizes.json ({\"NAME.tar\": count, ...})")
 
 
+def _manifest_error(path: str, exn: Exception) -> ValueError:
+    return ValueError(f"cannot read shard manifest {path}: {exn} (expected {MANIFEST_NAME} as written by "
+                      f"python -m clip_train.data.make_shards, or OpenCLIP's {OPENCLIP_SIZES_NAME})")
+
+
 def read_manifest(path: str, options: RemoteOptions | None = None) -> dict[str, int]:
     """Shard name -> sample count from a manifest (``shards.json``, or OpenCLIP's ``sizes.json``) at a local
     path, an ``s3://``/``gs://``/http URL, or anything webdataset can open (``pipe:``)."""
@@ -71,20 +76,27 @@ def read_manifest(path: str, options: RemoteOptions | None = None) -> dict[str, 
                 raise FileNotFoundError("not found")
         return parse_manifest(raw)
     except (OSError, ValueError, KeyError, TypeError) as exn:
-        raise ValueError(f"cannot read shard manifest {path}: {exn} (expected {MANIFEST_NAME} as written by "
-                         f"python -m clip_train.data.make_shards, or OpenCLIP's {OPENCLIP_SIZES_NAME})") from exn
+        raise _manifest_error(path, exn) from exn
+
+
+def _beside(folder: str, name: str) -> str:
+    """The path of file ``name`` in a shard's folder (``""`` for the current directory)."""
+    return f"{folder}/{name}" if folder else name
 
 
 def _folder_manifest(folder: str, options: RemoteOptions | None) -> tuple[dict[str, int], str] | None:
     """The counts in ``folder``'s ``shards.json``, else in its OpenCLIP ``sizes.json``, and the file's name."""
     for name in (MANIFEST_NAME, OPENCLIP_SIZES_NAME):
-        candidate = f"{folder}/{name}" if folder else name
+        candidate = _beside(folder, name)
         try:
             raw = read_small(candidate, options)
         except OSError:
             raw = None
         if raw is not None:
-            return read_manifest(candidate, options), name
+            try:
+                return parse_manifest(raw), name
+            except (ValueError, KeyError, TypeError) as exn:
+                raise _manifest_error(candidate, exn) from exn
     return None
 
 
@@ -92,8 +104,7 @@ def openclip_total(urls: Sequence[str], options: RemoteOptions | None = None) ->
     """The total in OpenCLIP's ``__len__`` next to the first shard (local or in a bucket), if there is one."""
     if not urls or scheme(urls[0]) not in ("file", "s3", "gs"):
         return None
-    folder = os.path.dirname(urls[0])
-    path = f"{folder}/{OPENCLIP_LEN_NAME}" if folder else OPENCLIP_LEN_NAME
+    path = _beside(os.path.dirname(urls[0]), OPENCLIP_LEN_NAME)
     try:
         raw = read_small(path, options)
         if raw is None:
@@ -152,8 +163,8 @@ def sample_counts(urls: Sequence[str], manifest: str | None = None, options: Rem
     """Sample count of every shard in ``urls``, or None when none of them is known.
 
     Counts come from ``manifest`` when given (matched by shard file name), else from the ``shards.json`` (or
-    OpenCLIP's ``sizes.json``) in each shard's folder (local or in a bucket), else from img2dataset's per-shard ``NAME_stats.json`` or
-    ``NAME.parquet``. Shards left without a count while others have one (an img2dataset download that was
+    OpenCLIP's ``sizes.json``) in each shard's folder (local or in a bucket), else from img2dataset's
+    per-shard ``NAME_stats.json`` or ``NAME.parquet``. Shards left without a count while others have one (an img2dataset download that was
     interrupted) are counted from their tars, with a warning that names them.
     """
     by_name = read_manifest(manifest, options) if manifest else None
