@@ -230,27 +230,30 @@ def _dataset_size(patterns: list[str]) -> int | None:
     try:
         counts = sample_counts(urls)
         return sum(counts) if counts is not None else openclip_total(urls)
-    except (OSError, ValueError):
-        return None
+    except OSError:
+        return None  # shards not reachable from here: the user gives --train-num-samples
+    except ValueError as exn:  # a sizes.json / __len__ that is there but broken: say so, not "missing"
+        raise TranslationError(str(exn)) from None
 
 
-def _model_name(name: str, quick_gelu: bool) -> str:
-    """``name`` (with ``-quickgelu`` for ``--force-quick-gelu``), refused in one line unless clip_train builds it."""
+def _model_name(name: str, quick_gelu: bool) -> tuple[str, object]:
+    """``name`` (with ``-quickgelu`` for ``--force-quick-gelu``) and its ModelConfig, refused in one line unless
+    clip_train builds it."""
     from clip_train.config import did_you_mean
     from clip_train.models.registry import get_model_config, list_models
 
-    def check(candidate: str, flag: str) -> None:
+    def build(candidate: str, flag: str) -> object:
         try:
-            get_model_config(candidate)
+            return get_model_config(candidate)
         except ValueError as exn:
             hint = did_you_mean(candidate, set(list_models()))
             raise TranslationError(f"{flag} {candidate}: {exn}{hint}") from None
 
-    check(name, "--model")
+    model_cfg = build(name, "--model")
     if quick_gelu and not name.endswith("-quickgelu"):
-        check(f"{name}-quickgelu", "--force-quick-gelu: --model")
-        return f"{name}-quickgelu"
-    return name
+        name = f"{name}-quickgelu"
+        model_cfg = build(name, "--force-quick-gelu: --model")
+    return name, model_cfg
 
 
 def _augmentation(items: Sequence[str]) -> dict[str, object]:
@@ -270,13 +273,6 @@ def _augmentation(items: Sequence[str]) -> dict[str, object]:
                                   and all(isinstance(v, (int, float)) for v in value)):
             raise TranslationError(f"--aug-cfg {key}={value!r}: expected two numbers, e.g. {key}='(0.4, 1.0)'")
     return parsed
-
-
-def _tokenizer_need(model_name: str) -> str | None:
-    from clip_train.models.registry import get_model_config
-    from clip_train.tokenizer import model_tokenizer_need
-
-    return model_tokenizer_need(get_model_config(model_name))
 
 
 def _is_path(value: str) -> bool:
@@ -343,9 +339,11 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
     if refused:
         raise TranslationError("cannot translate " + "; ".join(refused))
 
-    model_name = _model_name(args.model, args.force_quick_gelu)
+    from clip_train.tokenizer import model_tokenizer_need
+
+    model_name, model_cfg = _model_name(args.model, args.force_quick_gelu)
     overrides = ["model=openclip", f"model.name={model_name}"]
-    needed = _tokenizer_need(model_name)
+    needed = model_tokenizer_need(model_cfg)
     if tokenizer:
         overrides.append(f"tokenizer={_hydra_str('hf:' + tokenizer)}")
     elif needed:
@@ -390,10 +388,12 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
     else:
         overrides.append(f"data.train_shards={_hydra_str(patterns[0])}")
     # OpenCLIP's random resized crop: scale (0.9, 1.0) by default; its ratio is read only by timm's crop.
-    scale = augment.get("scale", (0.9, 1.0))
-    ratio = augment.get("ratio", (3 / 4, 4 / 3)) if augment.get("use_timm") else (3 / 4, 4 / 3)
-    if "ratio" in augment and not augment.get("use_timm"):
-        notes.append("--aug-cfg ratio: OpenCLIP reads it only with use_timm=True, so the default 3/4-4/3 is kept")
+    scale, ratio = augment.get("scale", (0.9, 1.0)), (3 / 4, 4 / 3)
+    if "ratio" in augment:
+        if augment.get("use_timm"):
+            ratio = augment["ratio"]
+        else:
+            notes.append("--aug-cfg ratio: OpenCLIP reads it only with use_timm=True, so the default 3/4-4/3 is kept")
     overrides += [f"data.train_crop_scale={_hydra_list(scale)}", f"data.train_crop_ratio={_hydra_list(ratio)}"]
     accum = max(1, args.accum_freq)
     # OpenCLIP's --accum-freq K accumulates K batches of --batch-size into one update; clip_train's
@@ -407,9 +407,10 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
                                "shards says how many samples an epoch holds (OpenCLIP needs it too)")
     if args.train_num_samples is not None and not args.dataset_resampled:
         overrides.append(f"data.epoch_samples={args.train_num_samples}")
-    steps_per_epoch = openclip_batches_per_epoch(num_samples, args.batch_size, world, args.workers) // accum
+    batches_per_epoch = openclip_batches_per_epoch(num_samples, args.batch_size, world, args.workers)
+    steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch < 1:
-        raise TranslationError(f"--accum-freq {accum} is more than the {steps_per_epoch * accum} batches of an epoch")
+        raise TranslationError(f"--accum-freq {accum} is more than the {batches_per_epoch} batches of an epoch")
     total_steps = steps_per_epoch * args.epochs
 
     # Optimizer and schedule. OpenCLIP's betas and eps default by architecture (CLIP paper: ViT or ResNet).

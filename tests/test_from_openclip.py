@@ -166,6 +166,13 @@ def test_siglip_and_coca_commands_compose_with_their_losses_and_a_local_tokenize
     assert (cfg.loss.name, cfg.loss.caption_loss_weight, cfg.loss.clip_loss_weight) == ("coca", 1.5, 1.0)
 
 
+def test_a_broken_sizes_file_is_named_not_reported_missing(tmp_path: Path, capsys) -> None:
+    (tmp_path / "sizes.json").write_text("[6, 4]")
+    assert main(["--", "--train-data", str(tmp_path / "{0..1}.tar")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read shard manifest {tmp_path}/sizes.json" in err and "--train-num-samples is needed" not in err
+
+
 def test_an_unknown_flag_or_launcher_is_refused(capsys) -> None:
     assert main(["--", "--train-data", "/d/0.tar", "--learning-rate", "3"]) == 2
     assert "unrecognized arguments: --learning-rate 3" in capsys.readouterr().err
