@@ -43,6 +43,7 @@ class LossConfig:
 
 
 LR_SCHEDULES = ("cosine", "const", "const-cooldown")
+NO_DECAY_RULES = ("clip", "openclip")
 
 
 @dataclass
@@ -54,7 +55,11 @@ class OptimConfig:
     lr: float = 5e-4
     """Peak learning rate, reached after ``warmup_steps``."""
     weight_decay: float = 0.2
-    """Decoupled weight decay, applied to weight matrices only (not gains, biases, embeddings, logit_scale)."""
+    """Decoupled weight decay, applied to the tensors ``no_decay`` does not exempt."""
+    no_decay: str = "clip"
+    """Which tensors AdamW leaves undecayed: ``clip`` (every tensor under 2-D, i.e. gains and biases, plus the
+    embeddings and logit_scale) or ``openclip`` (OpenCLIP's rule: tensors under 2-D and those whose name
+    contains ``bn``, ``ln``, ``bias`` or ``logit_scale``; its embeddings are decayed)."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     warmup_steps: int = 2000
@@ -371,6 +376,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str) -> None:
         "loss.name": (cfg.loss.name, ("clip", "siglip", "coca")),
         "loss.implementation": (cfg.loss.implementation, ("tiled", "exact")),
         "optim.name": (cfg.optim.name, ("adamw", "stable_adamw")),
+        "optim.no_decay": (cfg.optim.no_decay, NO_DECAY_RULES),
         "logger.wandb.mode": (cfg.logger.wandb.mode, (None, "online", "offline", "disabled")),
         "logger.wandb.default_mode": (cfg.logger.wandb.default_mode, ("online", "offline", "disabled")),
     }

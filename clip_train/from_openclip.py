@@ -419,7 +419,8 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
     beta2 = args.beta2 if args.beta2 is not None else (0.98 if vit else 0.999)
     eps = args.eps if args.eps is not None else (1e-6 if vit else 1e-8)
     lr = args.lr if args.lr is not None else 5e-4
-    overrides += ["optim=adamw", f"optim.lr={lr!r}", f"optim.weight_decay={args.wd!r}",
+    # OpenCLIP decays its embeddings (only sub-2-D tensors and bn/ln/bias/logit_scale names are exempt).
+    overrides += ["optim=adamw", f"optim.lr={lr!r}", f"optim.weight_decay={args.wd!r}", "optim.no_decay=openclip",
                   f"optim.betas={_hydra_list([beta1, beta2])}", f"optim.eps={eps!r}"]
     if args.skip_scheduler:
         overrides += ["optim.schedule=const", "optim.warmup_steps=0"]

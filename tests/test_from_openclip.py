@@ -80,6 +80,7 @@ def test_a_translated_command_has_openclips_values_steps_and_learning_rates(comm
     assert cfg.data.resampled == reference.dataset_resampled and cfg.data.num_workers == reference.workers
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps) == (reference.lr, reference.wd, reference.eps)
     assert cfg.optim.betas == [reference.beta1, reference.beta2]
+    assert cfg.optim.no_decay == "openclip"  # the same tensors decayed: tests/test_zoo.py compares the groups
     assert cfg.optim.warmup_steps == reference.warmup and cfg.optim.grad_clip_norm == reference.grad_clip_norm
     assert cfg.train.seed == reference.seed and cfg.train.log_every_n_steps == reference.log_every_n_steps
     assert cfg.train.precision == {"amp": "fp16", "amp_bf16": "bf16"}[reference.precision]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import clip_train
-from clip_train.config import ConfigError, OptimConfig, TrainConfig, validate_values
+from clip_train.config import ConfigError, OptimConfig, TrainConfig, validate, validate_values
 from clip_train.train.optim import (
     StableAdamW,
     build_optimizer,
@@ -35,6 +35,20 @@ def test_no_weight_decay_on_gains_biases_embeddings_and_temperature() -> None:
         else:
             assert skipped not in decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_openclips_rule_decays_the_embeddings_and_an_unknown_rule_is_named() -> None:
+    model = clip_train.create_model("tiny")
+    decay, exempt = parameter_groups(model, 0.2, no_decay="openclip")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"token_embedding.weight", "positional_embedding", "visual.positional_embedding"} <= decayed
+    assert {"logit_scale", "visual.class_embedding", "ln_final.weight", "visual.ln_pre.bias"}.isdisjoint(decayed)
+    assert len(decayed) + len(exempt["params"]) == len(list(model.parameters()))
+    cfg = TrainConfig()
+    cfg.optim.no_decay = "timm"
+    with pytest.raises(ConfigError, match=r"^optim.no_decay='timm' is not one of clip, openclip$"):
+        validate(cfg, 1, "cpu")
 
 
 def test_frozen_parameters_get_no_optimizer_state() -> None:

@@ -141,7 +141,9 @@ RESUME_RUN = [*FAST_DEMO, "data.batch_size=16", "train.max_steps=6", "ckpt.every
               "optim.warmup_steps=4"]
 
 
-def test_a_resume_takes_lr_weight_decay_and_betas_from_the_new_config(cache_dir: Path, tmp_path: Path) -> None:
+def test_a_resume_takes_lr_weight_decay_and_betas_from_the_new_config_but_not_the_decay_rule(
+    cache_dir: Path, tmp_path: Path
+) -> None:
     old_run, new_run = tmp_path / "old", tmp_path / "new"
     first = run_cli([*RESUME_RUN, f"hydra.run.dir={old_run}"], cache_dir, timeout=DEADLINE_S)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -164,6 +166,14 @@ def test_a_resume_takes_lr_weight_decay_and_betas_from_the_new_config(cache_dir:
     groups = ckpt.load_checkpoint(new_run / "checkpoints" / ckpt.step_dir_name(8))["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
     assert all(tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+    # Another optim.no_decay regroups the tensors, so the saved moments would land on others: refused.
+    regrouped = run_cli([*RESUME_RUN, "optim.no_decay=openclip", f"ckpt.resume={step3}",
+                         f"hydra.run.dir={tmp_path / 'regrouped'}"], cache_dir, timeout=DEADLINE_S)
+    refusal = regrouped.stdout + regrouped.stderr
+    assert regrouped.returncode == 2 and "Traceback" not in refusal, refusal[-3000:]
+    assert "optim.no_decay=openclip differs from the checkpoint's clip" in refusal
+    assert not (tmp_path / "regrouped" / "checkpoints").exists() or not any((tmp_path / "regrouped" / "checkpoints").iterdir())
 
 
 def _wandb_ids(run_dir: Path) -> set[str]:

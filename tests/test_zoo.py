@@ -6,10 +6,13 @@ configs are refreshed. The full numeric zoo is ``make test-zoo`` (``python -m te
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
+import open_clip_train.main
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ import clip_train
 from clip_train.models import CLIP, get_model_config
 from clip_train.models.openclip_config import openclip_json, openclip_model_names, translate
 from clip_train.models.text import TextTransformer
+from clip_train.train.optim import parameter_groups
 from tests.zoo_reference import (
     example_inputs,
     needs_other_branch,
@@ -34,8 +38,16 @@ def test_vendored_configs_are_exactly_openclips_names() -> None:
     assert len(openclip_model_names()) == 144
 
 
+def openclip_decay_exemption() -> Callable[[str, torch.nn.Parameter], bool]:
+    """The no-decay test OpenCLIP's training script applies, read from its source (it is inline in ``main``),
+    so a change to OpenCLIP's rule fails this file rather than going unnoticed."""
+    source = inspect.getsource(open_clip_train.main.main)
+    line = next(line for line in source.splitlines() if line.strip().startswith("exclude = lambda n, p:"))
+    return eval(line.split("=", 1)[1].strip())  # OpenCLIP's own one-line lambda, from its installed source
+
+
 @pytest.mark.parametrize("name", open_clip.list_models())
-def test_state_dict_names_and_shapes_equal_openclips(name: str) -> None:
+def test_state_dict_names_shapes_and_decay_groups_equal_openclips(name: str) -> None:
     reason = needs_other_branch(name)
     if reason:
         pytest.skip(reason)
@@ -43,7 +55,15 @@ def test_state_dict_names_and_shapes_equal_openclips(name: str) -> None:
         reference = openclip_model(name, device="meta")
     except OSError as err:  # an HF text tower whose config neither the Hub (offline) nor our table gives
         pytest.skip(f"OpenCLIP cannot build {name} offline: {str(err).splitlines()[0][:80]}")
-    assert shapes(ours_on_meta(name).state_dict()) == shapes(reference.state_dict())
+    ours = ours_on_meta(name)
+    assert shapes(ours.state_dict()) == shapes(reference.state_dict())
+    # optim.no_decay=openclip: the same tensors decayed as in OpenCLIP's run (its names carry DDP's "module.").
+    exempt = openclip_decay_exemption()
+    openclip_exempt = {n for n, p in reference.named_parameters() if exempt(f"module.{n}", p)}
+    names = {id(p): n for n, p in ours.named_parameters()}
+    decayed, exempted = parameter_groups(ours, 0.1, no_decay="openclip")
+    assert {names[id(p)] for p in exempted["params"]} == openclip_exempt
+    assert {names[id(p)] for p in decayed["params"]} == {n for n, _ in reference.named_parameters()} - openclip_exempt
 
 
 # The smallest architecture of each family our own towers cover (-alt: layer scale). CLIPA's smallest

@@ -1,6 +1,7 @@
 """Optimizers and the learning-rate schedules.
 
-AdamW decays weight matrices only: gains, biases, embeddings and the temperature are excluded, as in CLIP.
+AdamW decays weight matrices only: gains, biases, embeddings and the temperature are excluded, as in CLIP
+(or, with ``optim.no_decay=openclip``, what OpenCLIP's training script excludes).
 """
 
 from __future__ import annotations
@@ -12,21 +13,37 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from clip_train.config import LR_SCHEDULES, OptimConfig
+from clip_train.config import LR_SCHEDULES, NO_DECAY_RULES, OptimConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices, and everything 1-D or named by ``no_weight_decay()``."""
+def _openclip_exempt(name: str, param: nn.Parameter) -> bool:
+    """OpenCLIP's training script: under 2-D, or a name that contains bn, ln, bias or logit_scale."""
+    return param.ndim < 2 or any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, no_decay: str = "clip") -> list[dict]:
+    """Two AdamW groups: the decayed tensors, then those the ``no_decay`` rule exempts (``optim.no_decay``).
+
+    ``clip``: every tensor under 2-D and those named by ``no_weight_decay()`` (embeddings, temperature).
+    ``openclip``: OpenCLIP's rule, by name (parameter names here are OpenCLIP's, so the groups hold the
+    same tensors as an OpenCLIP run's).
+    """
+    if no_decay not in NO_DECAY_RULES:
+        raise ValueError(f"optim.no_decay={no_decay!r}: use one of {', '.join(NO_DECAY_RULES)}")
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    decay, exempt = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue  # locked towers and frozen temperatures get no optimizer state at all
         clean_name = name.removeprefix("module.").removeprefix("_orig_mod.")
-        (no_decay if param.ndim < 2 or clean_name in skip else decay).append(param)
+        if no_decay == "openclip":
+            exempted = _openclip_exempt(clean_name, param)
+        else:
+            exempted = param.ndim < 2 or clean_name in skip
+        (exempt if exempted else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": exempt, "weight_decay": 0.0},
     ]
 
 
@@ -76,7 +93,7 @@ class StableAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.weight_decay)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay)
     betas = (cfg.betas[0], cfg.betas[1])
     if cfg.name == "stable_adamw":
         return StableAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)

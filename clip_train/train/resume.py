@@ -61,6 +61,23 @@ def config_changes(saved: dict | None, new: dict) -> list[str]:
     return lines
 
 
+def decay_rule_change(saved: dict | None, new: dict) -> str | None:
+    """One line when the new config's ``optim.no_decay`` differs from the checkpoint's, else None.
+
+    The rule decides which tensors each optimizer group holds, and saved moments are matched to tensors by
+    their place in the groups: under another rule they would land on other tensors, so the resume is refused.
+    """
+    if not saved:
+        return None
+    before = (saved.get("optim") or {}).get("no_decay", "clip")  # checkpoints from before the key: "clip"
+    after = (new.get("optim") or {}).get("no_decay", "clip")
+    if before == after:
+        return None
+    return (f"optim.no_decay={after} differs from the checkpoint's {before}: its optimizer moments are grouped by "
+            f"that rule, so it cannot change on resume. Resume with optim.no_decay={before}, or start afresh "
+            f"from its weights with model.pretrained=CHECKPOINT")
+
+
 def retire_newer_checkpoints(checkpoint_dir: Path, step: int, metrics_path: Path) -> Path | None:
     """Move every step directory newer than ``step`` (and the metrics they logged) aside; repoint ``latest``.
 

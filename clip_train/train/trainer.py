@@ -315,7 +315,11 @@ class Trainer:
         return Path(path).resolve().is_relative_to(self.checkpoint_dir.resolve())
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
-        """One line, before anything is loaded, if the checkpoint's model is another architecture or not finite."""
+        """One line, before anything is loaded, if the checkpoint's model is another architecture or not finite,
+        or its optimizer groups follow another ``optim.no_decay`` rule."""
+        changed_rule = resume_rules.decay_rule_change(state.get("config"), self.resolved_config)
+        if changed_rule:
+            raise CheckpointError(changed_rule)
         if "model" not in state:
             return  # sharded: DCP checks keys and shapes itself when loading
         problems = fit_problems(self.model.state_dict(), state["model"])
