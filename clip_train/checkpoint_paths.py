@@ -42,8 +42,12 @@ def resolve_training_checkpoint(source: str | os.PathLike) -> Path:
     except ckpt_io.CheckpointCorrupt as err:
         raise CheckpointError(str(err)) from None
     if not (step_dir / ckpt_io.STATE_FILE).is_file():
-        raise CheckpointError(f"{path} holds no clip_train training checkpoint: expected {_EXPECTED} "
-                              "(to start from a weights file, set model.pretrained=PATH instead)")
+        from clip_train.from_openclip import newest_openclip_checkpoint
+
+        openclip = newest_openclip_checkpoint(path)
+        hint = (f"; it holds OpenCLIP checkpoints: name one file, e.g. {openclip}" if openclip else
+                " (to start from a weights file, set model.pretrained=PATH instead)")
+        raise CheckpointError(f"{path} holds no clip_train training checkpoint: expected {_EXPECTED}{hint}")
     _verify(step_dir)
     return step_dir
 

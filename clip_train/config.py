@@ -149,7 +149,11 @@ class CheckpointConfig:
     resume: str = "auto"
     """``auto``: newest complete checkpoint in the run dir, if any; ``none``: start fresh; or a checkpoint path.
     Another run's checkpoint starts a new run off it (a branch), used while this run dir has none of its own:
-    a requeued branch continues from its own newest."""
+    a requeued branch continues from its own newest. An OpenCLIP training checkpoint (``epoch_N.pt``) continues
+    that run at its epoch N (with ``openclip_steps_per_epoch`` and ``optim.no_decay=openclip``)."""
+    openclip_steps_per_epoch: Optional[int] = None
+    """Continuing an OpenCLIP run (``ckpt.resume=epoch_N.pt``): its optimizer steps per epoch, so that its
+    epoch N resumes at step N x this on the same schedule; ``python -m clip_train.from_openclip`` writes it."""
     async_save: bool = False
     """Write checkpoints in the background: a step blocks only while the state is copied to host memory
     (pinned on CUDA); the write, fsync, manifest and ``latest`` follow in a thread, one save at a time.
@@ -489,7 +493,14 @@ def validate_values(cfg: TrainConfig) -> None:
     resume = cfg.ckpt.resume
     if resume not in ("auto", "none") and not Path(resume).expanduser().exists():
         raise ConfigError(f"ckpt.resume={resume} does not exist; give a step directory, its state.pt, a checkpoints/ "
-                          "directory or a run directory, or ckpt.resume=auto (newest in the run dir) or none")
+                          "directory or a run directory, an OpenCLIP epoch_N.pt, or ckpt.resume=auto (newest in "
+                          "the run dir) or none")
+    if resume not in ("auto", "none"):
+        from clip_train.train.openclip_run import continuation_problem
+
+        problem = continuation_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
 
 
 def validate_profile(profile: ProfileConfig, max_steps: int) -> None:

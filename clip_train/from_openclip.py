@@ -210,6 +210,16 @@ def openclip_batches_per_epoch(num_samples: int, batch_size: int, world_size: in
     return math.ceil(batches / workers) * workers
 
 
+def newest_openclip_checkpoint(folder: str | os.PathLike) -> str | None:
+    """An OpenCLIP run's ``epoch_latest.pt``, else its highest ``epoch_N.pt``, in ``folder`` or its
+    ``checkpoints/`` (what OpenCLIP's ``--resume latest`` picks); None if there is none."""
+    found = [os.path.join(where, name) for where in (folder, os.path.join(folder, "checkpoints")) if os.path.isdir(where)
+             for name in os.listdir(where) if name.startswith("epoch_") and name.endswith(".pt")]
+    latest = [f for f in found if os.path.basename(f) == "epoch_latest.pt"]
+    numbered = [f for f in found if os.path.basename(f)[len("epoch_"):-len(".pt")].isdigit()]
+    return latest[0] if latest else max(numbered, key=lambda f: int(os.path.basename(f)[6:-3]), default=None)
+
+
 def _hydra_str(value: str) -> str:
     """A Hydra override value quoted so braces, commas and ``=`` in it stay part of the string."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -320,9 +330,6 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
                               "--image-col", args.csv_img_key, "--caption-col", args.csv_caption_key])
         refused.append(f"--dataset-type csv (write shards from the table once: {convert}; then "
                        "--train-data 'shards/{00000..N}.tar')")
-    if args.resume and args.resume != "latest":
-        refused.append(f"--resume {args.resume} (an OpenCLIP run cannot continue mid-schedule here; start from "
-                       "its weights with --pretrained PATH, or use --resume latest for this run's own checkpoints)")
     if args.pretrained and not _is_path(args.pretrained):
         refused.append(f"--pretrained {args.pretrained} (an OpenCLIP download tag: download the weights file and "
                        "pass its path)")
@@ -463,8 +470,21 @@ def translate(argv: Sequence[str], world_size: int | None = None, imagenet_class
         overrides.append("ckpt.every_n_steps=0")
         notes.append("--save-frequency 0: clip_train still saves one checkpoint at the end")
     overrides.append(f"ckpt.keep_last={1 if args.delete_previous_checkpoint else 0}")
-    if args.resume == "latest":
-        overrides.append("ckpt.resume=auto")  # clip_train's default: a rerun continues from the newest checkpoint
+    resume = args.resume
+    if resume == "latest":
+        # The run dir is OpenCLIP's log dir: its own newest epoch file, if the OpenCLIP run got that far.
+        found = newest_openclip_checkpoint(os.path.join(args.logs, args.name)) if args.name else None
+        if found is None:
+            overrides.append("ckpt.resume=auto")  # clip_train's default: a rerun continues from the newest checkpoint
+        else:
+            notes.append(f"--resume latest: continues OpenCLIP's newest checkpoint there, {found}; once this run has "
+                         "saved, a rerun continues from its own newest")
+        resume = found
+    if resume:
+        # OpenCLIP's epoch_N.pt: its weights, AdamW state and GradScaler continue at step N x steps per epoch.
+        overrides += [f"ckpt.resume={_hydra_str(resume)}", f"ckpt.openclip_steps_per_epoch={steps_per_epoch}"]
+        notes.append(f"--resume {resume}: OpenCLIP's epoch N continues at step N x {steps_per_epoch}, with its "
+                     "weights, AdamW moments and GradScaler (a file holding weights alone: use --pretrained)")
     if args.name:
         overrides.append(f"hydra.run.dir={_hydra_str(os.path.join(args.logs, args.name))}")
     reports = {r.strip() for r in args.report_to.split(",") if r.strip()}

@@ -124,7 +124,6 @@ def test_weighted_sources_tensorboard_and_notes_come_through(capsys) -> None:
     ("--train-data /d/{0..9}.tar --precision pure_bf16", "the closest is --precision amp_bf16"),
     ("--train-data /d/{0..9}.tar --distill-model ViT-L-14", "--distill-model (distillation is not supported)"),
     ("--train-data /d/{0..9}.tar --pretrained laion2b_s34b_b79k", "download the weights file and pass its path"),
-    ("--train-data /d/{0..9}.tar --resume /logs/run/checkpoints/epoch_3.pt", "--pretrained PATH"),
     ("--train-data /d/{0..9}.tar --model ViT-B-3", "(did you mean ViT-B-32?)"),
     ("--train-data /d/{0..9}.tar", "--train-num-samples is needed"),
 ])

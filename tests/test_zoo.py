@@ -6,13 +6,10 @@ configs are refreshed. The full numeric zoo is ``make test-zoo`` (``python -m te
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
-import open_clip_train.main
 import pytest
 import torch
 
@@ -25,6 +22,7 @@ from tests.zoo_reference import (
     example_inputs,
     needs_other_branch,
     numeric_parity,
+    openclip_decay_exemption,
     openclip_model,
     ours_on_meta,
     shapes,
@@ -36,14 +34,6 @@ TOLERANCE = 1e-4
 def test_vendored_configs_are_exactly_openclips_names() -> None:
     assert list(openclip_model_names()) == open_clip.list_models()
     assert len(openclip_model_names()) == 144
-
-
-def openclip_decay_exemption() -> Callable[[str, torch.nn.Parameter], bool]:
-    """The no-decay test OpenCLIP's training script applies, read from its source (it is inline in ``main``),
-    so a change to OpenCLIP's rule fails this file rather than going unnoticed."""
-    source = inspect.getsource(open_clip_train.main.main)
-    line = next(line for line in source.splitlines() if line.strip().startswith("exclude = lambda n, p:"))
-    return eval(line.split("=", 1)[1].strip())  # OpenCLIP's own one-line lambda, from its installed source
 
 
 @pytest.mark.parametrize("name", open_clip.list_models())

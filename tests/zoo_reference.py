@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import inspect
 import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def _offline_hf_config(hf_model_name: str | None) -> Iterator[None]:
         yield
     finally:
         transformers.AutoConfig.from_pretrained = original
+
+
+def openclip_decay_exemption() -> Callable[[str, torch.nn.Parameter], bool]:
+    """The no-decay test OpenCLIP's training script applies to ``(name, parameter)``, read from its installed
+    source (it is inline in ``main``), so a change to OpenCLIP's rule fails the tests rather than going unnoticed."""
+    import open_clip_train.main
+
+    source = inspect.getsource(open_clip_train.main.main)
+    line = next(line for line in source.splitlines() if line.strip().startswith("exclude = lambda n, p:"))
+    return eval(line.split("=", 1)[1].strip())  # OpenCLIP's own one-line lambda
 
 
 def needs_other_branch(name: str) -> str | None:

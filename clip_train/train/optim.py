@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from clip_train.config import LR_SCHEDULES, NO_DECAY_RULES, OptimConfig
 
 
-def _openclip_exempt(name: str, param: nn.Parameter) -> bool:
+def openclip_exempt(name: str, param: nn.Parameter) -> bool:
     """OpenCLIP's training script: under 2-D, or a name that contains bn, ln, bias or logit_scale."""
     return param.ndim < 2 or any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
 
@@ -37,7 +37,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay: str = "cli
             continue  # locked towers and frozen temperatures get no optimizer state at all
         clean_name = name.removeprefix("module.").removeprefix("_orig_mod.")
         if no_decay == "openclip":
-            exempted = _openclip_exempt(clean_name, param)
+            exempted = openclip_exempt(clean_name, param)
         else:
             exempted = param.ndim < 2 or clean_name in skip
         (exempt if exempted else decay).append(param)

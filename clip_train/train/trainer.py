@@ -30,7 +30,7 @@ from clip_train.models.lock import lock_image_tower, lock_text_tower
 from clip_train.models.pretrained import CheckpointError, check_finite, fit_problems
 from clip_train.tokenizer import get_model_tokenizer
 from clip_train.train import checkpoint as ckpt_io
-from clip_train.train import preemption, run_lock
+from clip_train.train import openclip_run, preemption, run_lock
 from clip_train.train import resume as resume_rules
 from clip_train.train import sharded_checkpoint as sharded_io
 from clip_train.train.distributed import DistributedContext, any_rank, barrier, broadcast_object
@@ -299,7 +299,8 @@ class Trainer:
             return None
         if resume == "auto":
             return ckpt_io.find_resumable(self.checkpoint_dir)
-        path = resolve_training_checkpoint(resume)
+        given = Path(resume).expanduser()
+        path = given if openclip_run.is_openclip_checkpoint_file(given) else resolve_training_checkpoint(resume)
         if not self._is_own_checkpoint(path):
             # A branch that was requeued (preemption, a restart) still names the run it branched from; starting
             # over from there would throw away its own steps, so its own newest checkpoint wins (torchtitan's
@@ -311,7 +312,22 @@ class Trainer:
                 return own
         return path
 
+    def _state_from_openclip(self, path: Path) -> dict[str, Any]:
+        """An OpenCLIP ``epoch_N.pt`` as the state a clip_train checkpoint holds (``openclip_run``)."""
+        problem = openclip_run.continuation_problem(self.cfg)
+        if problem:
+            raise CheckpointError(problem)
+        raw = openclip_run.read_openclip_checkpoint(path)
+        return openclip_run.state_from_openclip(
+            path, raw, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            loader_state=self.loader.state_dict(gather=False), steps_per_epoch=self.cfg.ckpt.openclip_steps_per_epoch,
+        )
+
     def _is_own_checkpoint(self, path: Path) -> bool:
+        # An OpenCLIP epoch file is never this run's own, even inside its checkpoints/ (OpenCLIP's log dir
+        # reused as the run dir): a requeue must continue from this run's steps, not restart from the file.
+        if openclip_run.is_openclip_checkpoint_file(Path(path)):
+            return False
         return Path(path).resolve().is_relative_to(self.checkpoint_dir.resolve())
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
@@ -337,7 +353,8 @@ class Trainer:
         path = broadcast_object(self._checkpoint_to_resume() if self.ctx.is_main else None, self.ctx)
         if path is None:
             return
-        state = ckpt_io.load_checkpoint(Path(path))
+        from_openclip = openclip_run.is_openclip_checkpoint_file(Path(path))
+        state = self._state_from_openclip(Path(path)) if from_openclip else ckpt_io.load_checkpoint(Path(path))
         self._check_resumable(Path(path), state)
         parts = self._stateful_parts()
         model, optimizer = parts.pop("model"), parts.pop("optimizer")
@@ -370,6 +387,11 @@ class Trainer:
         # the loader takes every saved rank's entry (skip counts included) and warns only for a new global batch.
         self.loader.load_state_dict([entry["dataloader"] for entry in per_rank])
         restore_rng_streams(per_rank, self.ctx.rank, self.cfg.train.seed, self.state.step)
+        if from_openclip:
+            log.info("resume: %s is OpenCLIP's checkpoint after epoch %d: its weights, AdamW moments and GradScaler "
+                     "continue at step %d (%d x ckpt.openclip_steps_per_epoch=%d), with fresh data order and random "
+                     "streams as OpenCLIP's own resume", path, state["openclip_epoch"], self.state.step,
+                     state["openclip_epoch"], self.cfg.ckpt.openclip_steps_per_epoch)
         log.info("resumed from %s at step %d", path, self.state.step)
         late_cooldown = cooldown_begun_before(self.cfg.optim, self.cfg.train.max_steps, self.state.step)
         if late_cooldown and self.ctx.is_main:
