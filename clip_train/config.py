@@ -58,8 +58,10 @@ class OptimConfig:
     """Decoupled weight decay, applied to the tensors ``no_decay`` does not exempt."""
     no_decay: str = "clip"
     """Which tensors AdamW leaves undecayed: ``clip`` (every tensor under 2-D, i.e. gains and biases, plus the
-    embeddings and logit_scale) or ``openclip`` (OpenCLIP's rule: tensors under 2-D and those whose name
-    contains ``bn``, ``ln``, ``bias`` or ``logit_scale``; its embeddings are decayed)."""
+    temperature and the embeddings of clip_train's own towers; a timm trunk's or Hugging Face text tower's
+    embeddings are decayed) or ``openclip`` (OpenCLIP's rule: tensors under 2-D and those whose name contains
+    ``bn``, ``ln``, ``bias`` or ``logit_scale``; all embeddings are decayed). Fixed for a run's life: a resume
+    under another rule is refused."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     warmup_steps: int = 2000
