@@ -106,7 +106,13 @@ def test_one_more_update_from_an_openclip_checkpoint_equals_openclips_own(tmp_pa
 
     theirs = dict(reference.named_parameters())
     for name, param in ours.named_parameters():
-        torch.testing.assert_close(param, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+        mine, other = param, theirs[name]
+        if name.endswith("attn.in_proj_bias"):
+            # The key bias (the middle third) gets a zero gradient in exact arithmetic (softmax ignores a shift),
+            # so AdamW normalises rounding noise there; the query and value biases carry the comparison.
+            third = mine.shape[0] // 3
+            mine, other = torch.cat([mine[:third], mine[2 * third:]]), torch.cat([other[:third], other[2 * third:]])
+        torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6, msg=lambda text, name=name: f"{name}: {text}")
     steps = {float(s["step"]) for s in optimizer.state_dict()["state"].values()}
     assert steps == {4.0}
 
