@@ -497,12 +497,11 @@ def validate_values(cfg: TrainConfig) -> None:
         raise ConfigError(f"ckpt.resume={resume} does not exist; give a step directory, its state.pt, a checkpoints/ "
                           "directory or a run directory, an OpenCLIP epoch_N.pt, or ckpt.resume=auto (newest in "
                           "the run dir) or none")
-    if resume not in ("auto", "none"):
-        from clip_train.train.openclip_run import continuation_problem
+    from clip_train.train.openclip_run import continuation_problem
 
-        problem = continuation_problem(cfg)
-        if problem:
-            raise ConfigError(problem)
+    problem = continuation_problem(cfg)  # None unless ckpt.resume names an OpenCLIP epoch_N.pt
+    if problem:
+        raise ConfigError(problem)
 
 
 def validate_profile(profile: ProfileConfig, max_steps: int) -> None:

@@ -213,11 +213,13 @@ def openclip_batches_per_epoch(num_samples: int, batch_size: int, world_size: in
 def newest_openclip_checkpoint(folder: str | os.PathLike) -> str | None:
     """An OpenCLIP run's ``epoch_latest.pt``, else its highest ``epoch_N.pt``, in ``folder`` or its
     ``checkpoints/`` (what OpenCLIP's ``--resume latest`` picks); None if there is none."""
-    found = [os.path.join(where, name) for where in (folder, os.path.join(folder, "checkpoints")) if os.path.isdir(where)
-             for name in os.listdir(where) if name.startswith("epoch_") and name.endswith(".pt")]
-    latest = [f for f in found if os.path.basename(f) == "epoch_latest.pt"]
-    numbered = [f for f in found if os.path.basename(f)[len("epoch_"):-len(".pt")].isdigit()]
-    return latest[0] if latest else max(numbered, key=lambda f: int(os.path.basename(f)[6:-3]), default=None)
+    found = {name[len("epoch_"):-len(".pt")]: os.path.join(where, name)
+             for where in (folder, os.path.join(folder, "checkpoints")) if os.path.isdir(where)
+             for name in os.listdir(where) if name.startswith("epoch_") and name.endswith(".pt")}
+    if "latest" in found:
+        return found["latest"]
+    numbered = [epoch for epoch in found if epoch.isdigit()]
+    return found[max(numbered, key=int)] if numbered else None
 
 
 def _hydra_str(value: str) -> str:

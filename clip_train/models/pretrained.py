@@ -34,6 +34,13 @@ OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile add these to every key
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter or state-dict name without the prefixes DDP (``module.``) and torch.compile add."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
+
+
 class CheckpointError(ValueError):
     """A weights file that cannot be read safely or does not fit the model."""
 
@@ -218,8 +225,7 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
     for key, value in obj.items():
         if key in OPENAI_EXTRA_KEYS:
             continue
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.removeprefix(prefix)
+        key = unwrapped_name(key)
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         state_dict[key] = value

@@ -20,21 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from clip_train.models.pretrained import CheckpointError, read_tensor_pickle
+from clip_train.models.pretrained import CheckpointError, read_tensor_pickle, unwrapped_name
+from clip_train.train.checkpoint import MANIFEST_FILE, STATE_FILE
 from clip_train.train.optim import openclip_exempt
-
-_WRAPPERS = ("module.", "_orig_mod.")
-
-
-def _clean(name: str) -> str:
-    for prefix in _WRAPPERS:
-        name = name.removeprefix(prefix)
-    return name
 
 
 def is_openclip_checkpoint_file(path: Path) -> bool:
     """A single file that is not a clip_train step's ``state.pt``: what an OpenCLIP run writes."""
-    return path.is_file() and not (path.name == "state.pt" and (path.parent / "manifest.json").is_file())
+    return path.is_file() and not (path.name == STATE_FILE and (path.parent / MANIFEST_FILE).is_file())
 
 
 def continuation_problem(cfg: Any) -> str | None:
@@ -75,12 +68,13 @@ def read_openclip_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {_clean(name): p for name, p in model.named_parameters() if p.requires_grad}
+    return {unwrapped_name(name): p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _openclip_moments(raw: dict[str, Any], model: nn.Module, path: Path) -> dict[str, dict[str, Any]]:
-    """Each trained tensor's AdamW state from the OpenCLIP checkpoint, by parameter name."""
-    saved = raw["optimizer"]
+def _openclip_moments(saved: dict[str, Any], weights: dict[str, torch.Tensor], model: nn.Module,
+                      path: Path) -> dict[str, dict[str, Any]]:
+    """Each trained tensor's AdamW state from the OpenCLIP checkpoint's ``saved`` optimizer state, by parameter
+    name; ``weights`` is its state dict (unwrapped names, in its module order)."""
     groups = saved["param_groups"]
     if len(groups) != 2 or float(groups[0].get("weight_decay", -1)) != 0.0:
         raise CheckpointError(
@@ -88,9 +82,11 @@ def _openclip_moments(raw: dict[str, Any], model: nn.Module, path: Path) -> dict
             "group, then a decayed one); a run with --opt timm/... cannot be continued here"
         )
     trainable = _trainable(model)
-    in_order = list(dict.fromkeys(_clean(key) for key in raw["state_dict"] if _clean(key) in trainable))
-    exempt = [name for name in in_order if openclip_exempt(name, trainable[name])]
-    decayed = [name for name in in_order if not openclip_exempt(name, trainable[name])]
+    in_order = [name for name in weights if name in trainable]
+    exempt: list[str] = []
+    decayed: list[str] = []
+    for name in in_order:
+        (exempt if openclip_exempt(name, trainable[name]) else decayed).append(name)
     moments: dict[str, dict[str, Any]] = {}
     for group, names, what in zip(groups, (exempt, decayed), ("no-decay", "decayed")):
         if len(group["params"]) != len(names):
@@ -131,7 +127,8 @@ def state_from_openclip(
     """
     epoch = int(raw["epoch"])
     step = epoch * steps_per_epoch
-    moments = _openclip_moments(raw, model, path)
+    weights = {unwrapped_name(key): value for key, value in raw["state_dict"].items()}
+    moments = _openclip_moments(raw["optimizer"], weights, model, path)
     largest = max((int(torch.as_tensor(s["step"]).item()) for s in moments.values() if "step" in s), default=0)
     if largest > step:
         raise CheckpointError(
@@ -139,7 +136,7 @@ def state_from_openclip(
             f"ckpt.openclip_steps_per_epoch={steps_per_epoch}: set the steps per epoch that run had "
             "(python -m clip_train.from_openclip prints them)"
         )
-    name_of = {id(p): _clean(name) for name, p in model.named_parameters()}
+    name_of = {id(p): unwrapped_name(name) for name, p in model.named_parameters()}
     layout = optimizer.state_dict()
     index_of = {}
     for live_group, saved_group in zip(optimizer.param_groups, layout["param_groups"]):
@@ -159,7 +156,7 @@ def state_from_openclip(
         data.update(epoch=0, batches_in_epoch=step)
     data.update(skipped_samples=0, skipped_shards=0)
     return {
-        "model": {_clean(key): value for key, value in raw["state_dict"].items()},
+        "model": weights,
         "optimizer": optimizer_state,
         "scheduler": schedule,
         "scaler": scaler_state,

@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from clip_train.config import LR_SCHEDULES, NO_DECAY_RULES, OptimConfig
+from clip_train.models.pretrained import unwrapped_name
 
 
 def openclip_exempt(name: str, param: nn.Parameter) -> bool:
@@ -35,7 +36,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay: str = "cli
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue  # locked towers and frozen temperatures get no optimizer state at all
-        clean_name = name.removeprefix("module.").removeprefix("_orig_mod.")
+        clean_name = unwrapped_name(name)
         if no_decay == "openclip":
             exempted = openclip_exempt(clean_name, param)
         else:
