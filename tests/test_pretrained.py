@@ -88,6 +88,38 @@ def test_a_training_run_takes_pretrained_weights_at_another_image_size(tmp_path:
     assert model.encode_image(torch.randn(1, 3, 48, 48)).shape == (1, source.config.embed_dim)
 
 
+def test_a_resnet_takes_pretrained_weights_at_another_image_size(tmp_path: Path, caplog) -> None:
+    """OpenCLIP refuses this file; the attention pool's grid is resized like a ViT's, its mean-token row kept."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from clip_train.models import create_model_from_config
+    from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+
+    small = ModelConfig(name="rn-small", embed_dim=32,
+                        vision=VisionConfig(image_size=64, layers=[1, 1, 1, 1], width=8, patch_size=None),
+                        text=TextConfig(context_length=16, width=32, heads=1, layers=1))
+    torch.manual_seed(0)
+    source = create_model_from_config(small)  # 64 pixels: a 2x2 final feature map
+    path = tmp_path / "rn.pt"
+    torch.save(source.state_dict(), path)
+    bigger = dataclasses.replace(small, pretrained=str(path),
+                                 vision=dataclasses.replace(small.vision, image_size=96))
+    with caplog.at_level("INFO", logger="clip_train"):
+        model = create_model_from_config(bigger)
+    key = "visual.attnpool.positional_embedding"
+    assert f"{key} resized from a 2x2 to a 3x3 feature-map grid (bicubic)" in caplog.text
+    old, new = source.state_dict()[key], model.state_dict()[key]
+    assert new.shape == (10, old.shape[1]) and torch.equal(new[0], old[0])  # the mean token's row is kept
+    grid = old[1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)  # row-major over the feature map, as the pool reads it
+    grid = F.interpolate(grid, size=(3, 3), mode="bicubic", antialias=True, align_corners=False)
+    assert torch.allclose(new[1:], grid.permute(0, 2, 3, 1).reshape(9, -1))
+    assert all(torch.equal(value, source.state_dict()[name])
+               for name, value in model.state_dict().items() if name != key)  # every other weight as loaded
+    assert model.encode_image(torch.randn(1, 3, 96, 96)).shape == (1, 32)
+
+
 def test_position_shapes_that_cannot_be_interpolated_are_still_refused(tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt"
     state = clip_train.create_model("tiny").state_dict()

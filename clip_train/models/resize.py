@@ -4,8 +4,10 @@ Fine-tuning at a higher resolution (ViT-B-16 trained at 224 pixels, tuned at 384
 keeps every weight but the positional embeddings, whose length follows the patch grid or the context. These
 are interpolated as OpenCLIP's ``load_checkpoint`` does, so the same file gives the same model in both:
 the ViT's patch grid bicubically (antialiased, corners not aligned) with the class token's row kept as it is,
-the text tower's positions linearly. Only the ViT grid and the text positions are resized; any other shape
-difference (a ResNet's attention pool, a timm trunk) is still refused by the strict load.
+the text tower's positions linearly. A ResNet's attention pool has the same layout (its first row is the
+mean token's, then the final feature map's grid) and is resized the same way, which OpenCLIP does not do
+(it refuses the file). Any other shape difference (a timm trunk's own embedding) is still refused by the
+strict load.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-VISION_KEY = "visual.positional_embedding"
+VISION_KEYS = ("visual.positional_embedding", "visual.attnpool.positional_embedding")  # ViT; ResNet pool
 TEXT_KEYS = ("positional_embedding", "text.positional_embedding")  # CLIP's layout, and custom-text towers'
-VIT_EXTRA_TOKENS = 1  # the class token's row, in front of the grid
+VIT_EXTRA_TOKENS = 1  # the class token's row (a ResNet pool's mean token), in front of the grid
 
 
 def _square_side(rows: int) -> int | None:
@@ -45,18 +47,19 @@ def resize_position_embeddings(
     """Resize, in place, the positional embeddings of ``state_dict`` whose length differs from the model's
     (``expected``: its state dict) at the same width; returns a line per embedding resized."""
     resized = []
-    for key in (VISION_KEY, *TEXT_KEYS):
+    for key in (*VISION_KEYS, *TEXT_KEYS):
         if key not in state_dict or key not in expected:
             continue
         old, new = state_dict[key], expected[key]
         if old.ndim != 2 or new.ndim != 2 or old.shape[1] != new.shape[1] or old.shape[0] == new.shape[0]:
             continue
-        if key == VISION_KEY:
+        if key in VISION_KEYS:
             old_side, new_side = (_square_side(rows - VIT_EXTRA_TOKENS) for rows in (old.shape[0], new.shape[0]))
             if old_side is None or new_side is None:
                 continue
             state_dict[key] = _resize_grid(old, old_side, new_side)
-            resized.append(f"{key} resized from a {old_side}x{old_side} to a {new_side}x{new_side} patch grid (bicubic)")
+            grid = "patch grid" if key == VISION_KEYS[0] else "feature-map grid"
+            resized.append(f"{key} resized from a {old_side}x{old_side} to a {new_side}x{new_side} {grid} (bicubic)")
         else:
             state_dict[key] = _resize_sequence(old, new.shape[0])
             resized.append(f"{key} resized from {old.shape[0]} to {new.shape[0]} text positions (linear)")
