@@ -110,13 +110,14 @@ def test_a_resnet_takes_pretrained_weights_at_another_image_size(tmp_path: Path,
         model = create_model_from_config(bigger)
     key = "visual.attnpool.positional_embedding"
     assert f"{key} resized from a 2x2 to a 3x3 feature-map grid (bicubic)" in caplog.text
-    old, new = source.state_dict()[key], model.state_dict()[key]
+    source_state, model_state = source.state_dict(), model.state_dict()
+    old, new = source_state[key], model_state[key]
     assert new.shape == (10, old.shape[1]) and torch.equal(new[0], old[0])  # the mean token's row is kept
     grid = old[1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)  # row-major over the feature map, as the pool reads it
     grid = F.interpolate(grid, size=(3, 3), mode="bicubic", antialias=True, align_corners=False)
     assert torch.allclose(new[1:], grid.permute(0, 2, 3, 1).reshape(9, -1))
-    assert all(torch.equal(value, source.state_dict()[name])
-               for name, value in model.state_dict().items() if name != key)  # every other weight as loaded
+    assert all(torch.equal(value, source_state[name])
+               for name, value in model_state.items() if name != key)  # every other weight as loaded
     assert model.encode_image(torch.randn(1, 3, 96, 96)).shape == (1, 32)
 
 

@@ -17,9 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-VISION_KEYS = ("visual.positional_embedding", "visual.attnpool.positional_embedding")  # ViT; ResNet pool
+# The image-grid embeddings, each with what its grid is (named in the log line): a ViT's, a ResNet pool's.
+GRID_KEYS = {"visual.positional_embedding": "patch grid", "visual.attnpool.positional_embedding": "feature-map grid"}
 TEXT_KEYS = ("positional_embedding", "text.positional_embedding")  # CLIP's layout, and custom-text towers'
-VIT_EXTRA_TOKENS = 1  # the class token's row (a ResNet pool's mean token), in front of the grid
+GRID_EXTRA_TOKENS = 1  # the class token's row (a ResNet pool's mean token), in front of the grid
 
 
 def _square_side(rows: int) -> int | None:
@@ -28,7 +29,7 @@ def _square_side(rows: int) -> int | None:
 
 
 def _resize_grid(embedding: torch.Tensor, old_side: int, new_side: int) -> torch.Tensor:
-    extra, grid = embedding[:VIT_EXTRA_TOKENS], embedding[VIT_EXTRA_TOKENS:]
+    extra, grid = embedding[:GRID_EXTRA_TOKENS], embedding[GRID_EXTRA_TOKENS:]
     grid = grid.float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", antialias=True, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(new_side * new_side, -1).to(embedding.dtype)
@@ -47,19 +48,19 @@ def resize_position_embeddings(
     """Resize, in place, the positional embeddings of ``state_dict`` whose length differs from the model's
     (``expected``: its state dict) at the same width; returns a line per embedding resized."""
     resized = []
-    for key in (*VISION_KEYS, *TEXT_KEYS):
+    for key in (*GRID_KEYS, *TEXT_KEYS):
         if key not in state_dict or key not in expected:
             continue
         old, new = state_dict[key], expected[key]
         if old.ndim != 2 or new.ndim != 2 or old.shape[1] != new.shape[1] or old.shape[0] == new.shape[0]:
             continue
-        if key in VISION_KEYS:
-            old_side, new_side = (_square_side(rows - VIT_EXTRA_TOKENS) for rows in (old.shape[0], new.shape[0]))
+        if key in GRID_KEYS:
+            old_side, new_side = (_square_side(rows - GRID_EXTRA_TOKENS) for rows in (old.shape[0], new.shape[0]))
             if old_side is None or new_side is None:
                 continue
             state_dict[key] = _resize_grid(old, old_side, new_side)
-            grid = "patch grid" if key == VISION_KEYS[0] else "feature-map grid"
-            resized.append(f"{key} resized from a {old_side}x{old_side} to a {new_side}x{new_side} {grid} (bicubic)")
+            resized.append(f"{key} resized from a {old_side}x{old_side} to a {new_side}x{new_side} "
+                           f"{GRID_KEYS[key]} (bicubic)")
         else:
             state_dict[key] = _resize_sequence(old, new.shape[0])
             resized.append(f"{key} resized from {old.shape[0]} to {new.shape[0]} text positions (linear)")
