@@ -123,12 +123,25 @@ def export_open_clip(model: CLIP, out: Path, dtype: torch.dtype = torch.float32,
         before = set(out.iterdir())
         hf_tokenizer.tokenizer.save_pretrained(str(out))
         files += sorted(set(out.iterdir()) - before)
-    elif model_tokenizer_need(model.config):
+    if getattr(model.visual, "resized_trunk", False):
+        _note_resized_timm_trunk(model, files)
+    if hf_tokenizer is None and model_tokenizer_need(model.config):
         print(f"clip_train.export: note: {out} has no tokenizer files, but {model.config.name} reads the Hugging Face "
               f"tokenizer {model_tokenizer_need(model.config)!r}, so open_clip.get_tokenizer('local-dir:{out}') "
               f"cannot load one; export again with --tokenizer hf:PATH (a local directory of its files)",
               file=sys.stderr)
     return files
+
+
+def _note_resized_timm_trunk(model: CLIP, files: list[Path]) -> None:
+    """OpenCLIP builds a timm trunk at timm's size and loads weights before ``force_image_size`` resizes it,
+    so its ``local-dir:`` load refuses a resized trunk's weights: say how OpenCLIP reads them instead."""
+    size, (height, width) = model.config.vision.image_size, model.visual.timm_image_size
+    print(f"clip_train.export: note: OpenCLIP builds {model.config.vision.timm_model_name} at timm's {height}x{width} "
+          f"and resizes it only after loading weights, so open_clip.create_model('local-dir:{files[0].parent}') "
+          f"refuses these {size}-pixel weights; load them with open_clip.add_model_config('{files[2]}'), "
+          f"model = open_clip.create_model('{files[2].stem}', force_image_size={size}), "
+          f"model.load_state_dict(safetensors.torch.load_file('{files[1]}'))", file=sys.stderr)
 
 
 def _hf_tokenizer_for(model: CLIP, tokenizer: str | None):  # -> clip_train.tokenizer.HFTokenizer | None

@@ -30,3 +30,12 @@ def one_rank_group(tmp_path: Path):
         yield
     finally:
         shutdown()
+
+
+@pytest.fixture
+def open_clip_registry(monkeypatch):
+    """open_clip.add_model_config for one test: the names it registers ("tiny") leave with the test, so the zoo
+    tests in the same process still see exactly OpenCLIP's own model list."""
+    open_clip_factory = pytest.importorskip("open_clip.factory")
+    monkeypatch.setattr(open_clip_factory, "_MODEL_CONFIG_PATHS", list(open_clip_factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(open_clip_factory, "_MODEL_CONFIGS", dict(open_clip_factory._MODEL_CONFIGS))

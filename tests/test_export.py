@@ -47,16 +47,6 @@ def _trained_like(model: CLIP) -> CLIP:
     return model.eval()
 
 
-@pytest.fixture
-def open_clip_registry(monkeypatch):
-    """open_clip.add_model_config for one test: the names it registers ("tiny") leave with the test, so the zoo
-    tests in the same process still see exactly OpenCLIP's own model list."""
-    import open_clip.factory
-
-    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
-    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
-
-
 @pytest.fixture(scope="module")
 def inputs():
     torch.manual_seed(1)
@@ -158,6 +148,36 @@ def test_open_clip_export_loads_by_dir_and_by_name(open_clip_registry, tmp_path,
     ours_tok, theirs_tok = (clip_train.get_tokenizer(f"local-dir:{tmp_path / 'oc'}"),
                             open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}"))
     assert torch.equal(ours_tok(captions), theirs_tok(captions)) and ours_tok(captions).shape[1] == 16
+
+
+def test_open_clip_export_of_a_timm_trunk_at_another_size_says_how_openclip_reads_it(
+    open_clip_registry, tmp_path, capsys
+):
+    """OpenCLIP loads weights before force_image_size resizes a timm trunk: the note's recipe gives our features."""
+    from safetensors.torch import load_file
+
+    cfg = ModelConfig(name="timm-vit-64", embed_dim=32,
+                      vision=VisionConfig(image_size=64, patch_size=None, timm_model_name="vit_tiny_patch16_224",
+                                          timm_pool="token", timm_proj="linear"),
+                      text=TextConfig(context_length=16, width=32, heads=1, layers=1))
+    torch.manual_seed(0)
+    model = _trained_like(CLIP(cfg))
+    files = export(model, "open_clip", tmp_path / "oc")
+    note = capsys.readouterr().err.strip()
+    assert len(note.splitlines()) == 1 and "vit_tiny_patch16_224 at timm's 224x224" in note
+    assert f"open_clip.add_model_config('{files[2]}')" in note
+    assert "open_clip.create_model('timm-vit-64', force_image_size=64)" in note
+    open_clip.add_model_config(files[2])
+    theirs = open_clip.create_model("timm-vit-64", force_image_size=64)
+    theirs.load_state_dict(load_file(files[1]))
+    images = torch.randn(2, 3, 64, 64)
+    tokens = clip_train.get_tokenizer(context_length=16)(CAPTIONS[:2])
+    ours = _features(model, images, tokens)
+    for a, b in zip(ours, _features(theirs.eval(), images, tokens)):
+        assert (a - b).abs().max().item() < TOL
+    again = clip_train.create_model(pretrained=tmp_path / "oc").eval()  # and back, with no resize needed
+    for a, b in zip(ours, _features(again, images, tokens)):
+        assert torch.equal(a, b)
 
 
 def _small_resnet() -> CLIP:

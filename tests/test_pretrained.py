@@ -121,6 +121,38 @@ def test_a_resnet_takes_pretrained_weights_at_another_image_size(tmp_path: Path,
     assert model.encode_image(torch.randn(1, 3, 96, 96)).shape == (1, 32)
 
 
+def test_a_timm_vit_takes_pretrained_weights_at_another_image_size_as_openclip_does(
+    tmp_path: Path, caplog, open_clip_registry
+) -> None:
+    """A 224-pixel file of a timm ViT tower fine-tunes at 64 pixels: the trunk's position table is resampled
+    by timm's rule, so OpenCLIP's create_model(pretrained=..., force_image_size=64) gives the same model."""
+    import dataclasses
+
+    from clip_train.models import create_model_from_config
+    from clip_train.models.config import ModelConfig, TextConfig, VisionConfig
+    from clip_train.models.openclip_config import to_openclip
+
+    cfg = ModelConfig(name="timm-vit-tiny", embed_dim=32,
+                      vision=VisionConfig(image_size=224, patch_size=None, timm_model_name="vit_tiny_patch16_224",
+                                          timm_pool="token", timm_proj="linear"),
+                      text=TextConfig(context_length=16, width=32, heads=1, layers=1))
+    (tmp_path / "timm-vit-tiny.json").write_text(json.dumps(to_openclip(cfg)))
+    open_clip.add_model_config(tmp_path / "timm-vit-tiny.json")
+    torch.manual_seed(0)
+    path = tmp_path / "timm-vit-tiny.pt"
+    torch.save(open_clip.create_model("timm-vit-tiny").state_dict(), path)
+    reference = open_clip.create_model("timm-vit-tiny", pretrained=str(path), force_image_size=64).eval()
+    with caplog.at_level("INFO", logger="clip_train"):
+        ours = create_model_from_config(dataclasses.replace(cfg, pretrained=str(path), force_image_size=64)).eval()
+    assert "visual.trunk.pos_embed resized from a 14x14 to a 4x4 patch grid (bicubic)" in caplog.text
+    expected = reference.state_dict()
+    assert ours.visual.trunk.pos_embed.shape == (1, 1 + 4 * 4, 192)
+    assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours.encode_image(images) - reference.encode_image(images)).abs().max() < TOLERANCE
+
+
 def test_position_shapes_that_cannot_be_interpolated_are_still_refused(tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt"
     state = clip_train.create_model("tiny").state_dict()

@@ -158,6 +158,32 @@ def test_head_variants_equal_openclips_timm_model(trunk: str, size: int, pool: s
     assert (got - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("trunk,pool,proj,table_rows", [
+    ("vit_tiny_patch16_224", "token", None, 1 + 4 * 4),  # 16-pixel patches: a 4x4 grid and the class token
+    ("vit_tiny_patch16_224", "avg", "linear", 1 + 4 * 4),
+    ("eva02_tiny_patch14_224", "token", None, 1 + 4 * 4),  # EVA02: rotary positions follow the grid too
+])
+def test_a_timm_vit_at_another_image_size_equals_openclips_force_image_size(
+    trunk: str, pool: str, proj, table_rows: int
+) -> None:
+    """A trunk with a fixed patch grid is set to the tower's size, as OpenCLIP's set_input_size does (it would
+    otherwise refuse the first batch); a convolutional trunk keeps timm's build and takes any size."""
+    size = 64 if "patch16" in trunk else 56
+    theirs = TimmModel(trunk, 32, image_size=size, pool=pool, proj=proj).eval()
+    theirs.set_input_size(size)  # what OpenCLIP's create_model(force_image_size=size) does
+    vision = VisionConfig(image_size=size, patch_size=None, timm_model_name=trunk, timm_pool=pool, timm_proj=proj)
+    ours = build_timm_tower(ModelConfig(name="t", embed_dim=32, vision=vision)).eval()
+    assert ours.resized_trunk and ours.timm_image_size == (224, 224)
+    assert _shapes(ours) == _shapes(theirs) and ours.trunk.pos_embed.shape[1] == table_rows
+    _same_weights(ours, theirs)
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert (ours(images) - theirs(images)).abs().max().item() < 1e-5
+    convnet = build_timm_tower(ModelConfig(name="c", embed_dim=32, vision=dataclasses.replace(
+        vision, timm_model_name="resnet10t", timm_pool="avg", timm_proj="linear")))
+    assert not convnet.resized_trunk and convnet(images).shape == (2, 32)
+
+
 def test_a_timm_clip_model_trains_one_step_and_loads_openclips_visual_keys() -> None:
     from clip_train.models.clip import CLIP
     from clip_train.models.registry import get_model_config

@@ -492,7 +492,11 @@ def load_weights_into(model: nn.Module, weights: LoadedWeights, source: str = "s
         if (key.endswith("num_batches_tracked") or key == "logit_bias") and key not in state_dict:
             state_dict[key] = value
     if resize_positions:
-        for line in resize_position_embeddings(state_dict, expected):
+        lines = resize_position_embeddings(state_dict, expected)
+        resize_tower = getattr(getattr(model, "visual", None), "resize_pretrained_positions", None)
+        if resize_tower is not None:  # a tower whose own position table needs its own rule (timm trunks)
+            lines += resize_tower(state_dict)
+        for line in lines:
             log.info("%s: %s", source, line)
     problems = fit_problems(expected, state_dict)
     if problems:

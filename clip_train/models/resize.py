@@ -6,7 +6,8 @@ are interpolated as OpenCLIP's ``load_checkpoint`` does, so the same file gives 
 the ViT's patch grid bicubically (antialiased, corners not aligned) with the class token's row kept as it is,
 the text tower's positions linearly. A ResNet's attention pool has the same layout (its first row is the
 mean token's, then the final feature map's grid) and is resized the same way, which OpenCLIP does not do
-(it refuses the file). Any other shape difference (a timm trunk's own embedding) is still refused by the
+(it refuses the file). A timm trunk's own table (``visual.trunk.pos_embed``) follows timm's rule, in the
+tower (``TimmImageTower.resize_pretrained_positions``); any other shape difference is still refused by the
 strict load.
 """
 

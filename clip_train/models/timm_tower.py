@@ -14,13 +14,17 @@ The head follows the options OpenCLIP's JSON model configs use (``timm_pool``, `
   ``pool`` (SigLIP's ``map`` attention head, EVA's ``token``, PE-Core, MobileCLIP).
 - ``proj='none'``: no projection at all; the pooled trunk features are the embedding.
 
-The trunk is built at timm's own input size for its name, as OpenCLIP does (pick the timm name for the
-resolution, e.g. ``vit_base_patch16_siglip_384``); ``image_size`` is what the data pipeline feeds it.
+The trunk is built at timm's own input size for its name, as OpenCLIP does, then set to ``image_size`` when
+that differs and the trunk can change it (timm's ``set_input_size``: ViT, EVA, Swin, ...; a ViT's absolute
+position table is resampled bicubically), as OpenCLIP's ``force_image_size`` does; convolutional trunks take
+any size as built. Pretrained weights made at the trunk's own size load into the resized tower through
+``resize_pretrained_positions``, so ``model.force_image_size=384`` fine-tunes a 224-pixel SigLIP file.
 timm never downloads anything unless ``pretrained`` asks for its ImageNet weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -39,7 +43,7 @@ class TimmImageTower(nn.Module):
     Args:
         model_name: a timm model name (``convnext_tiny``, ``eva02_base_patch16_clip_224``, ...).
         output_dim: width of the shared embedding.
-        image_size: input resolution the model is fed (informative: the trunk keeps timm's own size).
+        image_size: input resolution the model is fed; a trunk built for another size is set to it.
         pretrained: load timm's pretrained trunk weights (downloads them).
         pool: ``''`` (the model's default pooling), a timm ``global_pool`` (``avg``, ``token``, ``map``, ...),
             or ``abs_attn`` / ``rot_attn`` for an attention pool in the head.
@@ -85,6 +89,11 @@ class TimmImageTower(nn.Module):
         elif proj == "none" and not attention_pool:
             trunk_kwargs.update(num_classes=0, global_pool=pool)
         self.trunk = _create_trunk(timm, model_name, trunk_kwargs)
+        self.timm_image_size = _built_input_size(self.trunk)
+        """(height, width) timm builds this trunk for; OpenCLIP builds it so whatever ``image_size`` says."""
+        if self.resized_trunk:
+            # After timm's own weights (pretrained=True) are in, as OpenCLIP's force_image_size does it.
+            self.trunk.set_input_size(img_size=(image_size, image_size))
 
         head: OrderedDict[str, nn.Module] = OrderedDict()
         if own_head:
@@ -118,6 +127,11 @@ class TimmImageTower(nn.Module):
         self.output_dim = width
         self.head = nn.Sequential(head)
 
+    @property
+    def resized_trunk(self) -> bool:
+        """Whether the trunk was set to ``image_size`` from timm's own size (its weights then differ in shape)."""
+        return self.timm_image_size != (self.image_size, self.image_size) and hasattr(self.trunk, "set_input_size")
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``(N, output_dim)`` from images ``(N, 3, H, W)``."""
         return self.head(self.trunk(image))
@@ -126,6 +140,32 @@ class TimmImageTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
+
+    def resize_pretrained_positions(self, state_dict: dict[str, torch.Tensor], prefix: str = "visual.") -> list[str]:
+        """Resample, in place, the trunk's absolute position table in ``state_dict`` (keys under ``prefix``)
+        when it was made for another square patch grid; returns a line per table resized.
+
+        timm's own ``resample_abs_pos_embed`` with the trunk's prefix tokens (class, registers) kept, so a
+        file made at timm's size gives exactly what loading it there and then ``set_input_size`` gives (the
+        OpenCLIP way). Any other shape difference is left for the strict load to name.
+        """
+        key = f"{prefix}trunk.pos_embed"
+        table, old = getattr(self.trunk, "pos_embed", None), state_dict.get(key)
+        if not isinstance(table, torch.Tensor) or not isinstance(old, torch.Tensor) or old.ndim != 3:
+            return []
+        if old.shape[0] != 1 or old.shape[2] != table.shape[2] or old.shape[1] == table.shape[1]:
+            return []
+        prefix_tokens = 0 if getattr(self.trunk, "no_embed_class", False) else self.trunk.num_prefix_tokens
+        new_grid = tuple(self.trunk.patch_embed.grid_size)
+        old_side = math.isqrt(max(old.shape[1] - prefix_tokens, 0))
+        if old_side * old_side != old.shape[1] - prefix_tokens or old_side == 0:
+            return []  # not a square grid behind these prefix tokens: the strict load names the shapes
+        from timm.layers import resample_abs_pos_embed
+
+        state_dict[key] = resample_abs_pos_embed(
+            old, new_size=list(new_grid), old_size=[old_side, old_side], num_prefix_tokens=prefix_tokens
+        )
+        return [f"{key} resized from a {old_side}x{old_side} to a {new_grid[0]}x{new_grid[1]} patch grid (bicubic)"]
 
 
 def build_timm_tower(cfg: Any) -> TimmImageTower:
@@ -157,6 +197,14 @@ def _create_trunk(timm: Any, model_name: str, kwargs: dict[str, Any]) -> nn.Modu
         if "patch_drop_rate" in kwargs and "patch_drop_rate" in str(err):
             raise ValueError(f"timm model {model_name} has no patch dropout; set model.patch_dropout=0") from err
         raise
+
+
+def _built_input_size(trunk: nn.Module) -> tuple[int, int]:
+    """The image size a timm trunk was built for: its patch embedding's, else its pretrained config's."""
+    size = getattr(getattr(trunk, "patch_embed", None), "img_size", None)
+    if size is None:
+        size = trunk.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _attention_pool(kind: str, in_features: int, out_features: int, feat_size: Any) -> nn.Module:
