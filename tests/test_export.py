@@ -167,6 +167,8 @@ def test_open_clip_export_of_a_timm_trunk_at_another_size_says_how_openclip_read
     assert len(note.splitlines()) == 1 and "vit_tiny_patch16_224 at timm's 224x224" in note
     assert f"open_clip.add_model_config('{files[2]}')" in note
     assert "open_clip.create_model('timm-vit-64', force_image_size=64)" in note
+    with pytest.raises(RuntimeError, match="size mismatch for visual.trunk.pos_embed"):  # what the note says
+        open_clip.create_model(f"local-dir:{tmp_path / 'oc'}")
     open_clip.add_model_config(files[2])
     theirs = open_clip.create_model("timm-vit-64", force_image_size=64)
     theirs.load_state_dict(load_file(files[1]))

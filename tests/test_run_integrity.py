@@ -28,6 +28,7 @@ from clip_train.train import run_lock
 from clip_train.train.optim import const_with_cooldown, cosine_with_warmup
 from tests.cli_helpers import FAST_DEMO, read_metrics, run_cli, train_losses
 from tests.test_reliability import _finish, _kill_group, _logged_step, _start, _wait_for_step
+from tests.wandb_records import read_wandb_records, wandb_config
 
 EXIT_PREEMPTED, EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_INTERRUPTED = 3, 2, 6, 130
 DEADLINE_S = 420
@@ -180,6 +181,12 @@ def _wandb_ids(run_dir: Path) -> set[str]:
     return {path.name.rsplit("-", 1)[-1] for path in (run_dir / "wandb").glob("offline-run-*")}
 
 
+def _wandb_run_config(run_dir: Path) -> dict:
+    """The config of the run dir's newest offline W&B run (one per process that logged to it)."""
+    newest = max((run_dir / "wandb").glob("offline-run-*"))
+    return wandb_config(read_wandb_records(next(newest.glob("*.wandb"))))
+
+
 def test_a_constant_runs_checkpoint_branches_into_a_cooldown_as_a_new_run_and_a_rerun_keeps_the_branch(
     cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -211,6 +218,10 @@ def test_a_constant_runs_checkpoint_branches_into_a_cooldown_as_a_new_run_and_a_
     assert logged[5]["loss"] == train_losses(const_run)[5]  # step 5 runs on step 4's weights and data position
     (branch_id,) = _wandb_ids(branch)
     assert branch_id != const_id  # its own W&B run, not steps appended to the constant run's
+    step_4 = str((const_run / "checkpoints" / ckpt.step_dir_name(4)).resolve())
+    link = {"checkpoint": step_4, "step": 4, "wandb_run_id": const_id}
+    assert _wandb_run_config(branch)["branched_from"] == link  # the W&B run names what it branched off
+    assert f"W&B run {const_id}" in output
     assert (const_run / "metrics.jsonl").read_bytes() == const_metrics and _wandb_ids(const_run) == {const_id}
 
     # A requeued branch job runs the same command: it keeps its own steps instead of starting over at step 4.
@@ -221,6 +232,7 @@ def test_a_constant_runs_checkpoint_branches_into_a_cooldown_as_a_new_run_and_a_
     assert _steps(branch) == [5, 6, 7] and not (branch / "checkpoints" / "abandoned").exists()
     assert [s for s, _ in ckpt.list_checkpoints(branch / "checkpoints")] == [7, 6]
     assert _wandb_ids(branch) == {branch_id}
+    assert _wandb_run_config(branch)["branched_from"] == link  # kept through the branch's own resume
 
 
 # ------------------------------------------------------------------------------------------- 3. one timeline

@@ -1,15 +1,11 @@
 """W&B follows the standard ``WANDB_*`` environment wherever the config leaves a key unset.
 
-The offline run is read back from its ``.wandb`` file with W&B's own record schema
-(``wandb.proto.wandb_internal_pb2.Record``); wandb 0.31 ships no Python reader for the file's framing,
-which is LevelDB's log format behind a ``:W&B`` header, so the test unframes it itself.
+The offline run is read back from its ``.wandb`` file with W&B's own record schema (``tests.wandb_records``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
 import pytest
@@ -17,45 +13,7 @@ import pytest
 from clip_train.config import ConfigError, WandbConfig
 from clip_train.train.metrics import resolve_wandb_init
 from tests.cli_helpers import FAST_DEMO, read_metrics, run_cli
-
-_BLOCK = 32 * 1024
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def read_wandb_records(path: Path) -> list:
-    """Every ``Record`` in a ``.wandb`` transaction log."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B transaction log"
-    pos, pending, records = 7, b"", []
-    while pos + 7 <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < 7:  # a block's tail too short for a header is zero padding
-            pos += left_in_block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        payload = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == _FULL:
-            records.append(wandb_internal_pb2.Record.FromString(payload))
-        elif kind == _FIRST:
-            pending = payload
-        elif kind == _MIDDLE:
-            pending += payload
-        elif kind == _LAST:
-            records.append(wandb_internal_pb2.Record.FromString(pending + payload))
-    return records
-
-
-def wandb_history(records: list) -> dict[int, dict]:
-    history: dict[int, dict] = {}
-    for record in records:
-        if record.WhichOneof("record_type") == "history":
-            row = {item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
-                   for item in record.history.item}
-            history[int(row["_step"])] = row
-    return history
+from tests.wandb_records import read_wandb_records, wandb_history
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,8 @@ class Trainer:
         self.profiler = OnDemandProfiler(cfg.train.profile, run_dir, ctx.rank, self.device, cfg.train.max_steps)
         self.eta: EtaEstimator | None = None
         self.wandb_run_id: str | None = None
+        # The checkpoint (and its step and W&B run) this run branched off, kept through its own resumes.
+        self.branched_from: dict[str, Any] | None = None
         self.global_batch_size = cfg.data.batch_size * ctx.world_size
         # ckpt.async_save: the write in flight (at most one), the reused host copy, and the saves whose
         # figures (ckpt_block_s, ckpt_write_s) the next training metrics line reports.
@@ -218,6 +220,7 @@ class Trainer:
         state["per_rank"] = per_rank
         state["world_size"] = self.ctx.world_size
         state["wandb_run_id"] = self.wandb_run_id
+        state["branched_from"] = self.branched_from
         state["config"] = self.resolved_config
         state["model_config"] = dataclasses.asdict(self.cfg.model)
         return state
@@ -379,9 +382,16 @@ class Trainer:
         # gets its own W&B run rather than appending steps the other run has logged already.
         branched = not self._is_own_checkpoint(Path(path))
         self.wandb_run_id = None if branched else state.get("wandb_run_id")
+        if branched:
+            self.branched_from = {"checkpoint": str(Path(path).resolve()), "step": self.state.step,
+                                  "wandb_run_id": state.get("wandb_run_id")}
+        else:
+            self.branched_from = state.get("branched_from")
         if branched and self.ctx.is_main:
+            source_run = f", W&B run {state['wandb_run_id']}" if state.get("wandb_run_id") else ""
             log.info("resume: %s is another run's checkpoint; this run continues from it as a new run (its own "
-                     "metrics and W&B run; that run is left as it was)", path)
+                     "metrics and W&B run, whose config names it as branched_from%s; that run is left as it was)",
+                     path, source_run)
         per_rank = state["per_rank"]
         # The data position is the global batch index, which any world size and worker count continues;
         # the loader takes every saved rank's entry (skip counts included) and warns only for a new global batch.
@@ -412,9 +422,9 @@ class Trainer:
                 start_step=self.state.step,
             ),
         ]
-        wandb = WandbBackend.from_config(
-            self.cfg.logger.wandb, self.run_dir, self.resolved_config, self.wandb_run_id
-        )
+        # A branch's W&B run says what it branched off (checkpoint, step, source run id), for filtering runs.
+        wandb_config = {**self.resolved_config, **({"branched_from": self.branched_from} if self.branched_from else {})}
+        wandb = WandbBackend.from_config(self.cfg.logger.wandb, self.run_dir, wandb_config, self.wandb_run_id)
         if wandb is not None:  # logger.wandb and the WANDB_* environment decide
             self.wandb_run_id = wandb.run_id
             backends.append(wandb)
