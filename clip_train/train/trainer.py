@@ -422,8 +422,9 @@ class Trainer:
                 start_step=self.state.step,
             ),
         ]
-        # A branch's W&B run says what it branched off (checkpoint, step, source run id), for filtering runs.
-        wandb_config = {**self.resolved_config, **({"branched_from": self.branched_from} if self.branched_from else {})}
+        wandb_config = dict(self.resolved_config)
+        if self.branched_from:  # a branch's W&B run says what it branched off, to group and filter runs by
+            wandb_config["branched_from"] = self.branched_from
         wandb = WandbBackend.from_config(self.cfg.logger.wandb, self.run_dir, wandb_config, self.wandb_run_id)
         if wandb is not None:  # logger.wandb and the WANDB_* environment decide
             self.wandb_run_id = wandb.run_id
